@@ -1,0 +1,32 @@
+"""In-Place Activated BatchNorm for memory-optimized training of DNNs (Rota Bulo et al., CVPR 2018).
+
+A drop-in replacement for inplace-abn 1.1.0: ``ABN``, ``InPlaceABN``, ``InPlaceABNSync``,
+``inplace_abn.functions.inplace_abn`` / ``inplace_abn_sync`` and the group helpers, on fused C++ kernels
+(``torch.ops.inplace_abn``) with a pure-PyTorch fallback.
+"""
+
+from __future__ import annotations
+
+from . import _backend  # first: loads the extension so the ops exist before anything registers on them
+from . import _ops, reference
+from ._backend import extension_loaded, get_backend, set_backend
+from ._version import __version__
+from .abn import ABN, InPlaceABN, InPlaceABNSync
+from .functions import inplace_abn, inplace_abn_sync, recover_normalized_input
+from .group import active_group, set_active_group
+
+__all__ = [
+    "ABN",
+    "InPlaceABN",
+    "InPlaceABNSync",
+    "inplace_abn",
+    "inplace_abn_sync",
+    "recover_normalized_input",
+    "active_group",
+    "set_active_group",
+    "get_backend",
+    "set_backend",
+    "extension_loaded",
+    "reference",
+    "__version__",
+]

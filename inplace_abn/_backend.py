@@ -1,0 +1,90 @@
+"""Which implementation of the custom ops runs: the compiled extension ("cpp") or pure PyTorch ("python").
+
+The extension is loaded once, at import. ``INPLACE_ABN_BACKEND=python`` forces the pure-PyTorch path,
+``INPLACE_ABN_BACKEND=cpp`` makes a missing extension an ImportError instead of a warning.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Optional
+
+import torch
+
+__all__ = ["get_backend", "set_backend", "extension_loaded", "extension_error", "has_kernel"]
+
+_BACKENDS = ("cpp", "python")
+_extension_error: Optional[BaseException] = None
+
+try:
+    from . import _C  # noqa: F401  (loading the shared object runs the TORCH_LIBRARY registrations)
+except ImportError as exc:  # not built, or built against another torch
+    _extension_error = exc
+
+
+def extension_loaded() -> bool:
+    """True when the compiled ``inplace_abn._C`` extension was imported."""
+    return _extension_error is None
+
+
+def extension_error() -> Optional[BaseException]:
+    """The exception raised while importing the extension, or None if it loaded."""
+    return _extension_error
+
+
+def _initial_backend() -> str:
+    requested = os.environ.get("INPLACE_ABN_BACKEND", "").strip().lower()
+    if requested and requested not in _BACKENDS:
+        raise ValueError(f"INPLACE_ABN_BACKEND must be one of {_BACKENDS}, got {requested!r}")
+    if requested == "python":
+        return "python"
+    if extension_loaded():
+        return "cpp"
+    if requested == "cpp":
+        raise ImportError(
+            "INPLACE_ABN_BACKEND=cpp but the compiled extension inplace_abn._C could not be imported: "
+            f"{_extension_error}. Rebuild with `pip install --no-build-isolation .`"
+        ) from _extension_error
+    warnings.warn(
+        f"inplace_abn: the compiled extension is not available ({_extension_error}); running on the "
+        "pure-PyTorch path (same results, slower). Rebuild with `pip install --no-build-isolation .` "
+        "or set INPLACE_ABN_BACKEND=python to silence this warning.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return "python"
+
+
+_backend = _initial_backend()
+
+
+def get_backend() -> str:
+    """Returns the active backend: ``"cpp"`` (compiled kernels) or ``"python"`` (pure PyTorch)."""
+    return _backend
+
+
+def set_backend(name: str) -> None:
+    """Selects the backend for subsequent calls (tests and benchmarks compare both).
+
+    Args:
+        name: ``"cpp"`` or ``"python"``.
+
+    Raises:
+        ValueError: ``name`` is not a known backend.
+        RuntimeError: ``"cpp"`` was requested but the extension is not loaded.
+    """
+    global _backend
+    if name not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {name!r}")
+    if name == "cpp" and not extension_loaded():
+        raise RuntimeError(f"backend 'cpp' needs the compiled extension, which failed to load: {_extension_error}")
+    _backend = name
+
+
+def has_kernel(device_type: str) -> bool:
+    """True when the extension registered kernels for ``device_type`` ("cpu", "cuda")."""
+    if not extension_loaded():
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("inplace_abn::statistics", key)

@@ -1,0 +1,120 @@
+"""Thin typed wrappers over ``torch.ops.inplace_abn`` (schemas in src/ops.cpp), with their fake kernels.
+
+Each wrapper runs the compiled kernel when the active backend is "cpp" and the extension has a kernel for
+the tensor's device; otherwise the pure-PyTorch twin in ``_python_ops`` (same contract) runs.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _backend, _python_ops
+
+__all__ = ["statistics", "forward_", "backward_reduce", "backward", "invert"]
+
+
+def _native(t: Tensor):
+    """The namespace that serves ``t``: torch.ops.inplace_abn, or the pure-PyTorch module."""
+    if _backend.get_backend() == "cpp" and (t.device.type == "meta" or _backend.has_kernel(t.device.type)):
+        return torch.ops.inplace_abn
+    return None
+
+
+def statistics(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance of ``x`` (N, C, *), in the opmath dtype (C,)."""
+    ops = _native(x)
+    return ops.statistics.default(x) if ops else _python_ops.statistics(x)
+
+
+def forward_(
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: float,
+    activation: str,
+    activation_param: float,
+) -> None:
+    """Overwrites ``x`` (N, C, *) with ``act((|w| + eps) * (x - mean) / sqrt(var + eps) + b)``."""
+    ops = _native(x)
+    args = (x, mean, var, weight, bias, eps, activation, activation_param)
+    ops.forward_.default(*args) if ops else _python_ops.forward_(*args)
+
+
+def backward_reduce(
+    y: Tensor,
+    dy: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: float,
+    activation: str,
+    activation_param: float,
+) -> Tuple[Tensor, Tensor]:
+    """Per-channel (C,) sums of dz and dz * x_hat, recovered from the output ``y`` (N, C, *)."""
+    ops = _native(y)
+    args = (y, dy, weight, bias, eps, activation, activation_param)
+    return ops.backward_reduce.default(*args) if ops else _python_ops.backward_reduce(*args)
+
+
+def backward(
+    y: Tensor,
+    dy: Tensor,
+    var: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    mean_dz: Optional[Tensor],
+    mean_dz_xhat: Optional[Tensor],
+    eps: float,
+    activation: str,
+    activation_param: float,
+) -> Tensor:
+    """dx (N, C, *) with ``y``'s strides; ``mean_dz``/``mean_dz_xhat`` None selects eval mode."""
+    ops = _native(y)
+    args = (y, dy, var, weight, bias, mean_dz, mean_dz_xhat, eps, activation, activation_param)
+    return ops.backward.default(*args) if ops else _python_ops.backward(*args)
+
+
+def invert(
+    y: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: float,
+    activation: str,
+    activation_param: float,
+) -> Tensor:
+    """x_hat (N, C, *) recovered from the output ``y``, in ``y``'s dtype and strides."""
+    ops = _native(y)
+    args = (y, weight, bias, eps, activation, activation_param)
+    return ops.invert.default(*args) if ops else _python_ops.invert(*args)
+
+
+# Fake (meta) kernels: shapes, dtypes and strides only, for torch.compile, export and meta-device
+# memory counting. forward_ returns nothing and mutates only its first argument, so it needs none.
+if _backend.extension_loaded():
+
+    def _channel_vectors(t: Tensor, count: int) -> Tuple[Tensor, ...]:
+        dtype = _python_ops.opmath_dtype(t.dtype)
+        return tuple(t.new_empty((t.size(1),), dtype=dtype) for _ in range(count))
+
+    @torch.library.register_fake("inplace_abn::statistics")
+    def _statistics_fake(x):
+        torch._check(x.dim() >= 2, lambda: f"x must have shape (N, C, *), got {tuple(x.shape)}")
+        return _channel_vectors(x, 2)
+
+    @torch.library.register_fake("inplace_abn::backward_reduce")
+    def _backward_reduce_fake(y, dy, weight, bias, eps, activation, activation_param):
+        torch._check(y.shape == dy.shape, lambda: "y and dy must have the same shape")
+        return _channel_vectors(y, 2)
+
+    @torch.library.register_fake("inplace_abn::backward")
+    def _backward_fake(y, dy, var, weight, bias, mean_dz, mean_dz_xhat, eps, activation, activation_param):
+        torch._check(y.shape == dy.shape, lambda: "y and dy must have the same shape")
+        return torch.empty_like(y)
+
+    @torch.library.register_fake("inplace_abn::invert")
+    def _invert_fake(y, weight, bias, eps, activation, activation_param):
+        return torch.empty_like(y)

@@ -1,0 +1,367 @@
+"""Functional In-Place Activated BatchNorm: ``inplace_abn`` and ``inplace_abn_sync``.
+
+Both overwrite their input with ``act((|weight| + eps) * (x - mean) / sqrt(var + eps) + bias)`` and keep
+only that output for backward; the backward inverts the activation and the affine map to recover what
+it needs (Rota Bulo et al., CVPR 2018; math in shared spec ``math.md``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from . import _ops
+from ._python_ops import opmath_dtype
+
+__all__ = [
+    "inplace_abn",
+    "inplace_abn_sync",
+    "ACTIVATIONS",
+    "check_activation",
+    "is_invertible",
+    "recover_normalized_input",
+]
+
+#: Activations of the in-place layers ("relu" and the legacy "none" are accepted spellings).
+ACTIVATIONS = ("leaky_relu", "elu", "identity", "relu", "none")
+
+_warned_non_invertible = False
+
+
+def check_activation(activation: Any, activation_param: Any) -> Tuple[str, float]:
+    """Validates an activation and returns its canonical ``(name, param)``.
+
+    ``relu`` becomes ``("leaky_relu", 0.0)`` and ``none`` becomes ``("identity", 0.0)``.
+
+    Raises:
+        ValueError: unknown name, negative leaky_relu slope, or ELU alpha <= 0.
+    """
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if activation == "relu":
+        return "leaky_relu", 0.0
+    if activation in ("identity", "none"):
+        return "identity", 0.0
+    try:
+        param = float(activation_param)
+    except (TypeError, ValueError):
+        raise ValueError(f"activation_param must be a number for activation={activation!r}, got {activation_param!r}")
+    if activation == "leaky_relu" and not param >= 0.0:
+        raise ValueError(
+            f"activation_param (the leaky_relu negative slope) must be >= 0, got {param}; a negative slope "
+            "makes the activation non-monotonic and not invertible"
+        )
+    if activation == "elu" and not param > 0.0:
+        raise ValueError(f"activation_param (the ELU alpha) must be > 0, got {param}; alpha <= 0 is not invertible")
+    return activation, param
+
+
+def is_invertible(activation: str, activation_param: float) -> bool:
+    """True when the layer can recover its input from its output (everything but ReLU / slope 0)."""
+    name, param = check_activation(activation, activation_param)
+    return not (name == "leaky_relu" and param == 0.0)
+
+
+def _warn_non_invertible() -> None:
+    global _warned_non_invertible
+    if not _warned_non_invertible:
+        _warned_non_invertible = True
+        warnings.warn(
+            "inplace_abn: leaky_relu with slope 0 (ReLU) is not invertible, so this layer keeps its "
+            "pre-activation for backward and saves no memory over BatchNorm + ReLU(inplace=True). Use "
+            "activation='leaky_relu' with activation_param > 0 (e.g. 0.01) to get the in-place saving.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
+def _check_inputs(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    eps: float,
+) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 2:
+        raise ValueError(f"x must have shape (N, C, *) with at least 2 dimensions, got shape {tuple(x.shape)}")
+    if x.dtype not in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"x must be float64, float32, float16 or bfloat16, got {x.dtype}; convert it with x.float()")
+    channels = x.size(1)
+    for name, v in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
+        if v is None:
+            continue
+        if not isinstance(v, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(v).__name__}")
+        if v.dim() != 1 or v.size(0) != channels:
+            raise ValueError(
+                f"{name} must have shape ({channels},) to match the {channels} channels of x {tuple(x.shape)}, "
+                f"got {tuple(v.shape)}; check num_features of the layer"
+            )
+        if v.device != x.device:
+            raise ValueError(f"{name} is on {v.device} but x is on {x.device}; move the layer with .to({x.device})")
+        if not v.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {v.dtype}")
+    for name, v in (("weight", weight), ("bias", bias)):
+        if v is not None and v.dtype not in (x.dtype, opmath_dtype(x.dtype)):
+            raise TypeError(
+                f"{name} has dtype {v.dtype} but x has dtype {x.dtype}; parameters must be {x.dtype}"
+                + (f" or {opmath_dtype(x.dtype)}" if opmath_dtype(x.dtype) != x.dtype else "")
+                + " (convert the layer with .to(dtype))"
+            )
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be both tensors or both None")
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+
+
+def _sync_statistics(mean: Tensor, var: Tensor, count: int, group: Any) -> Tuple[Tensor, Tensor, int]:
+    """Merges per-process (mean, biased var, count) exactly (Chan's formula); equal to one big batch."""
+    world = dist.get_world_size(group)
+    packed = torch.cat([mean, var, mean.new_tensor([float(count)])])
+    gathered = [torch.empty_like(packed) for _ in range(world)]
+    dist.all_gather(gathered, packed, group=group)
+    stats = torch.stack(gathered)  # (world, 2C + 1)
+    channels = mean.numel()
+    means, variances, counts = stats[:, :channels], stats[:, channels : 2 * channels], stats[:, -1:]
+    total = counts.sum()
+    global_mean = (means * counts).sum(0) / total
+    # sum of per-rank M2 plus the between-rank term: the pairwise merge generalised to k parts.
+    m2 = (variances * counts).sum(0) + ((means - global_mean) ** 2 * counts).sum(0)
+    return global_mean, m2 / total, int(total.item())
+
+
+def _sync_enabled(group: Any) -> bool:
+    if dist.is_available() and dist.is_initialized():
+        return True
+    warnings.warn(
+        "inplace_abn_sync: torch.distributed is not initialised, so statistics are computed on this "
+        "process only (as inplace_abn). Call torch.distributed.init_process_group() first to synchronise.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+    return False
+
+
+class _InPlaceABN(torch.autograd.Function):
+    # NB: an autograd.Function (not torch.library.register_autograd): register_autograd refuses ops that
+    # mutate an input ("Cannot register autograd formula for non-functional operator"), and the whole
+    # point of this layer is that forward_ writes y over x.
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        weight: Optional[Tensor],
+        bias: Optional[Tensor],
+        running_mean: Optional[Tensor],
+        running_var: Optional[Tensor],
+        training: bool,
+        momentum: float,
+        eps: float,
+        activation: str,
+        activation_param: float,
+        group: Any,
+        sync: bool,
+    ) -> Tensor:
+        stat_dtype = opmath_dtype(x.dtype)
+        count = x.numel() // x.size(1)
+        if training:
+            mean, var = _ops.statistics(x)
+            if sync:
+                mean, var, count = _sync_statistics(mean, var, count, group)
+            if count <= 1:
+                raise ValueError(
+                    f"Expected more than 1 value per channel when training, got input size {list(x.shape)}"
+                )
+            if running_mean is not None:
+                # Running variance uses the unbiased estimate, as nn.BatchNorm.
+                unbiased = var * (count / (count - 1))
+                running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+                running_var.mul_(1.0 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+        else:
+            mean, var = running_mean.to(stat_dtype), running_var.to(stat_dtype)
+
+        invertible = not (activation == "leaky_relu" and activation_param == 0.0)
+        if invertible:
+            _ops.forward_(x, mean, var, weight, bias, eps, activation, activation_param)
+            ctx.save_for_backward(x, var, weight, bias)
+        else:
+            # ReLU loses the negative half: keep the pre-activation z itself (no memory saving).
+            _ops.forward_(x, mean, var, weight, bias, eps, "identity", 0.0)
+            z = x.clone()
+            x.relu_()
+            ctx.save_for_backward(x, var, weight, bias, z)
+        ctx.mark_dirty(x)
+        ctx.config = (training, eps, activation, activation_param, group, sync, count, invertible)
+        return x
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, dy: Tensor):
+        training, eps, activation, activation_param, group, sync, count, invertible = ctx.config
+        if invertible:
+            y, var, weight, bias = ctx.saved_tensors
+        else:
+            _, var, weight, bias, z = ctx.saved_tensors
+            # d relu / dz is 0 at z <= 0 (PyTorch's convention); then the layer is BN + identity on z.
+            dy = torch.where(z > 0, dy, torch.zeros((), dtype=dy.dtype, device=dy.device))
+            y, activation, activation_param = z, "identity", 0.0
+        need_dx, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        dx = dweight = dbias = None
+        sum_dz = sum_dz_xhat = None
+        if (training and need_dx) or need_w or need_b:
+            sum_dz, sum_dz_xhat = _ops.backward_reduce(y, dy, weight, bias, eps, activation, activation_param)
+        if need_dx:
+            if training:
+                if sync:
+                    sums = torch.stack([sum_dz, sum_dz_xhat])
+                    dist.all_reduce(sums, group=group)
+                    mean_dz, mean_dz_xhat = sums[0] / count, sums[1] / count
+                else:
+                    mean_dz, mean_dz_xhat = sum_dz / count, sum_dz_xhat / count
+            else:
+                mean_dz = mean_dz_xhat = None
+            dx = _ops.backward(y, dy, var, weight, bias, mean_dz, mean_dz_xhat, eps, activation, activation_param)
+        if need_w:
+            # d(|w| + eps)/dw = sign(w), with sign(0) = +1 so a zero weight still learns.
+            sign = torch.where(weight >= 0, 1.0, -1.0).to(sum_dz_xhat.dtype)
+            dweight = (sum_dz_xhat * sign).to(weight.dtype)
+        if need_b:
+            dbias = sum_dz.to(bias.dtype)
+        return dx, dweight, dbias, None, None, None, None, None, None, None, None, None
+
+
+def _apply(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    training: bool,
+    momentum: float,
+    eps: float,
+    activation: str,
+    activation_param: float,
+    group: Any,
+    sync: bool,
+) -> Tensor:
+    _check_inputs(x, weight, bias, running_mean, running_var, eps)
+    activation, activation_param = check_activation(activation, activation_param)
+    if not training and running_mean is None:
+        raise ValueError("running_mean and running_var are required when training=False")
+    if activation == "leaky_relu" and activation_param == 0.0:
+        _warn_non_invertible()
+    if sync:
+        sync = _sync_enabled(group)
+    return _InPlaceABN.apply(
+        x, weight, bias, running_mean, running_var, bool(training), float(momentum), float(eps),
+        activation, activation_param, group, sync,
+    )  # fmt: skip
+
+
+def inplace_abn(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    training: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-05,
+    activation: str = "leaky_relu",
+    activation_param: float = 0.01,
+) -> Tensor:
+    """In-Place Activated Batch Normalization.
+
+    Computes, per channel c over all N * prod(*) elements,
+    ``y = act((|weight[c]| + eps) * (x - mean[c]) / sqrt(var[c] + eps) + bias[c])`` and writes ``y`` over
+    ``x``. In training the batch statistics are used and, when given, the running statistics are updated
+    in place: ``running = (1 - momentum) * running + momentum * batch`` (unbiased variance). Otherwise the
+    running statistics are used.
+
+    Note:
+        The input tensor is overwritten and returned; only this output is kept for backward, which
+        recovers the normalised input by inverting the activation. Do not modify the output in place
+        before backward (PyTorch then raises its "modified by an inplace operation" error). The scale is
+        ``|weight| + eps``, so weights are not interchangeable with ``nn.BatchNorm`` ones.
+
+    Args:
+        x: Input of shape (N, C, *), float64/float32/float16/bfloat16. Overwritten with the output.
+        weight: Scale of shape (C,) or None.
+        bias: Shift of shape (C,) or None.
+        running_mean: Running mean of shape (C,) or None.
+        running_var: Running variance of shape (C,) or None.
+        training: Use batch statistics (and update the running ones) when True.
+        momentum: Running-statistics momentum.
+        eps: Added to the variance and to ``|weight|``.
+        activation: ``"leaky_relu"``, ``"elu"``, ``"identity"`` (``"relu"`` keeps its pre-activation).
+        activation_param: Negative slope of leaky_relu, or alpha of elu.
+
+    Returns:
+        ``x`` itself, holding the output (N, C, *).
+    """
+    return _apply(
+        x, weight, bias, running_mean, running_var, training, momentum, eps, activation, activation_param, None, False
+    )
+
+
+def inplace_abn_sync(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    training: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-05,
+    activation: str = "leaky_relu",
+    activation_param: float = 0.01,
+    group: Optional[Any] = None,
+) -> Tensor:
+    """In-Place Activated Batch Normalization with statistics synchronised over a process group.
+
+    Same as :func:`inplace_abn`, with the batch statistics of training computed over every process of
+    ``group`` (None = the default group); per-process batch sizes may differ. Without an initialised
+    ``torch.distributed`` it warns and uses local statistics.
+
+    Args:
+        x: Input of shape (N, C, *). Overwritten with the output.
+        weight, bias, running_mean, running_var, training, momentum, eps, activation, activation_param:
+            As in :func:`inplace_abn`.
+        group: ``torch.distributed`` process group, or None for the default group.
+
+    Returns:
+        ``x`` itself, holding the output (N, C, *).
+    """
+    return _apply(
+        x, weight, bias, running_mean, running_var, training, momentum, eps, activation, activation_param, group, True
+    )
+
+
+def recover_normalized_input(
+    y: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: float = 1e-05,
+    activation: str = "leaky_relu",
+    activation_param: float = 0.01,
+) -> Tensor:
+    """Recovers ``x_hat = (x - mean) / sqrt(var + eps)`` from a layer output ``y`` (N, C, *).
+
+    This is the inversion the backward pass performs, exposed to measure its accuracy.
+
+    Raises:
+        ValueError: for ReLU / slope 0, whose negative half cannot be recovered.
+    """
+    activation, activation_param = check_activation(activation, activation_param)
+    if activation == "leaky_relu" and activation_param == 0.0:
+        raise ValueError("activation leaky_relu with slope 0 (relu) is not invertible")
+    return _ops.invert(y, weight, bias, eps, activation, activation_param)

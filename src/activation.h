@@ -1,0 +1,155 @@
+// The per-element math of In-Place Activated BatchNorm, shared by every backend.
+//
+// This header is included by the CPU kernels (src/cpu/) and by the CUDA kernels (src/cuda/). It is the
+// only place where the activation, its inverse and the affine inversion are written down, so the CPU
+// test-suite (which runs everywhere) exercises exactly the arithmetic the GPU executes.
+//
+// Only invertible activations qualify: the backward pass recovers the pre-activation z from the stored
+// output y, then x_hat = (z - beta) / gamma. leaky_relu with slope 0 (ReLU) maps every negative z to 0
+// and is handled outside the fused kernels (the Python layer keeps z itself for such layers).
+//
+// Notation (per channel): gamma = |weight| + eps (1 without affine), beta = bias (0 without affine),
+// z = gamma * x_hat + beta, y = act(z). See shared spec math.md / Rota Bulo et al., CVPR 2018, Sec. 3.
+#pragma once
+
+#include <c10/macros/Macros.h>
+
+#include <cmath>
+#include <cstdint>
+
+namespace inplace_abn {
+
+// Values are part of no schema (the schema carries the activation as a string); they only select a
+// template instantiation.
+enum class Activation : int64_t { Identity = 0, LeakyReLU = 1, ELU = 2 };
+
+// Per-call activation constants, precomputed once so the inner loops multiply instead of divide.
+template <typename T>
+struct ActivationParams {
+  T param;      // leaky_relu: negative slope; elu: alpha; identity: unused
+  T inv_param;  // 1 / param (0 for identity)
+};
+
+template <Activation A>
+struct ActivationOp;
+
+template <>
+struct ActivationOp<Activation::Identity> {
+  template <typename T>
+  static C10_HOST_DEVICE inline T forward(T z, const ActivationParams<T>&) {
+    return z;
+  }
+  // Recovers z and dL/dz from y and dL/dy.
+  template <typename T>
+  static C10_HOST_DEVICE inline void invert(T y, T dy, const ActivationParams<T>&, T& z, T& dz) {
+    z = y;
+    dz = dy;
+  }
+};
+
+template <>
+struct ActivationOp<Activation::LeakyReLU> {
+  template <typename T>
+  static C10_HOST_DEVICE inline T forward(T z, const ActivationParams<T>& p) {
+    return z >= T(0) ? z : z * p.param;
+  }
+  // NB: with slope > 0, sign(y) == sign(z), so the branch can be taken on y. A -0.0 output comes from
+  // z == -0.0 or an underflowed z * slope; either way z ~ 0 and both branches agree to rounding.
+  template <typename T>
+  static C10_HOST_DEVICE inline void invert(T y, T dy, const ActivationParams<T>& p, T& z, T& dz) {
+    const bool pos = y >= T(0);
+    z = pos ? y : y * p.inv_param;
+    dz = pos ? dy : dy * p.param;
+  }
+};
+
+template <>
+struct ActivationOp<Activation::ELU> {
+  template <typename T>
+  static C10_HOST_DEVICE inline T forward(T z, const ActivationParams<T>& p) {
+    using std::expm1;
+    return z >= T(0) ? z : p.param * expm1(z);
+  }
+  // y = alpha * (exp(z) - 1)  =>  z = log1p(y / alpha),  dy/dz = exp(z) * alpha = y + alpha.
+  // NB: an output saturated at -alpha (z below ~-17 in float32) would give log1p(-1) = -inf and then
+  // dz * x_hat = 0 * inf = NaN. Clamping y / alpha just above -1 keeps z finite; dz is then exactly 0
+  // for those elements, so the reductions are unaffected and only the (unrecoverable) x_hat of a
+  // saturated element is approximated by the largest z that saturates.
+  template <typename T>
+  static C10_HOST_DEVICE inline void invert(T y, T dy, const ActivationParams<T>& p, T& z, T& dz) {
+    using std::log1p;
+    const bool pos = y >= T(0);
+    const T lowest = T(-1) + elu_clamp_margin<T>();
+    const T ratio = y * p.inv_param > lowest ? y * p.inv_param : lowest;
+    z = pos ? y : log1p(ratio);
+    dz = pos ? dy : dy * (y + p.param);
+  }
+
+ private:
+  template <typename T>
+  static C10_HOST_DEVICE inline T elu_clamp_margin() {
+    // Half an ulp of 1 in T: the smallest margin for which -1 + margin is representable.
+    return sizeof(T) >= 8 ? T(1.1102230246251565e-16) : T(5.9604644775390625e-08);
+  }
+};
+
+// Per-channel affine constants of the inversion z -> x_hat.
+template <typename T>
+struct AffineParams {
+  T gamma;      // |weight| + eps, or 1
+  T inv_gamma;  // 1 / gamma
+  T beta;       // bias, or 0
+};
+
+// gamma = |w| + eps keeps the affine map invertible even for w == 0.
+template <typename T>
+C10_HOST_DEVICE inline AffineParams<T> affine_params(const T* weight, const T* bias, int64_t c, T eps) {
+  using std::fabs;
+  const T gamma = weight != nullptr ? fabs(weight[c]) + eps : T(1);
+  return {gamma, T(1) / gamma, bias != nullptr ? bias[c] : T(0)};
+}
+
+// x_hat = (z - beta) / gamma. Kept as a subtraction first: with gamma ~ eps the difference z - beta is
+// the only accurate quantity, and expanding it (z / gamma - beta / gamma) would cancel catastrophically.
+template <typename T>
+C10_HOST_DEVICE inline T affine_invert(T z, const AffineParams<T>& a) {
+  return (z - a.beta) * a.inv_gamma;
+}
+
+// Forward transform of one element: y = act(scale * x + shift), where the caller folded
+// scale = gamma * rstd and shift = beta - mean * scale.
+template <Activation A, typename T>
+C10_HOST_DEVICE inline T forward_element(T x, T scale, T shift, const ActivationParams<T>& p) {
+  return ActivationOp<A>::forward(x * scale + shift, p);
+}
+
+// Backward accumulation of one element: adds dz to s_dz and dz * x_hat to s_dz_xhat (math.md step 3).
+template <Activation A, typename T>
+C10_HOST_DEVICE inline void backward_reduce_element(
+    T y, T dy, const AffineParams<T>& a, const ActivationParams<T>& p, T& s_dz, T& s_dz_xhat) {
+  T z, dz;
+  ActivationOp<A>::invert(y, dy, p, z, dz);
+  s_dz += dz;
+  s_dz_xhat += dz * affine_invert(z, a);
+}
+
+// dx of one element: gamma * rstd * (dz - mean(dz) - x_hat * mean(dz * x_hat)) in training (math.md
+// step 4); the caller passes mean_dz = mean_dz_xhat = 0 in eval mode, where the statistics are constants.
+template <Activation A, typename T>
+C10_HOST_DEVICE inline T backward_element(
+    T y, T dy, const AffineParams<T>& a, const ActivationParams<T>& p, T gamma_rstd, T mean_dz,
+    T mean_dz_xhat) {
+  T z, dz;
+  ActivationOp<A>::invert(y, dy, p, z, dz);
+  return gamma_rstd * (dz - mean_dz - affine_invert(z, a) * mean_dz_xhat);
+}
+
+// x_hat of one element (diagnostics: the accuracy of the inversion).
+template <Activation A, typename T>
+C10_HOST_DEVICE inline T invert_element(T y, const AffineParams<T>& a, const ActivationParams<T>& p) {
+  T z, dz;
+  ActivationOp<A>::invert(y, T(0), p, z, dz);
+  return affine_invert(z, a);
+}
+
+}  // namespace inplace_abn

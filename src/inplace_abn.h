@@ -1,0 +1,85 @@
+// Declarations shared by every backend of the inplace_abn custom ops: argument checks whose messages
+// name the offending argument, the activation-string parser and the dtype rules.
+//
+// dtype rules (shared by CPU and CUDA):
+//   x: float64, float32, float16 or bfloat16.
+//   statistics are computed and returned in at::opmath_type of x (float32 for the half types).
+//   weight / bias / mean / var: 1-D of size C, on x's device, dtype either x's or its opmath type
+//   (half/bf16 activations with float32 parameters is the usual mixed-precision setup).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/OpMathType.h>
+#include <c10/util/Exception.h>
+
+#include <optional>
+#include <string_view>
+
+#include "activation.h"
+
+namespace inplace_abn {
+
+// Parses the schema's `str activation` and validates its parameter. The Python layer validates at
+// module construction already; this keeps direct torch.ops callers from reaching undefined math.
+inline Activation parse_activation(std::string_view name, double param) {
+  if (name == "identity") {
+    return Activation::Identity;
+  }
+  if (name == "leaky_relu") {
+    TORCH_CHECK(
+        param > 0.0, "activation_param (negative slope) must be > 0 for the fused leaky_relu kernels, got ",
+        param, "; slope 0 is not invertible and is handled by the Python layer");
+    return Activation::LeakyReLU;
+  }
+  if (name == "elu") {
+    TORCH_CHECK(param > 0.0, "activation_param (ELU alpha) must be > 0, got ", param);
+    return Activation::ELU;
+  }
+  TORCH_CHECK(
+      false, "activation must be one of 'identity', 'leaky_relu', 'elu' in the fused kernels, got '", name,
+      "'");
+}
+
+inline void check_input(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.dim() >= 2, name, " must have shape (N, C, *) with at least 2 dimensions, got ", x.sizes());
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(
+      dt == at::kDouble || dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, name,
+      " must be float64, float32, float16 or bfloat16, got ", dt);
+}
+
+// A per-channel vector: 1-D, C entries, on x's device, dtype x's or x's opmath type.
+inline void check_channel_vector(const at::Tensor& v, const char* name, const at::Tensor& x) {
+  const int64_t channels = x.size(1);
+  TORCH_CHECK(
+      v.dim() == 1 && v.size(0) == channels, name, " must be a 1-D tensor with one entry per channel (", channels,
+      "), got shape ", v.sizes());
+  TORCH_CHECK(
+      v.device() == x.device(), name, " must be on the same device as the input (", x.device(), "), got ",
+      v.device());
+  const auto op = at::toOpMathType(x.scalar_type());
+  TORCH_CHECK(
+      v.scalar_type() == x.scalar_type() || v.scalar_type() == op, name, " must have dtype ", x.scalar_type(),
+      " or ", op, " for an input of dtype ", x.scalar_type(), ", got ", v.scalar_type());
+}
+
+inline void check_optional_channel_vector(
+    const std::optional<at::Tensor>& v, const char* name, const at::Tensor& x) {
+  if (v.has_value() && v->defined()) {
+    check_channel_vector(*v, name, x);
+  }
+}
+
+inline void check_same_shape(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name) {
+  TORCH_CHECK(
+      a.sizes() == b.sizes(), a_name, " and ", b_name, " must have the same shape, got ", a.sizes(), " and ",
+      b.sizes());
+  TORCH_CHECK(
+      a.scalar_type() == b.scalar_type(), a_name, " and ", b_name, " must have the same dtype, got ",
+      a.scalar_type(), " and ", b.scalar_type());
+  TORCH_CHECK(
+      a.device() == b.device(), a_name, " and ", b_name, " must be on the same device, got ", a.device(), " and ",
+      b.device());
+}
+
+}  // namespace inplace_abn

@@ -1,0 +1,40 @@
+// The contract of every inplace_abn custom op, in one place. Each backend (src/cpu/, src/cuda/)
+// registers its own kernels for these schemas with TORCH_LIBRARY_IMPL.
+//
+// Op set (C = channels; "opmath" = float64 for float64 inputs, float32 otherwise):
+//   statistics(x)                  -> per-channel mean and biased variance, opmath dtype.
+//   forward_(x, mean, var, ...)    -> writes y = act(gamma * (x - mean) * rstd + beta) over x.
+//   backward_reduce(y, dy, ...)    -> per-channel sums of dz and dz * x_hat (math.md steps 1-3),
+//                                     recovered from the OUTPUT y, opmath dtype.
+//   backward(y, dy, var, ...)      -> dx (math.md step 4); mean_dz/mean_dz_xhat absent = eval mode.
+//   invert(y, ...)                 -> x_hat recovered from y (diagnostics: inversion accuracy).
+// Only forward_ mutates, and only its first argument, so it can carry Tag.inplace later; running
+// statistics are updated by the Python layer, outside every op, which keeps all schemas honest
+// about what they write.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// `import inplace_abn._C` only needs to load this shared object so that the static TORCH_LIBRARY
+// registrations run; a bare module (no pybind) keeps it independent of libtorch_python.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", "inplace_abn custom ops (registered in torch.ops.inplace_abn)", -1, nullptr,
+  };
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(inplace_abn, m) {
+  m.def("statistics(Tensor x) -> (Tensor mean, Tensor var)");
+  m.def(
+      "forward_(Tensor(a!) x, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, float eps, "
+      "str activation, float activation_param) -> ()");
+  m.def(
+      "backward_reduce(Tensor y, Tensor dy, Tensor? weight, Tensor? bias, float eps, str activation, "
+      "float activation_param) -> (Tensor sum_dz, Tensor sum_dz_xhat)");
+  m.def(
+      "backward(Tensor y, Tensor dy, Tensor var, Tensor? weight, Tensor? bias, Tensor? mean_dz, "
+      "Tensor? mean_dz_xhat, float eps, str activation, float activation_param) -> Tensor");
+  m.def("invert(Tensor y, Tensor? weight, Tensor? bias, float eps, str activation, float activation_param) -> Tensor");
+}
