@@ -6,6 +6,7 @@ The extension is loaded once, at import. ``INPLACE_ABN_BACKEND=python`` forces t
 
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
 from typing import Optional
@@ -18,7 +19,8 @@ _BACKENDS = ("cpp", "python")
 _extension_error: Optional[BaseException] = None
 
 try:
-    from . import _C  # noqa: F401  (loading the shared object runs the TORCH_LIBRARY registrations)
+    # Loading the shared object runs its TORCH_LIBRARY registrations; nothing else is used from it.
+    importlib.import_module(f"{__package__}._C")
 except ImportError as exc:  # not built, or built against another torch
     _extension_error = exc
 

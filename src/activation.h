@@ -24,6 +24,8 @@ namespace inplace_abn {
 enum class Activation : int64_t { Identity = 0, LeakyReLU = 1, ELU = 2 };
 
 // Per-call activation constants, precomputed once so the inner loops multiply instead of divide.
+// NB: passed BY VALUE everywhere: a reference could alias the output array, which stops the compiler
+// from hoisting the loads and vectorising the CPU loops.
 template <typename T>
 struct ActivationParams {
   T param;      // leaky_relu: negative slope; elu: alpha; identity: unused
@@ -36,12 +38,12 @@ struct ActivationOp;
 template <>
 struct ActivationOp<Activation::Identity> {
   template <typename T>
-  static C10_HOST_DEVICE inline T forward(T z, const ActivationParams<T>&) {
+  static C10_HOST_DEVICE inline T forward(T z, ActivationParams<T>) {
     return z;
   }
   // Recovers z and dL/dz from y and dL/dy.
   template <typename T>
-  static C10_HOST_DEVICE inline void invert(T y, T dy, const ActivationParams<T>&, T& z, T& dz) {
+  static C10_HOST_DEVICE inline void invert(T y, T dy, ActivationParams<T>, T& z, T& dz) {
     z = y;
     dz = dy;
   }
@@ -50,23 +52,26 @@ struct ActivationOp<Activation::Identity> {
 template <>
 struct ActivationOp<Activation::LeakyReLU> {
   template <typename T>
-  static C10_HOST_DEVICE inline T forward(T z, const ActivationParams<T>& p) {
-    return z >= T(0) ? z : z * p.param;
+  static C10_HOST_DEVICE inline T forward(T z, ActivationParams<T> p) {
+    const T neg = z * p.param;  // both sides computed: branch-free, so the loops vectorise
+    return z >= T(0) ? z : neg;
   }
   // NB: with slope > 0, sign(y) == sign(z), so the branch can be taken on y. A -0.0 output comes from
   // z == -0.0 or an underflowed z * slope; either way z ~ 0 and both branches agree to rounding.
   template <typename T>
-  static C10_HOST_DEVICE inline void invert(T y, T dy, const ActivationParams<T>& p, T& z, T& dz) {
+  static C10_HOST_DEVICE inline void invert(T y, T dy, ActivationParams<T> p, T& z, T& dz) {
     const bool pos = y >= T(0);
-    z = pos ? y : y * p.inv_param;
-    dz = pos ? dy : dy * p.param;
+    const T z_neg = y * p.inv_param;
+    const T dz_neg = dy * p.param;
+    z = pos ? y : z_neg;
+    dz = pos ? dy : dz_neg;
   }
 };
 
 template <>
 struct ActivationOp<Activation::ELU> {
   template <typename T>
-  static C10_HOST_DEVICE inline T forward(T z, const ActivationParams<T>& p) {
+  static C10_HOST_DEVICE inline T forward(T z, ActivationParams<T> p) {
     using std::expm1;
     return z >= T(0) ? z : p.param * expm1(z);
   }
@@ -76,13 +81,15 @@ struct ActivationOp<Activation::ELU> {
   // for those elements, so the reductions are unaffected and only the (unrecoverable) x_hat of a
   // saturated element is approximated by the largest z that saturates.
   template <typename T>
-  static C10_HOST_DEVICE inline void invert(T y, T dy, const ActivationParams<T>& p, T& z, T& dz) {
+  static C10_HOST_DEVICE inline void invert(T y, T dy, ActivationParams<T> p, T& z, T& dz) {
     using std::log1p;
     const bool pos = y >= T(0);
     const T lowest = T(-1) + elu_clamp_margin<T>();
     const T ratio = y * p.inv_param > lowest ? y * p.inv_param : lowest;
-    z = pos ? y : log1p(ratio);
-    dz = pos ? dy : dy * (y + p.param);
+    const T z_neg = log1p(ratio);
+    const T dz_neg = dy * (y + p.param);
+    z = pos ? y : z_neg;
+    dz = pos ? dy : dz_neg;
   }
 
  private:
@@ -112,21 +119,21 @@ C10_HOST_DEVICE inline AffineParams<T> affine_params(const T* weight, const T* b
 // x_hat = (z - beta) / gamma. Kept as a subtraction first: with gamma ~ eps the difference z - beta is
 // the only accurate quantity, and expanding it (z / gamma - beta / gamma) would cancel catastrophically.
 template <typename T>
-C10_HOST_DEVICE inline T affine_invert(T z, const AffineParams<T>& a) {
+C10_HOST_DEVICE inline T affine_invert(T z, AffineParams<T> a) {
   return (z - a.beta) * a.inv_gamma;
 }
 
 // Forward transform of one element: y = act(scale * x + shift), where the caller folded
 // scale = gamma * rstd and shift = beta - mean * scale.
 template <Activation A, typename T>
-C10_HOST_DEVICE inline T forward_element(T x, T scale, T shift, const ActivationParams<T>& p) {
+C10_HOST_DEVICE inline T forward_element(T x, T scale, T shift, ActivationParams<T> p) {
   return ActivationOp<A>::forward(x * scale + shift, p);
 }
 
 // Backward accumulation of one element: adds dz to s_dz and dz * x_hat to s_dz_xhat (math.md step 3).
 template <Activation A, typename T>
 C10_HOST_DEVICE inline void backward_reduce_element(
-    T y, T dy, const AffineParams<T>& a, const ActivationParams<T>& p, T& s_dz, T& s_dz_xhat) {
+    T y, T dy, AffineParams<T> a, ActivationParams<T> p, T& s_dz, T& s_dz_xhat) {
   T z, dz;
   ActivationOp<A>::invert(y, dy, p, z, dz);
   s_dz += dz;
@@ -137,7 +144,7 @@ C10_HOST_DEVICE inline void backward_reduce_element(
 // step 4); the caller passes mean_dz = mean_dz_xhat = 0 in eval mode, where the statistics are constants.
 template <Activation A, typename T>
 C10_HOST_DEVICE inline T backward_element(
-    T y, T dy, const AffineParams<T>& a, const ActivationParams<T>& p, T gamma_rstd, T mean_dz,
+    T y, T dy, AffineParams<T> a, ActivationParams<T> p, T gamma_rstd, T mean_dz,
     T mean_dz_xhat) {
   T z, dz;
   ActivationOp<A>::invert(y, dy, p, z, dz);
@@ -146,7 +153,7 @@ C10_HOST_DEVICE inline T backward_element(
 
 // x_hat of one element (diagnostics: the accuracy of the inversion).
 template <Activation A, typename T>
-C10_HOST_DEVICE inline T invert_element(T y, const AffineParams<T>& a, const ActivationParams<T>& p) {
+C10_HOST_DEVICE inline T invert_element(T y, AffineParams<T> a, ActivationParams<T> p) {
   T z, dz;
   ActivationOp<A>::invert(y, T(0), p, z, dz);
   return affine_invert(z, a);

@@ -13,6 +13,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -23,6 +24,11 @@
 
 namespace inplace_abn {
 namespace {
+
+// `omp simd` as _Pragma so it can sit inside AT_DISPATCH lambdas (a #pragma cannot be a macro argument).
+#define IABN_SIMD _Pragma("omp simd")
+#define IABN_PRAGMA(text) _Pragma(#text)
+#define IABN_SIMD_REDUCE_SUM(...) IABN_PRAGMA(omp simd reduction(+ : __VA_ARGS__))
 
 constexpr int64_t kBlock = 4096;  // elements per work unit (16 KiB of float32)
 
@@ -117,7 +123,7 @@ inline NscRows nsc_rows(const Geometry& g, int64_t u) {
 template <typename opmath_t>
 std::vector<opmath_t> channel_values(const std::optional<at::Tensor>& v, int64_t C) {
   if (!v.has_value() || !v->defined()) return {};
-  const auto t = v->to(c10::CppTypeToScalarType<opmath_t>::value).contiguous();
+  const at::Tensor t = v->to(c10::CppTypeToScalarType<opmath_t>::value).contiguous();
   const opmath_t* p = t.const_data_ptr<opmath_t>();
   return std::vector<opmath_t>(p, p + C);
 }
@@ -161,6 +167,48 @@ struct Moments {
 // ------------------------------------------------------------------------------------------------
 // statistics
 
+// NB: the reduction loops live in C10_NOINLINE functions: inlined into the AT_DISPATCH lambdas, GCC 12
+// dropped their `omp simd` reductions and emitted scalar loops with mispredicted branches (4-8x slower).
+
+// Mean and M2 of one contiguous block, two passes: the block is still in L1/L2 for the second one, and
+// centring first avoids the cancellation of sum-of-squares formulas.
+template <typename scalar_t, typename T>
+C10_NOINLINE void block_moments(const scalar_t* __restrict__ x, int64_t len, T& mean, T& m2) {
+  T s = 0;
+  IABN_SIMD_REDUCE_SUM(s)
+  for (int64_t i = 0; i < len; ++i) s += static_cast<T>(x[i]);
+  const T m = s / static_cast<T>(len);
+  T s2 = 0;
+  IABN_SIMD_REDUCE_SUM(s2)
+  for (int64_t i = 0; i < len; ++i) {
+    const T d = static_cast<T>(x[i]) - m;
+    s2 += d * d;
+  }
+  mean = m;
+  m2 = s2;
+}
+
+// Per-channel mean and M2 of `rows` consecutive NSC rows of C channels (two passes, as above).
+template <typename scalar_t, typename T>
+C10_NOINLINE void rows_moments(const scalar_t* __restrict__ x, int64_t rows, int64_t C, T* __restrict__ mean,
+    T* __restrict__ m2) {
+  for (int64_t row = 0; row < rows; ++row) {
+    const scalar_t* __restrict__ q = x + row * C;
+    IABN_SIMD
+    for (int64_t c = 0; c < C; ++c) mean[c] += static_cast<T>(q[c]);
+  }
+  const T inv_rows = T(1) / static_cast<T>(rows);
+  for (int64_t c = 0; c < C; ++c) mean[c] *= inv_rows;
+  for (int64_t row = 0; row < rows; ++row) {
+    const scalar_t* __restrict__ q = x + row * C;
+    IABN_SIMD
+    for (int64_t c = 0; c < C; ++c) {
+      const T d = static_cast<T>(q[c]) - mean[c];
+      m2[c] += d * d;
+    }
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> statistics_cpu(const at::Tensor& x_in) {
   check_input(x_in, "x");
   const auto x = to_native(x_in);
@@ -185,41 +233,16 @@ std::tuple<at::Tensor, at::Tensor> statistics_cpu(const at::Tensor& x_in) {
       for (int64_t u = begin; u < end; ++u) {
         if (g.layout == Layout::NCS) {
           const NcsRun r = ncs_run(g, u);
-          const scalar_t* p = xp + r.offset;
-          opmath_t s = 0;
-#pragma omp simd reduction(+ : s)
-          for (int64_t i = 0; i < r.len; ++i) s += static_cast<opmath_t>(p[i]);
-          const opmath_t m = s / static_cast<opmath_t>(r.len);
-          // NB: second pass over the block (still in cache) instead of sum of squares: no cancellation.
-          opmath_t s2 = 0;
-#pragma omp simd reduction(+ : s2)
-          for (int64_t i = 0; i < r.len; ++i) {
-            const opmath_t d = static_cast<opmath_t>(p[i]) - m;
-            s2 += d * d;
-          }
+          opmath_t m, m2;
+          block_moments<scalar_t, opmath_t>(xp + r.offset, r.len, m, m2);
           part_n[u] = static_cast<double>(r.len);
           part_mean[u] = static_cast<double>(m);
-          part_m2[u] = static_cast<double>(s2);
+          part_m2[u] = static_cast<double>(m2);
         } else {
           const NscRows r = nsc_rows(g, u);
-          const scalar_t* p = xp + r.first_row * C;
           acc.assign(C, opmath_t(0));
           acc2.assign(C, opmath_t(0));
-          for (int64_t row = 0; row < r.rows; ++row) {
-            const scalar_t* q = p + row * C;
-#pragma omp simd
-            for (int64_t c = 0; c < C; ++c) acc[c] += static_cast<opmath_t>(q[c]);
-          }
-          const opmath_t inv_rows = opmath_t(1) / static_cast<opmath_t>(r.rows);
-          for (int64_t c = 0; c < C; ++c) acc[c] *= inv_rows;
-          for (int64_t row = 0; row < r.rows; ++row) {
-            const scalar_t* q = p + row * C;
-#pragma omp simd
-            for (int64_t c = 0; c < C; ++c) {
-              const opmath_t d = static_cast<opmath_t>(q[c]) - acc[c];
-              acc2[c] += d * d;
-            }
-          }
+          rows_moments<scalar_t, opmath_t>(xp + r.first_row * C, r.rows, C, acc.data(), acc2.data());
           for (int64_t c = 0; c < C; ++c) {
             part_n[u * C + c] = static_cast<double>(r.rows);
             part_mean[u * C + c] = static_cast<double>(acc[c]);
@@ -254,49 +277,71 @@ std::tuple<at::Tensor, at::Tensor> statistics_cpu(const at::Tensor& x_in) {
 }
 
 // ------------------------------------------------------------------------------------------------
-// Elementwise passes. Per-channel constants are read through an accessor so that one inner loop
-// serves both layouts: NCS broadcasts one channel's constants over a run, NSC indexes them by c.
+// Per-channel constants, stored as structure-of-arrays: NSC loops index them by c and vectorise over
+// channels; NCS loops load one channel's values into registers. Every loop below takes its pointers
+// __restrict__ and its scalars by value (see the aliasing note in activation.h).
 
 template <typename T>
-struct Broadcast {
-  T value;
-  const T& operator[](int64_t) const { return value; }
-};
-template <typename T>
-struct PerChannel {
-  const T* values;
-  const T& operator[](int64_t i) const { return values[i]; }
+struct ChannelAffine {
+  std::vector<T> gamma, inv_gamma, beta;
+  ChannelAffine(const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, int64_t C, double eps)
+      : gamma(C), inv_gamma(C), beta(C) {
+    const auto w = channel_values<T>(weight, C);
+    const auto b = channel_values<T>(bias, C);
+    for (int64_t c = 0; c < C; ++c) {
+      const auto a = affine_params<T>(ptr_or_null(w), ptr_or_null(b), c, static_cast<T>(eps));
+      gamma[c] = a.gamma;
+      inv_gamma[c] = a.inv_gamma;
+      beta[c] = a.beta;
+    }
+  }
+  AffineParams<T> at(int64_t c) const { return {gamma[c], inv_gamma[c], beta[c]}; }
 };
 
-// Calls body(in_offset, len, accessor-maker) for every contiguous run in [begin, end) units.
-template <typename Consts, typename Body>
-void for_each_run(const Geometry& g, const std::vector<Consts>& consts, int64_t begin, int64_t end, Body&& body) {
+// Runs op.ncs(offset, len, channel) or op.nsc_row(offset) over the units [begin, end).
+template <typename Op>
+void for_each_run(const Geometry& g, int64_t begin, int64_t end, const Op& op) {
   for (int64_t u = begin; u < end; ++u) {
     if (g.layout == Layout::NCS) {
       const NcsRun r = ncs_run(g, u);
-      body(r.offset, r.len, Broadcast<Consts>{consts[r.channel]});
+      op.ncs(r.offset, r.len, r.channel);
     } else {
       const NscRows r = nsc_rows(g, u);
       for (int64_t row = r.first_row; row < r.first_row + r.rows; ++row) {
-        body(row * g.C, g.C, PerChannel<Consts>{consts.data()});
+        op.nsc_row(row * g.C);
       }
     }
   }
 }
 
-template <typename T>
-struct ForwardConsts {
-  T scale, shift;
-};
+template <Activation A, typename scalar_t, typename T>
+struct ForwardOp {
+  scalar_t* x;
+  const T* scale;
+  const T* shift;
+  int64_t C;
+  ActivationParams<T> p;
 
-template <Activation A, typename scalar_t, typename opmath_t, typename Acc>
-void forward_run(scalar_t* x, int64_t len, const Acc& k, const ActivationParams<opmath_t>& p) {
-#pragma omp simd
-  for (int64_t i = 0; i < len; ++i) {
-    x[i] = static_cast<scalar_t>(
-        forward_element<A, opmath_t>(static_cast<opmath_t>(x[i]), k[i].scale, k[i].shift, p));
+  void ncs(int64_t off, int64_t len, int64_t c) const {
+    scalar_t* __restrict__ xp = x + off;
+    const T k = scale[c], b = shift[c];
+    const ActivationParams<T> q = p;
+    IABN_SIMD
+    for (int64_t i = 0; i < len; ++i) {
+      xp[i] = static_cast<scalar_t>(forward_element<A, T>(static_cast<T>(xp[i]), k, b, q));
+    }
   }
-}
+  void nsc_row(int64_t off) const {
+    scalar_t* __restrict__ xp = x + off;
+    const T* __restrict__ k = scale;
+    const T* __restrict__ b = shift;
+    const ActivationParams<T> q = p;
+    IABN_SIMD
+    for (int64_t c = 0; c < C; ++c) {
+      xp[c] = static_cast<scalar_t>(forward_element<A, T>(static_cast<T>(xp[c]), k[c], b[c], q));
+    }
+  }
+};
 
 void forward_cpu(
     at::Tensor& x, const at::Tensor& mean, const at::Tensor& var, const std::optional<at::Tensor>& weight,
@@ -318,22 +363,20 @@ void forward_cpu(
     const int64_t C = g.C;
     const auto m = channel_values<opmath_t>(mean, C);
     const auto v = channel_values<opmath_t>(var, C);
-    const auto w = channel_values<opmath_t>(weight, C);
-    const auto b = channel_values<opmath_t>(bias, C);
-    std::vector<ForwardConsts<opmath_t>> consts(C);
+    const ChannelAffine<opmath_t> aff(weight, bias, C, eps);
+    // y = act(scale * x + shift) with scale = gamma * rstd, shift = beta - mean * scale.
+    std::vector<opmath_t> scale(C), shift(C);
     for (int64_t c = 0; c < C; ++c) {
-      const auto a = affine_params<opmath_t>(ptr_or_null(w), ptr_or_null(b), c, static_cast<opmath_t>(eps));
       const opmath_t rstd = opmath_t(1) / std::sqrt(v[c] + static_cast<opmath_t>(eps));
-      const opmath_t scale = a.gamma * rstd;
-      consts[c] = {scale, a.beta - m[c] * scale};
+      scale[c] = aff.gamma[c] * rstd;
+      shift[c] = aff.beta[c] - m[c] * scale[c];
     }
     const auto p = activation_params<opmath_t>(act, activation_param);
     scalar_t* xp = work.mutable_data_ptr<scalar_t>();
     dispatch_activation(act, [&](auto A) {
+      const ForwardOp<decltype(A)::value, scalar_t, opmath_t> op{xp, scale.data(), shift.data(), C, p};
       at::parallel_for(0, g.units, grain_units(g), [&](int64_t begin, int64_t end) {
-        for_each_run(g, consts, begin, end, [&](int64_t off, int64_t len, const auto& k) {
-          forward_run<decltype(A)::value, scalar_t, opmath_t>(xp + off, len, k, p);
-        });
+        for_each_run(g, begin, end, op);
       });
     });
   });
@@ -344,6 +387,31 @@ void forward_cpu(
 
 // ------------------------------------------------------------------------------------------------
 // backward_reduce: one pass over (y, dy) recovering x_hat on the fly; nothing full-size is written.
+
+template <Activation A, typename scalar_t, typename T>
+C10_NOINLINE void reduce_ncs(const scalar_t* __restrict__ y, const scalar_t* __restrict__ dy, int64_t len, const AffineParams<T> a,
+    const ActivationParams<T> p, T& out_dz, T& out_dz_xhat) {
+  T s1 = 0, s2 = 0;
+  IABN_SIMD_REDUCE_SUM(s1, s2)
+  for (int64_t i = 0; i < len; ++i) {
+    backward_reduce_element<A, T>(static_cast<T>(y[i]), static_cast<T>(dy[i]), a, p, s1, s2);
+  }
+  out_dz = s1;
+  out_dz_xhat = s2;
+}
+
+template <Activation A, typename scalar_t, typename T>
+C10_NOINLINE void reduce_nsc_row(const scalar_t* __restrict__ y, const scalar_t* __restrict__ dy, int64_t C,
+    const T* __restrict__ gamma, const T* __restrict__ inv_gamma, const T* __restrict__ beta,
+    const ActivationParams<T> p, T* __restrict__ acc_dz, T* __restrict__ acc_dz_xhat) {
+  IABN_SIMD
+  for (int64_t c = 0; c < C; ++c) {
+    T s1 = 0, s2 = 0;
+    backward_reduce_element<A, T>(static_cast<T>(y[c]), static_cast<T>(dy[c]), {gamma[c], inv_gamma[c], beta[c]}, p, s1, s2);
+    acc_dz[c] += s1;
+    acc_dz_xhat[c] += s2;
+  }
+}
 
 std::tuple<at::Tensor, at::Tensor> backward_reduce_cpu(
     const at::Tensor& y_in, const at::Tensor& dy_in, const std::optional<at::Tensor>& weight,
@@ -363,15 +431,11 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce_cpu(
   const Geometry g = geometry(y);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "inplace_abn_backward_reduce", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
-    const auto w = channel_values<opmath_t>(weight, C);
-    const auto b = channel_values<opmath_t>(bias, C);
-    std::vector<AffineParams<opmath_t>> aff(C);
-    for (int64_t c = 0; c < C; ++c) {
-      aff[c] = affine_params<opmath_t>(ptr_or_null(w), ptr_or_null(b), c, static_cast<opmath_t>(eps));
-    }
+    const ChannelAffine<opmath_t> aff(weight, bias, C, eps);
     const auto p = activation_params<opmath_t>(act, activation_param);
     const scalar_t* yp = y.const_data_ptr<scalar_t>();
     const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
+    // Partial sums per unit (one per channel for NSC units), merged in double below.
     const int64_t slots = g.layout == Layout::NCS ? 1 : C;
     std::vector<double> part_dz(g.units * slots), part_dz_xhat(g.units * slots);
     dispatch_activation(act, [&](auto A) {
@@ -381,15 +445,8 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce_cpu(
         for (int64_t u = begin; u < end; ++u) {
           if (g.layout == Layout::NCS) {
             const NcsRun r = ncs_run(g, u);
-            const auto a = aff[r.channel];
-            const scalar_t* yq = yp + r.offset;
-            const scalar_t* dq = dyp + r.offset;
-            opmath_t s1 = 0, s2 = 0;
-#pragma omp simd reduction(+ : s1, s2)
-            for (int64_t i = 0; i < r.len; ++i) {
-              backward_reduce_element<kA, opmath_t>(
-                  static_cast<opmath_t>(yq[i]), static_cast<opmath_t>(dq[i]), a, p, s1, s2);
-            }
+            opmath_t s1, s2;
+            reduce_ncs<kA, scalar_t, opmath_t>(yp + r.offset, dyp + r.offset, r.len, aff.at(r.channel), p, s1, s2);
             part_dz[u] = static_cast<double>(s1);
             part_dz_xhat[u] = static_cast<double>(s2);
           } else {
@@ -397,13 +454,8 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce_cpu(
             acc1.assign(C, opmath_t(0));
             acc2.assign(C, opmath_t(0));
             for (int64_t row = r.first_row; row < r.first_row + r.rows; ++row) {
-              const scalar_t* yq = yp + row * C;
-              const scalar_t* dq = dyp + row * C;
-#pragma omp simd
-              for (int64_t c = 0; c < C; ++c) {
-                backward_reduce_element<kA, opmath_t>(
-                    static_cast<opmath_t>(yq[c]), static_cast<opmath_t>(dq[c]), aff[c], p, acc1[c], acc2[c]);
-              }
+              reduce_nsc_row<kA, scalar_t, opmath_t>(yp + row * C, dyp + row * C, C, aff.gamma.data(),
+                  aff.inv_gamma.data(), aff.beta.data(), p, acc1.data(), acc2.data());
             }
             for (int64_t c = 0; c < C; ++c) {
               part_dz[u * C + c] = static_cast<double>(acc1[c]);
@@ -441,23 +493,49 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce_cpu(
 // ------------------------------------------------------------------------------------------------
 // backward: dx from (y, dy) and the per-channel means of the reduction; dx is the only allocation.
 
-template <typename T>
-struct BackwardConsts {
-  AffineParams<T> affine;
-  T gamma_rstd, mean_dz, mean_dz_xhat;
-};
+template <Activation A, typename scalar_t, typename T>
+struct BackwardOp {
+  const scalar_t* y;
+  const scalar_t* dy;
+  scalar_t* dx;
+  const ChannelAffine<T>* aff;
+  const T* gamma_rstd;
+  const T* mean_dz;
+  const T* mean_dz_xhat;
+  int64_t C;
+  ActivationParams<T> p;
 
-template <Activation A, typename scalar_t, typename opmath_t, typename Acc>
-void backward_run(
-    const scalar_t* y, const scalar_t* dy, scalar_t* dx, int64_t len, const Acc& k,
-    const ActivationParams<opmath_t>& p) {
-#pragma omp simd
-  for (int64_t i = 0; i < len; ++i) {
-    dx[i] = static_cast<scalar_t>(backward_element<A, opmath_t>(
-        static_cast<opmath_t>(y[i]), static_cast<opmath_t>(dy[i]), k[i].affine, p, k[i].gamma_rstd, k[i].mean_dz,
-        k[i].mean_dz_xhat));
+  void ncs(int64_t off, int64_t len, int64_t c) const {
+    const scalar_t* __restrict__ yp = y + off;
+    const scalar_t* __restrict__ dyp = dy + off;
+    scalar_t* __restrict__ dxp = dx + off;
+    const AffineParams<T> a = aff->at(c);
+    const T k = gamma_rstd[c], m1 = mean_dz[c], m2 = mean_dz_xhat[c];
+    const ActivationParams<T> q = p;
+    IABN_SIMD
+    for (int64_t i = 0; i < len; ++i) {
+      dxp[i] = static_cast<scalar_t>(
+          backward_element<A, T>(static_cast<T>(yp[i]), static_cast<T>(dyp[i]), a, q, k, m1, m2));
+    }
   }
-}
+  void nsc_row(int64_t off) const {
+    const scalar_t* __restrict__ yp = y + off;
+    const scalar_t* __restrict__ dyp = dy + off;
+    scalar_t* __restrict__ dxp = dx + off;
+    const T* __restrict__ g = aff->gamma.data();
+    const T* __restrict__ ig = aff->inv_gamma.data();
+    const T* __restrict__ b = aff->beta.data();
+    const T* __restrict__ k = gamma_rstd;
+    const T* __restrict__ m1 = mean_dz;
+    const T* __restrict__ m2 = mean_dz_xhat;
+    const ActivationParams<T> q = p;
+    IABN_SIMD
+    for (int64_t c = 0; c < C; ++c) {
+      dxp[c] = static_cast<scalar_t>(backward_element<A, T>(
+          static_cast<T>(yp[c]), static_cast<T>(dyp[c]), {g[c], ig[c], b[c]}, q, k[c], m1[c], m2[c]));
+    }
+  }
+};
 
 at::Tensor backward_cpu(
     const at::Tensor& y_in, const at::Tensor& dy_in, const at::Tensor& var, const std::optional<at::Tensor>& weight,
@@ -489,25 +567,23 @@ at::Tensor backward_cpu(
     using opmath_t = at::opmath_type<scalar_t>;
     const int64_t C = g.C;
     const auto v = channel_values<opmath_t>(var, C);
-    const auto w = channel_values<opmath_t>(weight, C);
-    const auto b = channel_values<opmath_t>(bias, C);
-    const auto m1 = channel_values<opmath_t>(mean_dz, C);
-    const auto m2 = channel_values<opmath_t>(mean_dz_xhat, C);
-    std::vector<BackwardConsts<opmath_t>> consts(C);
+    const ChannelAffine<opmath_t> aff(weight, bias, C, eps);
+    // Eval mode: the statistics are constants, so both means are 0 and dx = gamma * rstd * dz.
+    auto m1 = has_dz ? channel_values<opmath_t>(mean_dz, C) : std::vector<opmath_t>(C, opmath_t(0));
+    auto m2 = has_dz ? channel_values<opmath_t>(mean_dz_xhat, C) : std::vector<opmath_t>(C, opmath_t(0));
+    std::vector<opmath_t> gamma_rstd(C);
     for (int64_t c = 0; c < C; ++c) {
-      const auto a = affine_params<opmath_t>(ptr_or_null(w), ptr_or_null(b), c, static_cast<opmath_t>(eps));
-      const opmath_t rstd = opmath_t(1) / std::sqrt(v[c] + static_cast<opmath_t>(eps));
-      consts[c] = {a, a.gamma * rstd, has_dz ? m1[c] : opmath_t(0), has_dz ? m2[c] : opmath_t(0)};
+      gamma_rstd[c] = aff.gamma[c] / std::sqrt(v[c] + static_cast<opmath_t>(eps));
     }
     const auto p = activation_params<opmath_t>(act, activation_param);
     const scalar_t* yp = y.const_data_ptr<scalar_t>();
     const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
     scalar_t* dxp = out.mutable_data_ptr<scalar_t>();
     dispatch_activation(act, [&](auto A) {
+      const BackwardOp<decltype(A)::value, scalar_t, opmath_t> op{
+          yp, dyp, dxp, &aff, gamma_rstd.data(), m1.data(), m2.data(), C, p};
       at::parallel_for(0, g.units, grain_units(g), [&](int64_t begin, int64_t end) {
-        for_each_run(g, consts, begin, end, [&](int64_t off, int64_t len, const auto& k) {
-          backward_run<decltype(A)::value, scalar_t, opmath_t>(yp + off, dyp + off, dxp + off, len, k, p);
-        });
+        for_each_run(g, begin, end, op);
       });
     });
   });
@@ -520,13 +596,37 @@ at::Tensor backward_cpu(
 // ------------------------------------------------------------------------------------------------
 // invert: x_hat from y (diagnostics). Returned in y's dtype and strides.
 
-template <Activation A, typename scalar_t, typename opmath_t, typename Acc>
-void invert_run(const scalar_t* y, scalar_t* out, int64_t len, const Acc& k, const ActivationParams<opmath_t>& p) {
-#pragma omp simd
-  for (int64_t i = 0; i < len; ++i) {
-    out[i] = static_cast<scalar_t>(invert_element<A, opmath_t>(static_cast<opmath_t>(y[i]), k[i], p));
+template <Activation A, typename scalar_t, typename T>
+struct InvertOp {
+  const scalar_t* y;
+  scalar_t* out;
+  const ChannelAffine<T>* aff;
+  int64_t C;
+  ActivationParams<T> p;
+
+  void ncs(int64_t off, int64_t len, int64_t c) const {
+    const scalar_t* __restrict__ yp = y + off;
+    scalar_t* __restrict__ op = out + off;
+    const AffineParams<T> a = aff->at(c);
+    const ActivationParams<T> q = p;
+    IABN_SIMD
+    for (int64_t i = 0; i < len; ++i) {
+      op[i] = static_cast<scalar_t>(invert_element<A, T>(static_cast<T>(yp[i]), a, q));
+    }
   }
-}
+  void nsc_row(int64_t off) const {
+    const scalar_t* __restrict__ yp = y + off;
+    scalar_t* __restrict__ op = out + off;
+    const T* __restrict__ g = aff->gamma.data();
+    const T* __restrict__ ig = aff->inv_gamma.data();
+    const T* __restrict__ b = aff->beta.data();
+    const ActivationParams<T> q = p;
+    IABN_SIMD
+    for (int64_t c = 0; c < C; ++c) {
+      op[c] = static_cast<scalar_t>(invert_element<A, T>(static_cast<T>(yp[c]), {g[c], ig[c], b[c]}, q));
+    }
+  }
+};
 
 at::Tensor invert_cpu(
     const at::Tensor& y_in, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
@@ -538,27 +638,19 @@ at::Tensor invert_cpu(
   auto xhat = at::empty_like(y_in);
   if (y_in.numel() == 0) return xhat;
   const auto y = to_native(y_in);
-  const bool direct = native_layout(xhat) == native_layout(y) &&
-      xhat.is_contiguous(memory_format_of(*native_layout(y), xhat));
+  const auto layout = native_layout(y);
+  const bool direct = xhat.is_contiguous(memory_format_of(*layout, xhat)) && native_layout(xhat) == layout;
   at::Tensor out = direct ? xhat : at::empty_like(y);
   const Geometry g = geometry(y);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "inplace_abn_invert", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
-    const int64_t C = g.C;
-    const auto w = channel_values<opmath_t>(weight, C);
-    const auto b = channel_values<opmath_t>(bias, C);
-    std::vector<AffineParams<opmath_t>> aff(C);
-    for (int64_t c = 0; c < C; ++c) {
-      aff[c] = affine_params<opmath_t>(ptr_or_null(w), ptr_or_null(b), c, static_cast<opmath_t>(eps));
-    }
+    const ChannelAffine<opmath_t> aff(weight, bias, g.C, eps);
     const auto p = activation_params<opmath_t>(act, activation_param);
-    const scalar_t* yp = y.const_data_ptr<scalar_t>();
-    scalar_t* op = out.mutable_data_ptr<scalar_t>();
     dispatch_activation(act, [&](auto A) {
+      const InvertOp<decltype(A)::value, scalar_t, opmath_t> op{
+          y.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), &aff, g.C, p};
       at::parallel_for(0, g.units, grain_units(g), [&](int64_t begin, int64_t end) {
-        for_each_run(g, aff, begin, end, [&](int64_t off, int64_t len, const auto& k) {
-          invert_run<decltype(A)::value, scalar_t, opmath_t>(yp + off, op + off, len, k, p);
-        });
+        for_each_run(g, begin, end, op);
       });
     });
   });
