@@ -13,7 +13,7 @@ from torch import Tensor
 
 from . import _backend, _python_ops
 
-__all__ = ["statistics", "forward_", "backward_reduce", "backward", "invert"]
+__all__ = ["statistics", "forward_", "forward_train_", "backward_reduce", "backward", "backward_train", "invert"]
 
 
 def _native(t: Tensor):
@@ -43,6 +43,25 @@ def forward_(
     ops = _native(x)
     args = (x, mean, var, weight, bias, eps, activation, activation_param)
     ops.forward_.default(*args) if ops else _python_ops.forward_(*args)
+
+
+def forward_train_(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: float,
+    activation: str,
+    activation_param: float,
+) -> Tuple[Tensor, Tensor]:
+    """Training forward on local statistics: ``statistics`` then ``forward_``; returns (mean, biased var) (C,).
+
+    The pure-PyTorch path fuses both into one ATen batch-norm call.
+    """
+    if _native(x):
+        mean, var = statistics(x)
+        forward_(x, mean, var, weight, bias, eps, activation, activation_param)
+        return mean, var
+    return _python_ops.forward_train_(x, weight, bias, eps, activation, activation_param)
 
 
 def backward_reduce(
@@ -78,6 +97,30 @@ def backward(
     return ops.backward.default(*args) if ops else _python_ops.backward(*args)
 
 
+def backward_train(
+    y: Tensor,
+    dy: Tensor,
+    var: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: float,
+    activation: str,
+    activation_param: float,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Training backward on local statistics; returns (dx (N, C, *), sum_dz (C,), sum_dz_xhat (C,)).
+
+    The fused kernels make two passes (reduce, then dx); the pure-PyTorch path one ATen batch-norm backward.
+    """
+    if _native(y):
+        sum_dz, sum_dz_xhat = backward_reduce(y, dy, weight, bias, eps, activation, activation_param)
+        count = y.numel() // y.size(1)
+        dx = backward(
+            y, dy, var, weight, bias, sum_dz / count, sum_dz_xhat / count, eps, activation, activation_param
+        )
+        return dx, sum_dz, sum_dz_xhat
+    return _python_ops.backward_train(y, dy, var, weight, bias, eps, activation, activation_param)
+
+
 def invert(
     y: Tensor,
     weight: Optional[Tensor],
@@ -93,8 +136,13 @@ def invert(
 
 
 # Fake (meta) kernels: shapes, dtypes and strides only, for torch.compile, export and meta-device
-# memory counting. forward_ returns nothing and mutates only its first argument, so it needs none.
+# memory counting. forward_ returns nothing and mutates only its first argument, so it needs no fake
+# kernel; a no-op Meta kernel lets whole models run on device="meta" (memory counting without memory).
 if _backend.extension_loaded():
+
+    @torch.library.impl("inplace_abn::forward_", "Meta")
+    def _forward_meta(x, mean, var, weight, bias, eps, activation, activation_param):
+        return None
 
     def _channel_vectors(t: Tensor, count: int) -> Tuple[Tensor, ...]:
         dtype = _python_ops.opmath_dtype(t.dtype)

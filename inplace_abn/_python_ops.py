@@ -13,7 +13,16 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["statistics", "forward_", "backward_reduce", "backward", "invert", "opmath_dtype"]
+__all__ = [
+    "statistics",
+    "forward_",
+    "forward_train_",
+    "backward_reduce",
+    "backward",
+    "backward_train",
+    "invert",
+    "opmath_dtype",
+]
 
 
 def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -47,13 +56,9 @@ def statistics(x: Tensor) -> Tuple[Tensor, Tensor]:
     if x.numel() == 0:
         nan = torch.full((x.size(1),), float("nan"), dtype=dtype, device=x.device)
         return nan, nan.clone()
-    # ATen's batch-norm statistics kernels are the fastest reduction PyTorch offers on every device
-    # (var_mean over (0, 2, 3) is several times slower on CPU). eps=0 makes invstd = 1/std exactly, so
-    # the variance comes back without an eps round trip.
-    xs = x.to(dtype) if x.dtype != dtype and x.device.type == "cpu" and x.dtype == torch.float16 else x
-    _, mean, invstd = torch.native_batch_norm(xs, None, None, None, None, True, 0.0, 0.0)
-    var = invstd.to(dtype).reciprocal().square()
-    return mean.to(dtype), var
+    # ATen's batch-norm statistics kernel: var_mean over (0, 2, 3) is several times slower on CPU.
+    mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
+    return mean.to(dtype), var.to(dtype)
 
 
 def _activation_inplace(z: Tensor, activation: str, activation_param: float) -> Tensor:
@@ -64,6 +69,16 @@ def _activation_inplace(z: Tensor, activation: str, activation_param: float) -> 
     if activation == "identity":
         return z
     raise ValueError(f"activation must be one of 'identity', 'leaky_relu', 'elu', got {activation!r}")
+
+
+def _gamma_beta(
+    weight: Optional[Tensor], bias: Optional[Tensor], x: Tensor, eps: float, dtype: torch.dtype
+) -> Tuple[Tensor, Tensor]:
+    """(C,) vectors ``|w| + eps`` and ``b`` (ones / zeros without affine), in ``dtype``."""
+    channels = x.size(1)
+    gamma = torch.ones(channels, dtype=dtype, device=x.device) if weight is None else weight.to(dtype).abs() + eps
+    beta = torch.zeros(channels, dtype=dtype, device=x.device) if bias is None else bias.to(dtype)
+    return gamma, beta
 
 
 def forward_(
@@ -78,16 +93,55 @@ def forward_(
 ) -> None:
     """Writes ``act(gamma * (x - mean) / sqrt(var + eps) + beta)`` over ``x`` (N, C, *)."""
     dtype = opmath_dtype(x.dtype)
-    gamma, beta = _affine(weight, bias, x, eps, dtype)
-    rstd = (_per_channel(var, x, dtype) + eps).rsqrt()
-    scale = gamma * rstd
-    shift = beta - _per_channel(mean, x, dtype) * scale
-    if dtype == x.dtype:
-        x.mul_(scale).add_(shift)
-        _activation_inplace(x, activation, activation_param)
-    else:  # half types: compute in float32, round once
-        z = torch.addcmul(shift, x.to(dtype), scale)
-        x.copy_(_activation_inplace(z, activation, activation_param))
+    gamma, beta = _gamma_beta(weight, bias, x, eps, dtype)
+    # Eval-mode batch norm with the given statistics is ATen's fastest normalisation pass.
+    out, _, _ = torch.native_batch_norm(x, gamma, beta, mean.to(dtype), var.to(dtype), False, 0.0, eps)
+    x.copy_(_activation_inplace(out, activation, activation_param))
+
+
+def forward_train_(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: float,
+    activation: str,
+    activation_param: float,
+) -> Tuple[Tensor, Tensor]:
+    """``statistics`` then ``forward_`` in one ATen batch-norm call; returns (mean, biased var)."""
+    dtype = opmath_dtype(x.dtype)
+    gamma, beta = _gamma_beta(weight, bias, x, eps, dtype)
+    out, mean, invstd = torch.native_batch_norm(x, gamma, beta, None, None, True, 0.0, eps)
+    x.copy_(_activation_inplace(out, activation, activation_param))
+    # invstd = 1 / sqrt(var + eps); the round trip only loses precision far below eps.
+    var = (invstd.to(dtype).square().reciprocal() - eps).clamp_min_(0.0)
+    return mean.to(dtype), var
+
+
+def _invert_z(
+    y: Tensor, dy: Optional[Tensor], activation: str, activation_param: float, dtype: torch.dtype
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """(z, dz) recovered from (y, dy) in ``dtype`` (math.md step 1), with ATen's activation kernels.
+
+    The positive branch is y > 0, as in src/activation.h and PyTorch's own activation backwards.
+    """
+    F = torch.nn.functional
+    y = y.to(dtype)
+    dy = None if dy is None else dy.to(dtype)
+    if activation == "leaky_relu":
+        # leaky_relu is inverted by leaky_relu with the reciprocal slope.
+        z = F.leaky_relu(y, 1.0 / activation_param)
+        dz = None if dy is None else torch.ops.aten.leaky_relu_backward(dy, y, activation_param, True)
+    elif activation == "elu":
+        # z = y for y > 0, log1p(y / alpha) otherwise, written without torch.where (slow on CPU). The
+        # clamp above -1 keeps a saturated output finite (see src/activation.h).
+        lowest = -1.0 + torch.finfo(dtype).eps / 2
+        z = torch.log1p((y * (1.0 / activation_param)).clamp_(lowest, 0.0)).add_(y.clamp_min(0.0))
+        dz = None if dy is None else torch.ops.aten.elu_backward(dy, activation_param, 1.0, 1.0, True, y)
+    elif activation == "identity":
+        z, dz = y, dy
+    else:
+        raise ValueError(f"activation must be one of 'identity', 'leaky_relu', 'elu', got {activation!r}")
+    return z, dz
 
 
 def _invert(
@@ -101,25 +155,9 @@ def _invert(
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """Recovers (x_hat, dz) from the output (math.md steps 1-2), in the opmath dtype."""
     dtype = opmath_dtype(y.dtype)
-    yo = y.to(dtype)
-    dyo = None if dy is None else dy.to(dtype)
-    if activation == "leaky_relu":
-        neg = yo < 0
-        z = torch.where(neg, yo * (1.0 / activation_param), yo)
-        dz = None if dyo is None else torch.where(neg, dyo * activation_param, dyo)
-    elif activation == "elu":
-        neg = yo < 0
-        # Clamp above -1 so a saturated output gives a finite z (see src/activation.h).
-        lowest = -1.0 + torch.finfo(dtype).eps / 2
-        z = torch.where(neg, torch.log1p((yo * (1.0 / activation_param)).clamp_min(lowest)), yo)
-        dz = None if dyo is None else torch.where(neg, dyo * (yo + activation_param), dyo)
-    elif activation == "identity":
-        z, dz = yo, dyo
-    else:
-        raise ValueError(f"activation must be one of 'identity', 'leaky_relu', 'elu', got {activation!r}")
+    z, dz = _invert_z(y, dy, activation, activation_param, dtype)
     gamma, beta = _affine(weight, bias, y, eps, dtype)
-    xhat = (z - beta) * (1.0 / gamma) if isinstance(gamma, float) else (z - beta) * gamma.reciprocal()
-    return xhat, dz
+    return (z - beta) / gamma, dz
 
 
 def backward_reduce(
@@ -156,8 +194,34 @@ def backward(
     gamma_rstd = gamma * (_per_channel(var, y, dtype) + eps).rsqrt()
     if mean_dz is not None:
         dz = dz - _per_channel(mean_dz, y, dtype) - xhat * _per_channel(mean_dz_xhat, y, dtype)
-    dx = (dz * gamma_rstd).to(y.dtype)
-    return dx if dx.stride() == torch.empty_like(y).stride() else torch.empty_like(y).copy_(dx)
+    return torch.empty_like(y).copy_(dz * gamma_rstd)
+
+
+def backward_train(
+    y: Tensor,
+    dy: Tensor,
+    var: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: float,
+    activation: str,
+    activation_param: float,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """``backward_reduce`` then training ``backward`` on local statistics; returns (dx, sum_dz, sum_dz_xhat).
+
+    One ATen batch-norm backward does both: fed z as its "input" with mean beta and invstd 1 / gamma,
+    it recovers x_hat = (z - beta) / gamma itself, and a weight of gamma^2 * rstd turns its
+    ``weight * invstd`` factor into the gamma * rstd that dx needs.
+    """
+    dtype = opmath_dtype(y.dtype)
+    z, dz = _invert_z(y, dy, activation, activation_param, y.dtype)
+    gamma, beta = _gamma_beta(weight, bias, y, eps, dtype)
+    rstd = (var.to(dtype) + eps).rsqrt()
+    dx, sum_dz_xhat, sum_dz = torch.ops.aten.native_batch_norm_backward(
+        dz, z, gamma * gamma * rstd, None, None, beta, gamma.reciprocal(), True, eps, [True, True, True]
+    )
+    dx = dx if dx.stride() == y.stride() else torch.empty_like(y).copy_(dx)
+    return dx, sum_dz.to(dtype), sum_dz_xhat.to(dtype)
 
 
 def invert(

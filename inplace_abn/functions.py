@@ -173,29 +173,34 @@ class _InPlaceABN(torch.autograd.Function):
     ) -> Tensor:
         stat_dtype = opmath_dtype(x.dtype)
         count = x.numel() // x.size(1)
-        if training:
+        invertible = not (activation == "leaky_relu" and activation_param == 0.0)
+        # ReLU loses the negative half: such a layer computes z, keeps a copy, then applies the ReLU.
+        act, act_param = (activation, activation_param) if invertible else ("identity", 0.0)
+        if count <= 1 and training and not sync:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(x.shape)}")
+        fused = training and not sync
+        if fused:
+            mean, var = _ops.forward_train_(x, weight, bias, eps, act, act_param)
+        elif training:
             mean, var = _ops.statistics(x)
-            if sync:
-                mean, var, count = _sync_statistics(mean, var, count, group)
+            mean, var, count = _sync_statistics(mean, var, count, group)
             if count <= 1:
                 raise ValueError(
                     f"Expected more than 1 value per channel when training, got input size {list(x.shape)}"
                 )
-            if running_mean is not None:
-                # Running variance uses the unbiased estimate, as nn.BatchNorm.
-                unbiased = var * (count / (count - 1))
-                running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-                running_var.mul_(1.0 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
         else:
             mean, var = running_mean.to(stat_dtype), running_var.to(stat_dtype)
+        if not fused:
+            _ops.forward_(x, mean, var, weight, bias, eps, act, act_param)
+        if training and running_mean is not None:
+            # Running variance uses the unbiased estimate, as nn.BatchNorm.
+            unbiased = var * (count / (count - 1))
+            running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+            running_var.mul_(1.0 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
 
-        invertible = not (activation == "leaky_relu" and activation_param == 0.0)
         if invertible:
-            _ops.forward_(x, mean, var, weight, bias, eps, activation, activation_param)
             ctx.save_for_backward(x, var, weight, bias)
         else:
-            # ReLU loses the negative half: keep the pre-activation z itself (no memory saving).
-            _ops.forward_(x, mean, var, weight, bias, eps, "identity", 0.0)
             z = x.clone()
             x.relu_()
             ctx.save_for_backward(x, var, weight, bias, z)
@@ -217,19 +222,19 @@ class _InPlaceABN(torch.autograd.Function):
         need_dx, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         dx = dweight = dbias = None
         sum_dz = sum_dz_xhat = None
-        if (training and need_dx) or need_w or need_b:
-            sum_dz, sum_dz_xhat = _ops.backward_reduce(y, dy, weight, bias, eps, activation, activation_param)
-        if need_dx:
-            if training:
-                if sync:
-                    sums = torch.stack([sum_dz, sum_dz_xhat])
-                    dist.all_reduce(sums, group=group)
-                    mean_dz, mean_dz_xhat = sums[0] / count, sums[1] / count
-                else:
-                    mean_dz, mean_dz_xhat = sum_dz / count, sum_dz_xhat / count
-            else:
-                mean_dz = mean_dz_xhat = None
-            dx = _ops.backward(y, dy, var, weight, bias, mean_dz, mean_dz_xhat, eps, activation, activation_param)
+        args = (eps, activation, activation_param)
+        if training and need_dx and not sync:
+            dx, sum_dz, sum_dz_xhat = _ops.backward_train(y, dy, var, weight, bias, *args)
+        else:
+            if (training and need_dx) or need_w or need_b:
+                sum_dz, sum_dz_xhat = _ops.backward_reduce(y, dy, weight, bias, *args)
+            if need_dx and training:
+                # Parameter gradients stay local (DDP averages them); dx needs the global sums.
+                sums = torch.stack([sum_dz, sum_dz_xhat])
+                dist.all_reduce(sums, group=group)
+                dx = _ops.backward(y, dy, var, weight, bias, sums[0] / count, sums[1] / count, *args)
+            elif need_dx:
+                dx = _ops.backward(y, dy, var, weight, bias, None, None, *args)
         if need_w:
             # d(|w| + eps)/dw = sign(w), with sign(0) = +1 so a zero weight still learns.
             sign = torch.where(weight >= 0, 1.0, -1.0).to(sum_dz_xhat.dtype)

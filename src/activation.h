@@ -56,11 +56,11 @@ struct ActivationOp<Activation::LeakyReLU> {
     const T neg = z * p.param;  // both sides computed: branch-free, so the loops vectorise
     return z >= T(0) ? z : neg;
   }
-  // NB: with slope > 0, sign(y) == sign(z), so the branch can be taken on y. A -0.0 output comes from
-  // z == -0.0 or an underflowed z * slope; either way z ~ 0 and both branches agree to rounding.
+  // NB: with slope > 0, sign(y) == sign(z), so the branch can be taken on y. At y == 0 (z == 0) the slope
+  // side is taken, which is PyTorch's convention for the derivative of leaky_relu at 0.
   template <typename T>
   static C10_HOST_DEVICE inline void invert(T y, T dy, ActivationParams<T> p, T& z, T& dz) {
-    const bool pos = y >= T(0);
+    const bool pos = y > T(0);
     const T z_neg = y * p.inv_param;
     const T dz_neg = dy * p.param;
     z = pos ? y : z_neg;
@@ -76,6 +76,7 @@ struct ActivationOp<Activation::ELU> {
     return z >= T(0) ? z : p.param * expm1(z);
   }
   // y = alpha * (exp(z) - 1)  =>  z = log1p(y / alpha),  dy/dz = exp(z) * alpha = y + alpha.
+  // At y == 0 the negative side is taken (derivative alpha), as PyTorch's elu_backward does.
   // NB: an output saturated at -alpha (z below ~-17 in float32) would give log1p(-1) = -inf and then
   // dz * x_hat = 0 * inf = NaN. Clamping y / alpha just above -1 keeps z finite; dz is then exactly 0
   // for those elements, so the reductions are unaffected and only the (unrecoverable) x_hat of a
@@ -83,7 +84,7 @@ struct ActivationOp<Activation::ELU> {
   template <typename T>
   static C10_HOST_DEVICE inline void invert(T y, T dy, ActivationParams<T> p, T& z, T& dz) {
     using std::log1p;
-    const bool pos = y >= T(0);
+    const bool pos = y > T(0);
     const T lowest = T(-1) + elu_clamp_margin<T>();
     const T ratio = y * p.inv_param > lowest ? y * p.inv_param : lowest;
     const T z_neg = log1p(ratio);
