@@ -1,0 +1,56 @@
+"""Exact accounting of the memory autograd keeps for backward (shared spec ``measuring.md``).
+
+Counts the bytes of every tensor saved for backward while a function runs, de-duplicated by storage,
+excluding parameter storages. Deterministic, allocator-independent, and it works on ``device="meta"``,
+so the saving of a large model can be counted without allocating it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Iterable, Tuple
+
+import torch
+from torch import nn
+
+__all__ = ["saved_tensor_bytes", "parameters_of"]
+
+
+def _storage_key(t: torch.Tensor) -> Any:
+    storage = t.untyped_storage()
+    # Meta storages all report data_ptr 0: key them by the address of the C++ storage object instead.
+    return storage._cdata if t.device.type == "meta" else (t.device, storage.data_ptr())
+
+
+def saved_tensor_bytes(
+    fn: Callable[[], Any], exclude: Iterable[torch.Tensor] = ()
+) -> Tuple[int, Any, Dict[Any, int]]:
+    """Runs ``fn()`` and returns (bytes saved for backward, fn's result, bytes per storage).
+
+    Args:
+        fn: Runs the forward pass (and returns whatever should stay alive, e.g. the loss).
+        exclude: Tensors whose storages are not counted (typically ``model.parameters()``).
+
+    Returns:
+        The total, the result of ``fn`` (keep it alive until you are done: the saved tensors die with it),
+        and a dict storage-key -> nbytes.
+    """
+    excluded = {_storage_key(t) for t in exclude}
+    storages: Dict[Any, int] = {}
+    keep: list = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        key = _storage_key(t)
+        if key not in excluded:
+            storages[key] = t.untyped_storage().nbytes()
+            keep.append(t)  # keeps storages alive so ids/pointers are not reused during fn
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = fn()
+    return sum(storages.values()), result, storages
+
+
+def parameters_of(*modules: nn.Module) -> list:
+    """Parameters and buffers of ``modules``: the usual ``exclude`` argument of :func:`saved_tensor_bytes`
+    (they are resident whether or not autograd keeps a reference)."""
+    return [t for m in modules for t in list(m.parameters()) + list(m.buffers())]

@@ -1,0 +1,108 @@
+"""Op contract of torch.ops.inplace_abn: torch.library.opcheck on every op (schema, fake kernel, AOT dispatch).
+
+opcheck checks that each schema tells the truth (only forward_ mutates, only its first argument; no
+output aliases an input), that the fake kernels reproduce shapes, dtypes and strides, and that the ops
+survive functionalisation under dynamic shapes. Numerics are covered by the other test files.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import inplace_abn
+from inplace_abn import _python_ops
+
+pytestmark = pytest.mark.skipif(not inplace_abn.extension_loaded(), reason="compiled extension not built")
+
+OPS = ["statistics", "forward_", "backward_reduce", "backward", "invert"]
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+ACTIVATIONS = [("leaky_relu", 0.01), ("elu", 1.0), ("identity", 0.0)]
+
+
+def _inputs(shape, dtype, layout):
+    """An input of ``shape`` in the given memory layout: contiguous, channels_last or a strided view."""
+    if layout == "channels_last":
+        return torch.randn(shape, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    if layout == "strided":
+        # A non-dense view: every other column of a wider tensor.
+        wide = torch.randn(shape[:-1] + (2 * shape[-1],), dtype=dtype)
+        return wide[..., ::2]
+    return torch.randn(shape, dtype=dtype)
+
+
+def _samples(op, dtype):
+    shapes = [((4, 3, 5, 6), "contiguous"), ((4, 3, 5, 6), "channels_last"), ((4, 3, 5, 6), "strided"),
+              ((7, 5), "contiguous"), ((2, 3, 2, 3, 4), "contiguous"), ((0, 3, 4), "contiguous")]  # fmt: skip
+    op_dtype = _python_ops.opmath_dtype(dtype)
+    for (shape, layout), (act, p) in zip(shapes, ACTIVATIONS * 2):
+        x = _inputs(shape, dtype, layout)
+        c = shape[1]
+        w = torch.randn(c, dtype=op_dtype)
+        b = torch.randn(c, dtype=op_dtype)
+        mean, var = torch.randn(c, dtype=op_dtype), torch.rand(c, dtype=op_dtype) + 0.5
+        if act == "elu":
+            y = torch.nn.functional.elu(x.float(), p).to(dtype)  # a valid ELU output (> -alpha)
+        else:
+            y = x
+        dy = _inputs(shape, dtype, "contiguous")
+        weight, bias = (w, b) if layout != "strided" else (None, None)
+        if op == "statistics":
+            if x.numel() > 0:  # the statistics of nothing are NaN, which opcheck's comparison rejects
+                yield (x,)
+        elif op == "forward_":
+            yield (x, mean, var, weight, bias, 1e-5, act, p)
+        elif op == "backward_reduce":
+            yield (y, dy, weight, bias, 1e-5, act, p)
+        elif op == "backward":
+            yield (y, dy, var, weight, bias, mean, var, 1e-5, act, p)
+            yield (y, dy, var, weight, bias, None, None, 1e-5, act, p)  # eval mode
+        elif op == "invert":
+            yield (y, weight, bias, 1e-5, act, p)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op", OPS)
+def test_opcheck(op, dtype):
+    """Every op passes all of torch.library.opcheck's checks on every sample."""
+    overload = getattr(torch.ops.inplace_abn, op).default
+    samples = list(_samples(op, dtype))
+    assert samples, "no samples generated"
+    for args in samples:
+        args = tuple(a.clone() if isinstance(a, torch.Tensor) and a.dim() > 1 and op == "forward_" else a for a in args)
+        result = torch.library.opcheck(overload, args)
+        failed = {k: v for k, v in result.items() if v != "SUCCESS"}
+        assert not failed, f"{op} {dtype} {[tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args]}: {failed}"
+
+
+def test_every_op_has_a_cpu_kernel_and_fake_kernel():
+    """The schemas of src/ops.cpp all have CPU kernels and fake kernels (or are mutating with no output)."""
+    for op in OPS:
+        name = f"inplace_abn::{op}"
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU"), f"{name} has no CPU kernel"
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "Meta"), f"{name} has no Meta/fake kernel"
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_forward_writes_in_place(layout):
+    """forward_ writes its result into the input's own memory for every stride pattern."""
+    x = _inputs((4, 3, 5, 6), torch.float32, layout)
+    ptr, strides = x.data_ptr(), x.stride()
+    expected = x.clone()
+    mean, var = torch.zeros(3), torch.ones(3)
+    _python_ops.forward_(expected, mean, var, None, None, 1e-5, "leaky_relu", 0.1)
+    torch.ops.inplace_abn.forward_(x, mean, var, None, None, 1e-5, "leaky_relu", 0.1)
+    assert x.data_ptr() == ptr and x.stride() == strides
+    torch.testing.assert_close(x, expected)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_outputs_keep_the_input_strides(layout):
+    """backward and invert return tensors with y's strides, as their fake kernels promise."""
+    y = _inputs((4, 3, 5, 6), torch.float32, layout)
+    dy = torch.randn(4, 3, 5, 6)
+    var = torch.ones(3)
+    dx = torch.ops.inplace_abn.backward(y, dy, var, None, None, None, None, 1e-5, "leaky_relu", 0.1)
+    xhat = torch.ops.inplace_abn.invert(y, None, None, 1e-5, "leaky_relu", 0.1)
+    assert dx.stride() == torch.empty_like(y).stride()
+    assert xhat.stride() == torch.empty_like(y).stride()
