@@ -6,7 +6,7 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 python -m venv "$work/venv"
-"$work/venv/bin/pip" install --quiet "torch==2.13.0" numpy "setuptools>=64"
+"$work/venv/bin/pip" install --quiet "torch==2.13.0" numpy "setuptools>=77"
 git -C "$root" ls-files -z | (cd "$root" && xargs -0 tar -cf -) | tar -xf - -C "$work" --one-top-level=src
 (cd "$work/src" && CC=/bin/false CXX=/bin/false "$work/venv/bin/pip" install --quiet --no-build-isolation --no-deps .)
 cd "$work"
