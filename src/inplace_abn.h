@@ -58,9 +58,13 @@ inline void check_channel_vector(const at::Tensor& v, const char* name, const at
       v.device() == x.device(), name, " must be on the same device as the input (", x.device(), "), got ",
       v.device());
   const auto op = at::toOpMathType(x.scalar_type());
-  TORCH_CHECK(
-      v.scalar_type() == x.scalar_type() || v.scalar_type() == op, name, " must have dtype ", x.scalar_type(),
-      " or ", op, " for an input of dtype ", x.scalar_type(), ", got ", v.scalar_type());
+  if (op == x.scalar_type()) {
+    TORCH_CHECK(v.scalar_type() == op, name, " must have dtype ", op, " like the input, got ", v.scalar_type());
+  } else {
+    TORCH_CHECK(
+        v.scalar_type() == x.scalar_type() || v.scalar_type() == op, name, " must have dtype ", x.scalar_type(),
+        " or ", op, " for an input of dtype ", x.scalar_type(), ", got ", v.scalar_type());
+  }
 }
 
 inline void check_optional_channel_vector(

@@ -36,10 +36,9 @@ enum class Layout { NCS, NSC };
 
 struct Geometry {
   Layout layout;
-  int64_t N, C, S;   // x viewed as (N, C, S)
-  int64_t row_len;   // NCS: S; NSC: C
-  int64_t rows;      // NCS: N * C; NSC: N * S
-  int64_t per_unit;  // NCS: elements of a row per unit; NSC: rows per unit
+  int64_t N, C, S;        // x viewed as (N, C, S)
+  int64_t rows;           // NCS: N * C; NSC: N * S
+  int64_t per_unit;       // NCS: elements of a row per unit; NSC: rows per unit
   int64_t units_per_row;  // NCS only
   int64_t units;
 };
@@ -80,13 +79,11 @@ Geometry geometry(const at::Tensor& x) {
   g.C = x.size(1);
   g.S = g.N * g.C == 0 ? 0 : x.numel() / (g.N * g.C);
   if (g.layout == Layout::NCS) {
-    g.row_len = g.S;
     g.rows = g.N * g.C;
     g.per_unit = std::min<int64_t>(kBlock, std::max<int64_t>(1, g.S));
     g.units_per_row = (g.S + g.per_unit - 1) / g.per_unit;
     g.units = g.rows * g.units_per_row;
   } else {
-    g.row_len = g.C;
     g.rows = g.N * g.S;
     g.per_unit = std::max<int64_t>(1, kBlock / std::max<int64_t>(1, g.C));
     g.units_per_row = 1;
@@ -101,7 +98,7 @@ int64_t grain_units(const Geometry& g) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, unit_elems));
 }
 
-// Calls f(offset, len, c) for each NCS run of unit u (one run) -- or f(offset, rows) for NSC.
+// Unit u of an NCS walk: one run of `len` elements of one channel. Of an NSC walk: `rows` whole rows.
 struct NcsRun {
   int64_t offset, len, channel;
 };
