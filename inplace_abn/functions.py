@@ -216,8 +216,8 @@ class _InPlaceABN(torch.autograd.Function):
             y, var, weight, bias = ctx.saved_tensors
         else:
             _, var, weight, bias, z = ctx.saved_tensors
-            # d relu / dz is 0 at z <= 0 (PyTorch's convention); then the layer is BN + identity on z.
-            dy = torch.where(z > 0, dy, torch.zeros((), dtype=dy.dtype, device=dy.device))
+            # ReLU's own backward (0 where z <= 0, PyTorch's convention); then the layer is BN + identity on z.
+            dy = torch.ops.aten.threshold_backward(dy, z, 0)
             y, activation, activation_param = z, "identity", 0.0
         need_dx, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         dx = dweight = dbias = None
