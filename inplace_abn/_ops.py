@@ -16,11 +16,17 @@ from . import _backend, _python_ops
 __all__ = ["statistics", "forward_", "forward_train_", "backward_reduce", "backward", "backward_train", "invert"]
 
 
+_KERNELS: dict = {}  # device type -> has compiled kernels (registrations are fixed once _C is loaded)
+
+
 def _native(t: Tensor):
-    """The namespace that serves ``t``: torch.ops.inplace_abn, or the pure-PyTorch module."""
-    if _backend.get_backend() == "cpp" and (t.device.type == "meta" or _backend.has_kernel(t.device.type)):
-        return torch.ops.inplace_abn
-    return None
+    """torch.ops.inplace_abn when it serves ``t`` (compiled backend with kernels for its device), else None."""
+    if _backend.get_backend() != "cpp":
+        return None
+    device = t.device.type
+    if device not in _KERNELS:
+        _KERNELS[device] = device == "meta" or _backend.has_kernel(device)
+    return torch.ops.inplace_abn if _KERNELS[device] else None
 
 
 def statistics(x: Tensor) -> Tuple[Tensor, Tensor]:
@@ -57,11 +63,9 @@ def forward_train_(
 
     The pure-PyTorch path fuses both into one ATen batch-norm call.
     """
-    if _native(x):
-        mean, var = statistics(x)
-        forward_(x, mean, var, weight, bias, eps, activation, activation_param)
-        return mean, var
-    return _python_ops.forward_train_(x, weight, bias, eps, activation, activation_param)
+    ops = _native(x)
+    args = (x, weight, bias, eps, activation, activation_param)
+    return ops.forward_train_.default(*args) if ops else _python_ops.forward_train_(*args)
 
 
 def backward_reduce(
@@ -111,14 +115,9 @@ def backward_train(
 
     The fused kernels make two passes (reduce, then dx); the pure-PyTorch path one ATen batch-norm backward.
     """
-    if _native(y):
-        sum_dz, sum_dz_xhat = backward_reduce(y, dy, weight, bias, eps, activation, activation_param)
-        count = y.numel() // y.size(1)
-        dx = backward(
-            y, dy, var, weight, bias, sum_dz / count, sum_dz_xhat / count, eps, activation, activation_param
-        )
-        return dx, sum_dz, sum_dz_xhat
-    return _python_ops.backward_train(y, dy, var, weight, bias, eps, activation, activation_param)
+    ops = _native(y)
+    args = (y, dy, var, weight, bias, eps, activation, activation_param)
+    return ops.backward_train.default(*args) if ops else _python_ops.backward_train(*args)
 
 
 def invert(
@@ -162,6 +161,16 @@ if _backend.extension_loaded():
     def _backward_fake(y, dy, var, weight, bias, mean_dz, mean_dz_xhat, eps, activation, activation_param):
         torch._check(y.shape == dy.shape, lambda: "y and dy must have the same shape")
         return torch.empty_like(y)
+
+    @torch.library.register_fake("inplace_abn::forward_train_")
+    def _forward_train_fake(x, weight, bias, eps, activation, activation_param):
+        torch._check(x.dim() >= 2, lambda: f"x must have shape (N, C, *), got {tuple(x.shape)}")
+        return _channel_vectors(x, 2)
+
+    @torch.library.register_fake("inplace_abn::backward_train")
+    def _backward_train_fake(y, dy, var, weight, bias, eps, activation, activation_param):
+        torch._check(y.shape == dy.shape, lambda: "y and dy must have the same shape")
+        return (torch.empty_like(y),) + _channel_vectors(y, 2)
 
     @torch.library.register_fake("inplace_abn::invert")
     def _invert_fake(y, weight, bias, eps, activation, activation_param):

@@ -185,6 +185,7 @@ class InPlaceABN(ABN):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input_dim(x)
+        check_activation(self.activation, self.activation_param)  # before num_batches_tracked moves
         momentum, training = self._momentum_and_training()
         running_mean, running_var = self._running_stats()
         return inplace_abn(
@@ -220,6 +221,7 @@ class InPlaceABNSync(ABN):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input_dim(x)
+        check_activation(self.activation, self.activation_param)  # before num_batches_tracked moves
         momentum, training = self._momentum_and_training()
         running_mean, running_var = self._running_stats()
         return inplace_abn_sync(

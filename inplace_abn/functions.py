@@ -193,10 +193,9 @@ class _InPlaceABN(torch.autograd.Function):
         if not fused:
             _ops.forward_(x, mean, var, weight, bias, eps, act, act_param)
         if training and running_mean is not None:
-            # Running variance uses the unbiased estimate, as nn.BatchNorm.
-            unbiased = var * (count / (count - 1))
-            running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-            running_var.mul_(1.0 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+            # running += momentum * (batch - running); the variance is the unbiased one, as nn.BatchNorm.
+            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+            running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), momentum)
 
         if invertible:
             ctx.save_for_backward(x, var, weight, bias)
@@ -237,8 +236,7 @@ class _InPlaceABN(torch.autograd.Function):
                 dx = _ops.backward(y, dy, var, weight, bias, None, None, *args)
         if need_w:
             # d(|w| + eps)/dw = sign(w), with sign(0) = +1 so a zero weight still learns.
-            sign = torch.where(weight >= 0, 1.0, -1.0).to(sum_dz_xhat.dtype)
-            dweight = (sum_dz_xhat * sign).to(weight.dtype)
+            dweight = torch.where(weight < 0, -sum_dz_xhat, sum_dz_xhat).to(weight.dtype)
         if need_b:
             dbias = sum_dz.to(bias.dtype)
         return dx, dweight, dbias, None, None, None, None, None, None, None, None, None
@@ -260,6 +258,12 @@ def _apply(
 ) -> Tensor:
     _check_inputs(x, weight, bias, running_mean, running_var, eps)
     activation, activation_param = check_activation(activation, activation_param)
+    if torch.is_grad_enabled() and x.is_leaf and x.requires_grad:
+        # Checked before anything is written: autograd's own check would fire only after the overwrite.
+        raise RuntimeError(
+            "a leaf Variable that requires grad is being used in an in-place operation: inplace_abn overwrites "
+            "its input x. Pass a non-leaf tensor (e.g. the output of the previous layer, or x.clone())."
+        )
     if not training and running_mean is None:
         raise ValueError("running_mean and running_var are required when training=False")
     if activation == "leaky_relu" and activation_param == 0.0:

@@ -40,6 +40,11 @@ inline Activation parse_activation(std::string_view name, double param) {
       "'");
 }
 
+// eps > 0 keeps both sqrt(var + eps) and gamma = |w| + eps away from 0, so every op stays invertible.
+inline void check_eps(double eps) {
+  TORCH_CHECK(eps > 0.0, "eps must be > 0 (it keeps |weight| + eps and var + eps invertible), got ", eps);
+}
+
 inline void check_input(const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.dim() >= 2, name, " must have shape (N, C, *) with at least 2 dimensions, got ", x.sizes());
   const auto dt = x.scalar_type();

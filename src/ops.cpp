@@ -8,9 +8,13 @@
 //                                     recovered from the OUTPUT y, opmath dtype.
 //   backward(y, dy, var, ...)      -> dx (math.md step 4); mean_dz/mean_dz_xhat absent = eval mode.
 //   invert(y, ...)                 -> x_hat recovered from y (diagnostics: inversion accuracy).
-// Only forward_ mutates, and only its first argument, so it can carry Tag.inplace later; running
-// statistics are updated by the Python layer, outside every op, which keeps all schemas honest
-// about what they write.
+//   forward_train_(x, ...)         -> statistics + forward_ in one call (local statistics).
+//   backward_train(y, dy, var, ...)-> backward_reduce + training backward on local statistics:
+//                                     (dx, sum_dz, sum_dz_xhat).
+// The *_train ops save the per-op Python glue of the common single-process case; the split ops serve
+// the synchronised layer, which all-reduces between them. Only forward_ and forward_train_ mutate, and
+// only their first argument; running statistics are updated by the Python layer, outside every op, so
+// every schema is honest about what it writes.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -45,4 +49,10 @@ TORCH_LIBRARY(inplace_abn, m) {
       "backward(Tensor y, Tensor dy, Tensor var, Tensor? weight, Tensor? bias, Tensor? mean_dz, "
       "Tensor? mean_dz_xhat, float eps, str activation, float activation_param) -> Tensor");
   m.def("invert(Tensor y, Tensor? weight, Tensor? bias, float eps, str activation, float activation_param) -> Tensor");
+  m.def(
+      "forward_train_(Tensor(a!) x, Tensor? weight, Tensor? bias, float eps, str activation, "
+      "float activation_param) -> (Tensor mean, Tensor var)");
+  m.def(
+      "backward_train(Tensor y, Tensor dy, Tensor var, Tensor? weight, Tensor? bias, float eps, str activation, "
+      "float activation_param) -> (Tensor dx, Tensor sum_dz, Tensor sum_dz_xhat)");
 }

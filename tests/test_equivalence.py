@@ -42,6 +42,11 @@ TOL = {
 # rounding of y (~1e-16 relative to the bias) by 1e5 (math.md, "Accuracy").
 ZERO_WEIGHT_F64_TOL = (1e-9, 1e-9)
 
+# ELU in half precision: the backward recovers z = log1p(y / alpha) from the rounded y; near saturation
+# (z ~ -5, y ~ -0.996 alpha) 1 + y / alpha keeps only a few significant bits, so the rounding of y is
+# amplified by ~e^-z (~150) in x_hat (an inherent limit of inverting ELU, math.md "Accuracy").
+ELU_HALF_TOL = (1.5e-1, 1e-1)
+
 EPS = 1e-5
 
 ACTIVATIONS = [
@@ -93,6 +98,10 @@ def layout_input(x0, layout):
         return x0.clone()
     if layout == "channels_last":
         x = x0.clone().contiguous(memory_format=torch.channels_last)
+        assert not x.is_contiguous()
+        return x
+    if layout == "channels_last_3d":
+        x = x0.clone().contiguous(memory_format=torch.channels_last_3d)
         assert not x.is_contiguous()
         return x
     if layout == "transposed":
@@ -245,17 +254,25 @@ def test_momentum_three_steps(backend, dtype, momentum):
 
 @pytest.mark.parametrize("layout", ["channels_last", "transposed", "sliced"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("activation,param", [("leaky_relu", 0.01), ("elu", 1.0), ("relu", 0.0)], ids=["leaky", "elu", "relu"])
+@pytest.mark.parametrize(
+    "activation,param", [("leaky_relu", 0.01), ("elu", 1.0), ("relu", 0.0)], ids=["leaky", "elu", "relu"]
+)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 def test_input_layouts(backend, dtype, activation, param, training, layout):
     """Non-contiguous inputs are overwritten through the view and give the same results."""
     run_equivalence((3, 4, 6, 5), activation, param, training, dtype, layout=layout)
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_channels_last_3d(backend, dtype, training):
+    run_equivalence((2, 3, 4, 5, 3), "leaky_relu", 0.01, training, dtype, layout="channels_last_3d")
+
+
 def test_non_contiguous_input_is_written_through_view(backend):
     """The layer overwrites the viewed storage (the base buffer sees the output)."""
     base = torch.randn(3, 4, 5, 6, dtype=torch.float64)
-    expected = batch_norm_act(base.transpose(-1, -2).clone(), None, None, None, None, True, 0.1, EPS, "leaky_relu", 0.01)
+    expected = batch_norm_act(base.transpose(-1, -2).clone(), None, None, None, None, True, 0.1, EPS, "leaky_relu")
     view = base.transpose(-1, -2)
     y = inplace_abn(view, None, None, None, None, True, 0.1, EPS, "leaky_relu", 0.01)
     assert y is view
@@ -421,11 +438,14 @@ def test_gradcheck_no_affine(backend):
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("activation,param", [("leaky_relu", 0.01), ("elu", 1.0), ("identity", 0.0)], ids=["leaky", "elu", "identity"])
+@pytest.mark.parametrize(
+    "activation,param", [("leaky_relu", 0.01), ("elu", 1.0), ("identity", 0.0)], ids=["leaky", "elu", "identity"]
+)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
 def test_mixed_precision(backend, dtype, activation, param, training):
     """Half-precision activations with float32 parameters and buffers (autocast-style)."""
-    run_equivalence((4, 3, 6, 7), activation, param, training, dtype, param_dtype=torch.float32, steps=2)
+    tol = ELU_HALF_TOL if activation == "elu" and training else None
+    run_equivalence((4, 3, 6, 7), activation, param, training, dtype, param_dtype=torch.float32, steps=2, tol=tol)
     m = InPlaceABN(3)
     x = torch.randn(2, 3, 4, 4).to(dtype)
     y = m(x)

@@ -44,34 +44,85 @@ ACTIVATIONS = (
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 # ---------------------------------------------------------------------------------------------------
-# Bound table: (dtype, weight case) -> bound on the relative error of x_hat, dx, dw and db (the worst of
-# the four; see MEASURED for which one dominates). Derived from the measurements printed by
-# ``python tests/test_inversion_accuracy.py`` (worst over both backends and all 9 activations, seed 0),
-# set a small factor (3-10x) above the worst measured value of each row.
+# Bound table: (dtype, weight case) -> {quantity: bound on its relative error}. Derived from measurements
+# printed by ``python tests/test_inversion_accuracy.py`` (worst over both backends and all 9 activations):
+# the comment of each entry gives the worst at seed 0 (the seed the tests run with) / the worst over
+# seeds 0-9; each bound is 4-8x the seed 0-9 worst (5-30x the seed-0 worst), rounded up to 1/2/3/5.
 #
 # Why the rows differ (u = unit roundoff: 6e-8 for float32, 1.1e-16 for float64):
 # - "one", "negative" (g ~ 1): y is rounded once (a few u relative), the inversion adds a few u, and the
-#   reductions sum N*S = 192 terms: ~1e-6 float32 / ~1e-15 float64. Measured float32 worst ~1.3e-6
-#   (ELU, whose negative branch log1p(y/alpha) amplifies the rounding of y by e^{|z|} <= e^3).
-# - "large" (g = 100): x_hat = (z - b) / 100 with |z| up to ~300, the rounding of z is relative, so the
-#   error stays at the g ~ 1 level (the ELU rows use a skewed input that keeps z >= -3; see _make_input).
-# - "zero", "tiny" (g = eps = 1e-5, or 1.1e-5): z = b + g * x_hat ~ b, so y keeps only ~u * |b| absolute
-#   information about g * x_hat; dividing by g gives an x_hat error of ~u * |b| / g = u * 3e4 absolute,
-#   i.e. ~1e-3 relative to max|x_hat| ~ 3 in float32 (~2e-12 float64). This is inherent in recovering
-#   the input from a float output, not a bug: the spec (math.md) predicts the ~1e5 growth. It reaches dw
-#   (= sum dz * x_hat) and dx (through x_hat * mean(dz * x_hat)) at the same relative level.
-# - db = sum(dz) never touches x_hat: it is at the u * sqrt(N*S) level in every row.
+#   reductions sum N*S = 192 terms: ~1e-7..1e-6 float32, ~1e-15 float64. The worst are ELU cases,
+#   whose negative branch log1p(y / alpha) amplifies the rounding of y by 1 / (1 + y / alpha) = e^{-z}.
+# - "large" (g = 100): x_hat = (z - b) / 100 and the rounding of z is relative, so the error stays at the
+#   g ~ 1 level (the ELU cases use a skewed input that keeps z >= -3, see _make_input; its outliers at
+#   z ~ 4500 make dx and db of float64 a few times worse than the g ~ 1 rows).
+# - "zero", "tiny" (g = eps = 1e-5 / 1.1e-5): z = b + g * x_hat ~ b, so y carries only ~u * |b| absolute
+#   information on g * x_hat; dividing by g gives an x_hat error of ~u * |b| / g = 3e4 u absolute, i.e.
+#   ~1e-3 relative to max|x_hat| ~ 3 in float32 (~5e-12 float64): the ~1e5 growth predicted by math.md,
+#   inherent in recovering the input from a rounded output, not a bug. It reaches dw (= sum dz * x_hat,
+#   which cancels within a channel and so shows the largest relative error, up to 1.5e-2) and, damped
+#   by the small mean(dz * x_hat), dx. db = sum(dz) never touches x_hat: it stays at the ~u level.
 BOUNDS = {
-    ("float32", "zero"): 5e-3,  # measured worst 8.3e-4 (x_hat; dx 4.8e-4)
-    ("float32", "tiny"): 5e-3,  # measured worst 8.0e-4 (x_hat)
-    ("float32", "negative"): 1e-5,  # measured worst 1.3e-6 (dx, ELU alpha=0.1)
-    ("float32", "one"): 1e-5,  # measured worst 1.3e-6 (dx, ELU)
-    ("float32", "large"): 1e-5,  # measured worst 1.7e-6 (dx)
-    ("float64", "zero"): 1e-11,  # measured worst 1.5e-12 (x_hat)
-    ("float64", "tiny"): 1e-11,  # measured worst 1.5e-12 (x_hat)
-    ("float64", "negative"): 1e-14,  # measured worst 2.0e-15
-    ("float64", "one"): 1e-14,  # measured worst 2.2e-15
-    ("float64", "large"): 1e-14,  # measured worst 2.9e-15
+    ("float32", "zero"): {
+        "x_hat": 2e-2,  # 2.5e-3 / 2.8e-3
+        "dx": 3e-3,  # 3.2e-4 / 5.2e-4
+        "dw": 1e-1,  # 8.8e-3 / 1.5e-2
+        "db": 2e-6,  # 1.7e-7 / 2.7e-7
+    },
+    ("float32", "tiny"): {
+        "x_hat": 2e-2,  # 1.8e-3 / 2.8e-3
+        "dx": 3e-3,  # 2.5e-4 / 5.2e-4
+        "dw": 5e-2,  # 5.3e-3 / 8.4e-3
+        "db": 2e-6,  # 1.7e-7 / 3.3e-7
+    },
+    ("float32", "negative"): {
+        "x_hat": 3e-6,  # 5.1e-7 / 5.1e-7
+        "dx": 1e-6,  # 1.9e-7 / 2.1e-7
+        "dw": 3e-6,  # 2.5e-7 / 5.4e-7
+        "db": 3e-6,  # 1.7e-7 / 5.4e-7
+    },
+    ("float32", "one"): {
+        "x_hat": 1e-6,  # 1.6e-7 / 2.1e-7
+        "dx": 2e-6,  # 2.0e-7 / 3.1e-7
+        "dw": 5e-6,  # 9.3e-7 / 9.4e-7
+        "db": 5e-6,  # 6.6e-7 / 1.2e-6
+    },
+    ("float32", "large"): {
+        "x_hat": 2e-6,  # 1.8e-7 / 3.1e-7
+        "dx": 5e-6,  # 5.5e-7 / 1.1e-6
+        "dw": 5e-6,  # 3.6e-7 / 8.6e-7
+        "db": 1e-5,  # 6.6e-7 / 1.3e-6
+    },
+    ("float64", "zero"): {
+        "x_hat": 3e-11,  # 4.3e-12 / 5.1e-12
+        "dx": 5e-12,  # 3.2e-13 / 9.9e-13
+        "dw": 1e-10,  # 5.9e-12 / 1.6e-11
+        "db": 1e-14,  # 3.5e-16 / 1.5e-15
+    },
+    ("float64", "tiny"): {
+        "x_hat": 2e-11,  # 4.5e-12 / 4.9e-12
+        "dx": 5e-12,  # 4.1e-13 / 1.1e-12
+        "dw": 1e-10,  # 4.8e-12 / 1.7e-11
+        "db": 1e-14,  # 3.5e-16 / 1.5e-15
+    },
+    ("float64", "negative"): {
+        "x_hat": 5e-15,  # 9.6e-16 / 9.7e-16
+        "dx": 5e-15,  # 4.7e-16 / 1.1e-15
+        "dw": 1e-14,  # 8.2e-16 / 1.8e-15
+        "db": 1e-14,  # 4.5e-16 / 1.7e-15
+    },
+    ("float64", "one"): {
+        "x_hat": 2e-14,  # 2.5e-15 / 3.8e-15
+        "dx": 2e-14,  # 1.1e-15 / 3.5e-15
+        "dw": 1e-14,  # 8.5e-16 / 1.8e-15
+        "db": 1e-14,  # 6.6e-16 / 2.1e-15
+    },
+    ("float64", "large"): {
+        "x_hat": 2e-14,  # 2.4e-15 / 3.9e-15
+        "dx": 5e-14,  # 8.0e-15 / 1.0e-14
+        "dw": 1e-14,  # 9.2e-16 / 2.0e-15
+        "db": 5e-14,  # 7.8e-15 / 9.5e-15
+    },
 }
 
 
@@ -150,8 +201,10 @@ def _act_id(act):
 @pytest.mark.parametrize("act", ACTIVATIONS, ids=_act_id)
 def test_inversion_accuracy(backend, dtype_name, weight_case, act):
     errors = measure(DTYPES[dtype_name], WEIGHTS[weight_case], *act)
-    bound = BOUNDS[(dtype_name, weight_case)]
+    bounds = BOUNDS[(dtype_name, weight_case)]
+    assert set(errors) == set(bounds)
     for name, err in errors.items():
+        bound = bounds[name]
         assert math.isfinite(err), f"{name}: non-finite error for {backend}/{dtype_name}/w={weight_case}/{act}"
         assert err <= bound, (
             f"{name}: relative error {err:.3g} exceeds bound {bound:.1g} for backend={backend} "
@@ -164,8 +217,10 @@ def test_bound_table_is_complete_and_ordered():
     for d in DTYPES:
         for wc in WEIGHTS:
             assert (d, wc) in BOUNDS, f"missing bound for {(d, wc)}"
-        assert BOUNDS[(d, "zero")] > BOUNDS[(d, "one")]
-        assert BOUNDS[("float64", wc)] < BOUNDS[("float32", wc)]
+        assert BOUNDS[(d, "zero")]["x_hat"] > BOUNDS[(d, "one")]["x_hat"]
+        for wc in WEIGHTS:
+            for q, b in BOUNDS[("float64", wc)].items():
+                assert b < BOUNDS[("float32", wc)][q]
 
 
 def test_small_slope_negative_side_stays_relative(backend):
@@ -179,7 +234,9 @@ def test_small_slope_negative_side_stays_relative(backend):
     ref = reference.normalized_input(x, x.double().mean((0, 2)), x.double().var((0, 2), unbiased=False), EPS)
     neg = ref < -1e-3
     assert neg.sum() > 20
-    # Elementwise relative error on the negative side (x1000 amplification must not be absolute).
+    # Elementwise relative error on the negative side (the x1000 must not turn into an absolute error).
+    # Measured 1.5e-6 (both backends), dominated by the forward's cancellation x * scale - mean * scale
+    # for elements near the mean, not by the inversion; an absolute 1000 u error would give ~1e-1 here.
     err = ((xhat.double()[neg] - ref[neg]).abs() / ref[neg].abs()).max().item()
     assert err < 1e-5, f"negative-side x_hat relative error {err:.3g} with slope 1e-3"
 
@@ -218,14 +275,29 @@ def test_elu_saturation_gradients(backend, dtype, alpha):
 
     for name, g in (("dx", x_leaf.grad), ("dw", w_l.grad), ("db", b_l.grad)):
         assert torch.isfinite(g).all(), f"{name} has non-finite entries with saturated ELU outputs"
-    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    # dw, db: saturated elements have dz == 0 exactly, so they drop out of both sums.
+    # Measured (seed 0, both backends): <= 7e-8 float32, <= 1.1e-15 float64.
+    tol = 1e-6 if dtype == torch.float32 else 1e-14
     assert rel(w_l.grad, wd.grad) <= tol, f"dw rel error {rel(w_l.grad, wd.grad):.3g}"
     assert rel(b_l.grad, bd.grad) <= tol, f"db rel error {rel(b_l.grad, bd.grad):.3g}"
-    # On saturated elements the reference dz is ~exp(z) * alpha ~ 0 but not exactly: compare dx only on
-    # the others (relative to the largest reference dx there).
+    # dx on the non-saturated elements (relative to the largest reference dx there). The dx of a
+    # saturated element needs its x_hat, which is lost (the layer uses the clamped z ~ -17), so it is
+    # not compared. Near saturation the inversion is ill-conditioned: log1p(y / alpha) turns the rounding
+    # of y into an error of ~u * e^{-z} in z, so well-conditioned elements (z >= -8, amplification
+    # <= 3e3) get the tight tolerance and all non-saturated ones (z down to ~-17) a looser one.
+    # Measured: well-conditioned <= 1.4e-7 float32 / 3.1e-16 float64; all non-saturated <= 4.0e-5 float32
+    # (two elements at z in [-17, -12)) / 1.1e-13 float64.
+    xhat = reference.normalized_input(x, x.double().mean((0, 2)), x.double().var((0, 2), unbiased=False), EPS)
+    z = xhat * (w.double().abs() + EPS).view(1, -1, 1) + b.double().view(1, -1, 1)
     ok = ~saturated
-    err = rel(x_leaf.grad[ok], xd.grad[ok])
-    assert err <= tol, f"dx rel error on non-saturated elements {err:.3g}"
+    good = ok & (z >= -8.0)
+    assert good.sum() > 200
+    scale = xd.grad[ok].abs().max().item()
+    err_good = (x_leaf.grad.double() - xd.grad)[good].abs().max().item() / scale
+    err_all = (x_leaf.grad.double() - xd.grad)[ok].abs().max().item() / scale
+    tol_good, tol_all = (1e-6, 3e-4) if dtype == torch.float32 else (3e-15, 1e-12)
+    assert err_good <= tol_good, f"dx rel error on well-conditioned elements (z >= -8): {err_good:.3g}"
+    assert err_all <= tol_all, f"dx rel error on non-saturated elements: {err_all:.3g}"
 
 
 def test_elu_saturation_recover_is_finite(backend):
@@ -249,7 +321,10 @@ def test_relu_module_gradients(backend, spelling, dtype):
     with pytest.warns(RuntimeWarning, match="not invertible"):
         m = inplace_abn.InPlaceABN(5, activation=spelling[0], activation_param=spelling[1]).to(dtype)
     with torch.no_grad():
-        m.weight.copy_(torch.tensor([1.0, 0.0, -0.7, 2.0, 1e-6]))
+        # Channel 1 (w = 0, b = -0.3) is entirely dead. No w ~ 1e-6 channel here: the ReLU path recovers
+        # x_hat from its kept z as (z - b) / g, so it has the 1/g amplification of the grid's "tiny" row
+        # (measured 1.5e-4 relative on dw in float32), which is not what this test is about.
+        m.weight.copy_(torch.tensor([1.0, 0.0, -0.7, 2.0, 0.5]))
         m.bias.copy_(torch.tensor([0.3, -0.3, 0.0, 0.5, 0.1]))
     x = torch.randn(4, 5, 7, 3, dtype=dtype)
     dy = torch.randn(x.shape, dtype=dtype)
@@ -265,7 +340,8 @@ def test_relu_module_gradients(backend, spelling, dtype):
     bd = m.bias.detach().double().requires_grad_()
     yd = reference.batch_norm_act(xd, wd, bd, None, None, True, 0.1, m.eps, "relu", 0.0)
     yd.backward(dy.double())
-    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
+    # Measured: <= 2.5e-7 relative float32, <= 1.2e-15 float64 (dx, dw, db).
+    tol = dict(rtol=2e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-13, atol=1e-14)
     torch.testing.assert_close(y.detach().double(), yd.detach(), **tol, msg="relu forward")
     torch.testing.assert_close(x_leaf.grad.double(), xd.grad, **tol, msg="relu dx")
     torch.testing.assert_close(m.weight.grad.double(), wd.grad, **tol, msg="relu dweight")
@@ -283,14 +359,16 @@ def _main() -> None:  # pragma: no cover - prints the measurement table the boun
                 for act in ACTIVATIONS:
                     torch.manual_seed(0)
                     e = measure(dt, wv, *act)
-                    print(f"{be:6s} {dn:7s} {wc:8s} {_act_id(act):18s} " + " ".join(f"{k}={v:.2e}" for k, v in e.items()))
+                    errs = " ".join(f"{k}={v:.2e}" for k, v in e.items())
+                    print(f"{be:6s} {dn:7s} {wc:8s} {_act_id(act):18s} {errs}")
                     for k, v in e.items():
-                        key = (dn, wc)
-                        if v > worst.get(key, (0.0,))[0]:
-                            worst[key] = (v, k, be, _act_id(act))
-    print("\nworst per row (dtype, weight): measured (quantity, backend, activation) -> bound")
-    for key, (v, k, be, a) in worst.items():
-        print(f"{key}: {v:.2e} ({k}, {be}, {a}) -> {BOUNDS[key]:.0e}  factor {BOUNDS[key] / v:.1f}")
+                        key = (dn, wc, k)
+                        if v >= worst.get(key, (-1.0,))[0]:
+                            worst[key] = (v, be, _act_id(act))
+    print("\nworst per (dtype, weight, quantity): measured (backend, activation) -> bound")
+    for (dn, wc, k), (v, be, a) in worst.items():
+        b = BOUNDS[(dn, wc)][k]
+        print(f"{dn:7s} {wc:8s} {k:5s} {v:.1e} ({be}, {a}) -> {b:.0e}" + (f"  x{b / v:.0f}" if v else ""))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -348,7 +349,7 @@ void forward_cpu(
   check_channel_vector(var, "var", x);
   check_optional_channel_vector(weight, "weight", x);
   check_optional_channel_vector(bias, "bias", x);
-  TORCH_CHECK(eps >= 0, "eps must be >= 0, got ", eps);
+  check_eps(eps);
   const Activation act = parse_activation(activation, activation_param);
   if (x.numel() == 0) return;
   // A layout the kernels cannot walk is computed in a contiguous copy and written back: the op's
@@ -417,6 +418,7 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce_cpu(
   check_same_shape(y_in, "y", dy_in, "dy");
   check_optional_channel_vector(weight, "weight", y_in);
   check_optional_channel_vector(bias, "bias", y_in);
+  check_eps(eps);
   const Activation act = parse_activation(activation, activation_param);
   const auto y = to_native(y_in);
   const auto dy = to_native(dy_in, native_layout(y));
@@ -550,6 +552,7 @@ at::Tensor backward_cpu(
   const bool has_dz_xhat = mean_dz_xhat.has_value() && mean_dz_xhat->defined();
   TORCH_CHECK(
       has_dz == has_dz_xhat, "mean_dz and mean_dz_xhat must be given together (training) or both None (eval)");
+  check_eps(eps);
   const Activation act = parse_activation(activation, activation_param);
   // dx has y's strides (what the fake kernel promises); it is computed in a walkable layout.
   auto dx = at::empty_like(y_in);
@@ -631,6 +634,7 @@ at::Tensor invert_cpu(
   check_input(y_in, "y");
   check_optional_channel_vector(weight, "weight", y_in);
   check_optional_channel_vector(bias, "bias", y_in);
+  check_eps(eps);
   const Activation act = parse_activation(activation, activation_param);
   auto xhat = at::empty_like(y_in);
   if (y_in.numel() == 0) return xhat;
@@ -657,6 +661,27 @@ at::Tensor invert_cpu(
   return xhat;
 }
 
+// ------------------------------------------------------------------------------------------------
+// Single-process training: the two passes of each direction behind one dispatcher call.
+
+std::tuple<at::Tensor, at::Tensor> forward_train_cpu(
+    at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps,
+    c10::string_view activation, double activation_param) {
+  auto [mean, var] = statistics_cpu(x);
+  forward_cpu(x, mean, var, weight, bias, eps, activation, activation_param);
+  return {mean, var};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_train_cpu(
+    const at::Tensor& y, const at::Tensor& dy, const at::Tensor& var, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps, c10::string_view activation, double activation_param) {
+  auto [sum_dz, sum_dz_xhat] = backward_reduce_cpu(y, dy, weight, bias, eps, activation, activation_param);
+  const double count = static_cast<double>(y.numel() / std::max<int64_t>(1, y.size(1)));
+  auto dx = backward_cpu(
+      y, dy, var, weight, bias, sum_dz / count, sum_dz_xhat / count, eps, activation, activation_param);
+  return std::make_tuple(dx, sum_dz, sum_dz_xhat);
+}
+
 }  // namespace
 
 // Registers the CPU implementations of the schemas declared in src/ops.cpp.
@@ -666,6 +691,8 @@ TORCH_LIBRARY_IMPL(inplace_abn, CPU, m) {
   m.impl("backward_reduce", &backward_reduce_cpu);
   m.impl("backward", &backward_cpu);
   m.impl("invert", &invert_cpu);
+  m.impl("forward_train_", &forward_train_cpu);
+  m.impl("backward_train", &backward_train_cpu);
 }
 
 }  // namespace inplace_abn

@@ -1,0 +1,321 @@
+"""Bad inputs: every misuse raises the right exception with a message that names the argument and the fix.
+
+``BAD_INPUTS`` is a table of rows ``(id, make_call, exception type, message fragments)``: ``make_call()``
+builds fresh tensors / modules and performs the bad call; each fragment (a string or a tuple of strings)
+must appear in the message. The fragments were checked against the real messages; rows marked
+"EXPECTED TO FAIL" assert what a clear message / check should be where the package falls short.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import inplace_abn
+from inplace_abn import ABN, InPlaceABN, InPlaceABNSync
+from inplace_abn.functions import inplace_abn as iabn
+
+C = 3
+EPS = 1e-5
+HAS_EXT = inplace_abn.extension_loaded()
+
+
+def _x(*shape, dtype=torch.float32):
+    return torch.randn(*(shape or (2, C, 4)), dtype=dtype)
+
+
+def _v(n=C, **kw):
+    return torch.ones(n, **kw)
+
+
+def _stats():
+    return torch.zeros(C), torch.ones(C)
+
+
+# --- calls that need a few statements ---------------------------------------------------------------
+
+
+def _activation_set_after_construction():
+    m = InPlaceABN(C)
+    m.activation = "swish"
+    m(_x())
+
+
+def _elu_alpha_set_after_construction():
+    m = InPlaceABN(C, activation="elu", activation_param=1.0)
+    m.activation_param = 0.0
+    m(_x())
+
+
+def _output_modified_in_place():
+    x = torch.randn(2, C, 4, requires_grad=True)
+    y = iabn(x * 1.0, _v(), _v(), None, None)
+    y.add_(1)
+    y.sum().backward()
+
+
+def _output_relu_inplace_after_module():
+    m = torch.nn.Sequential(InPlaceABN(C), torch.nn.ReLU(inplace=True))
+    x = torch.randn(2, C, 4, requires_grad=True)
+    m(x * 1.0).sum().backward()
+
+
+def _leaf_requiring_grad_functional():
+    iabn(torch.randn(2, C, 4, requires_grad=True), _v(), _v(), None, None)
+
+
+def _leaf_requiring_grad_module():
+    InPlaceABN(C)(torch.randn(2, C, 4, requires_grad=True))
+
+
+def _op(name):
+    return getattr(torch.ops.inplace_abn, name)
+
+
+_ops_only = pytest.mark.skipif(not HAS_EXT, reason="compiled extension not loaded")
+
+# (id, make_call, exception type, fragment(s) that must all appear in the message)
+BAD_INPUTS = [
+    # --- functional inplace_abn: input ---
+    ("x-1d", lambda: iabn(torch.randn(5), None, None, None, None), ValueError,
+     ("x must have shape (N, C, *)", "at least 2 dimensions", "(5,)")),
+    ("x-int64", lambda: iabn(torch.ones(2, C, 4, dtype=torch.int64), None, None, None, None), TypeError,
+     ("x must be float64, float32, float16 or bfloat16", "torch.int64")),
+    ("x-not-tensor", lambda: iabn([[1.0, 2.0]], None, None, None, None), TypeError,
+     ("x must be a torch.Tensor", "list")),
+    # --- functional: per-channel vectors ---
+    ("weight-length", lambda: iabn(_x(), _v(4), _v(), None, None), ValueError,
+     ("weight must have shape (3,)", "got (4,)")),
+    ("bias-length", lambda: iabn(_x(), _v(), _v(2), None, None), ValueError,
+     ("bias must have shape (3,)", "got (2,)")),
+    ("running_mean-length", lambda: iabn(_x(), _v(), _v(), torch.zeros(4), torch.ones(C)), ValueError,
+     ("running_mean must have shape (3,)", "got (4,)")),
+    ("running_var-device-meta", lambda: iabn(_x(), _v(), _v(), torch.zeros(C), torch.ones(C, device="meta")),
+     ValueError, ("running_var is on meta", "x is on cpu")),
+    ("weight-device-meta", lambda: iabn(_x(), _v(device="meta"), _v(), None, None), ValueError,
+     ("weight is on meta", "x is on cpu")),
+    ("weight-float64-x-float32", lambda: iabn(_x(), _v(dtype=torch.float64), _v(), None, None), TypeError,
+     ("weight has dtype torch.float64", "x has dtype torch.float32")),
+    ("bias-not-tensor", lambda: iabn(_x(), _v(), [0.0] * C, None, None), TypeError,
+     ("bias must be a torch.Tensor or None", "list")),
+    ("running_mean-without-running_var", lambda: iabn(_x(), _v(), _v(), torch.zeros(C), None), ValueError,
+     ("running_mean and running_var must be both tensors or both None",)),
+    # --- functional: scalars ---
+    ("eps-zero", lambda: iabn(_x(), _v(), _v(), None, None, True, 0.1, 0.0), ValueError, ("eps must be > 0", "0.0")),
+    ("eps-negative", lambda: iabn(_x(), _v(), _v(), None, None, True, 0.1, -1e-5), ValueError,
+     ("eps must be > 0", "-1e-05")),
+    ("eval-without-running-stats", lambda: iabn(_x(), _v(), _v(), None, None, False), ValueError,
+     ("running_mean and running_var are required when training=False",)),
+    ("functional-unknown-activation", lambda: iabn(_x(), _v(), _v(), None, None, True, 0.1, EPS, "swish"),
+     ValueError, ("activation must be one of", "'swish'")),
+    ("functional-negative-slope", lambda: iabn(_x(), _v(), _v(), None, None, True, 0.1, EPS, "leaky_relu", -0.5),
+     ValueError, ("leaky_relu negative slope) must be >= 0", "-0.5")),
+    ("one-value-per-channel-functional", lambda: iabn(torch.randn(1, C), _v(), _v(), None, None), ValueError,
+     ("Expected more than 1 value per channel", "[1, 3]")),
+    # --- construction (validated at construction, not at the first forward) ---
+    ("ABN-unknown-activation", lambda: ABN(C, activation="swish"), ValueError,
+     ("activation must be one of", "'swish'")),
+    ("InPlaceABN-unknown-activation", lambda: InPlaceABN(C, activation="swish"), ValueError,
+     ("activation must be one of", "'swish'")),
+    ("InPlaceABNSync-unknown-activation", lambda: InPlaceABNSync(C, activation="gelu"), ValueError,
+     ("activation must be one of", "'gelu'")),
+    ("InPlaceABN-negative-slope", lambda: InPlaceABN(C, activation="leaky_relu", activation_param=-0.1), ValueError,
+     ("negative slope) must be >= 0", "-0.1")),
+    ("InPlaceABN-elu-alpha-zero", lambda: InPlaceABN(C, activation="elu", activation_param=0.0), ValueError,
+     ("ELU alpha) must be > 0", "0.0")),
+    ("InPlaceABN-elu-alpha-negative", lambda: InPlaceABN(C, activation="elu", activation_param=-1.0), ValueError,
+     ("ELU alpha) must be > 0", "-1.0")),
+    ("ABN-elu-alpha-negative", lambda: ABN(C, activation="elu", activation_param=-1.0), ValueError,
+     ("ELU alpha) must be > 0", "-1.0")),
+    ("activation_param-not-a-number", lambda: InPlaceABN(C, activation="elu", activation_param="big"), ValueError,
+     ("activation_param must be a number", "'big'")),
+    ("num_features-zero", lambda: InPlaceABN(0), ValueError, ("num_features must be a positive int", "0")),
+    ("num_features-negative", lambda: ABN(-3), ValueError, ("num_features must be a positive int", "-3")),
+    ("momentum-above-1", lambda: InPlaceABN(C, momentum=1.5), ValueError, ("momentum must be in [0, 1]", "1.5")),
+    ("momentum-negative", lambda: InPlaceABN(C, momentum=-0.1), ValueError, ("momentum must be in [0, 1]", "-0.1")),
+    ("module-eps-zero", lambda: InPlaceABN(C, eps=0.0), ValueError, ("eps must be > 0",)),
+    # --- modules at forward ---
+    ("activation-bad-after-construction", _activation_set_after_construction, ValueError,
+     ("activation must be one of", "'swish'")),
+    ("elu-alpha-zero-after-construction", _elu_alpha_set_after_construction, ValueError, ("ELU alpha) must be > 0",)),
+    ("InPlaceABN-wrong-channels", lambda: InPlaceABN(C)(torch.randn(2, C + 1, 4)), ValueError,
+     ("InPlaceABN(3) got an input with 4 channels", "num_features")),
+    ("ABN-wrong-channels", lambda: ABN(C)(torch.randn(2, C + 1, 4)), ValueError,
+     ("ABN(3) got an input with 4 channels",)),
+    ("InPlaceABN-1d-input", lambda: InPlaceABN(C)(torch.randn(C)), ValueError,
+     ("InPlaceABN expects an input of shape (N, C, *)", "(3,)")),
+    ("InPlaceABN-one-value-per-channel", lambda: InPlaceABN(C)(torch.randn(1, C)), ValueError,
+     ("Expected more than 1 value per channel",)),
+    ("ABN-one-value-per-channel", lambda: ABN(C)(torch.randn(1, C)), ValueError,
+     ("Expected more than 1 value per channel",)),
+    # --- autograd misuse ---
+    ("output-modified-in-place", _output_modified_in_place, RuntimeError, ("modified by an inplace operation",)),
+    ("ReLU-inplace-after-layer", _output_relu_inplace_after_module, RuntimeError,
+     ("modified by an inplace operation",)),
+    ("leaf-requires-grad-functional", _leaf_requiring_grad_functional, RuntimeError,
+     ("a leaf Variable that requires grad", "in-place operation")),
+    ("leaf-requires-grad-module", _leaf_requiring_grad_module, RuntimeError,
+     ("a leaf Variable that requires grad", "in-place operation")),
+]
+
+_X = lambda: torch.randn(2, C, 4)  # noqa: E731
+_MV = lambda: (torch.zeros(C), torch.ones(C))  # noqa: E731
+
+OP_BAD_INPUTS = [
+    ("op-forward_-weight-length", lambda: _op("forward_")(_X(), *_MV(), _v(4), _v(), EPS, "leaky_relu", 0.01),
+     RuntimeError, ("weight must be a 1-D tensor with one entry per channel (3)", "[4]")),
+    ("op-forward_-mean-length", lambda: _op("forward_")(_X(), torch.zeros(4), torch.ones(C), _v(), _v(), EPS,
+                                                         "leaky_relu", 0.01),
+     RuntimeError, ("mean must be a 1-D tensor with one entry per channel (3)", "[4]")),
+    ("op-forward_-x-1d", lambda: _op("forward_")(torch.randn(5), *_MV(), None, None, EPS, "leaky_relu", 0.01),
+     RuntimeError, ("x must have shape (N, C, *)", "[5]")),
+    ("op-forward_-unknown-activation", lambda: _op("forward_")(_X(), *_MV(), _v(), _v(), EPS, "swish", 0.01),
+     RuntimeError, ("activation must be one of", "'swish'")),
+    ("op-forward_-leaky-slope-0", lambda: _op("forward_")(_X(), *_MV(), _v(), _v(), EPS, "leaky_relu", 0.0),
+     RuntimeError, ("activation_param (negative slope) must be > 0", "got 0")),
+    ("op-forward_-elu-alpha-0", lambda: _op("forward_")(_X(), *_MV(), _v(), _v(), EPS, "elu", 0.0),
+     RuntimeError, ("activation_param (ELU alpha) must be > 0",)),
+    # EXPECTED TO FAIL: the op accepts eps = 0 ("eps must be >= 0"), but gamma = |w| + eps is then 0 for
+    # w = 0 and the backward / invert of that output divide by 0. The Python layer requires eps > 0.
+    ("op-forward_-eps-zero", lambda: _op("forward_")(_X(), *_MV(), _v(), _v(), 0.0, "leaky_relu", 0.01),
+     RuntimeError, ("eps must be > 0",)),
+    ("op-statistics-x-1d", lambda: _op("statistics")(torch.randn(5)), RuntimeError,
+     ("x must have shape (N, C, *)", "[5]")),
+    ("op-statistics-x-int", lambda: _op("statistics")(torch.ones(2, C, 4, dtype=torch.int32)), RuntimeError,
+     ("x must be float64, float32, float16 or bfloat16", "Int")),
+    ("op-backward-weight-length", lambda: _op("backward")(_X(), _X(), torch.ones(C), _v(4), _v(), torch.zeros(C),
+                                                           torch.zeros(C), EPS, "leaky_relu", 0.01),
+     RuntimeError, ("weight must be a 1-D tensor with one entry per channel (3)", "[4]")),
+    ("op-backward-y-1d", lambda: _op("backward")(torch.randn(5), torch.randn(5), torch.ones(C), None, None, None,
+                                                  None, EPS, "leaky_relu", 0.01),
+     RuntimeError, ("y must have shape (N, C, *)", "[5]")),
+    ("op-backward-unknown-activation", lambda: _op("backward")(_X(), _X(), torch.ones(C), _v(), _v(), None, None, EPS,
+                                                                "swish", 0.01),
+     RuntimeError, ("activation must be one of", "'swish'")),
+    ("op-backward-leaky-slope-0", lambda: _op("backward")(_X(), _X(), torch.ones(C), _v(), _v(), None, None, EPS,
+                                                           "leaky_relu", 0.0),
+     RuntimeError, ("activation_param (negative slope) must be > 0",)),
+    ("op-backward-dy-shape", lambda: _op("backward")(_X(), torch.randn(2, C, 5), torch.ones(C), _v(), _v(), None,
+                                                      None, EPS, "leaky_relu", 0.01),
+     RuntimeError, ("y and dy must have the same shape", "[2, 3, 5]")),
+    ("op-backward-mean_dz-without-mean_dz_xhat", lambda: _op("backward")(_X(), _X(), torch.ones(C), _v(), _v(),
+                                                                          torch.zeros(C), None, EPS, "leaky_relu",
+                                                                          0.01),
+     RuntimeError, ("mean_dz and mean_dz_xhat must be given together",)),
+    # EXPECTED TO FAIL: backward / backward_reduce / invert do not validate eps at all; eps = -1 with
+    # var = 1 gives rstd = 1 / sqrt(0) = inf and a non-finite dx without any error.
+    ("op-backward-eps-negative", lambda: _op("backward")(_X(), _X(), torch.ones(C), _v(), _v(), None, None, -1.0,
+                                                          "leaky_relu", 0.01),
+     RuntimeError, ("eps must be > 0",)),
+    ("op-backward_reduce-weight-length", lambda: _op("backward_reduce")(_X(), _X(), _v(4), _v(), EPS, "leaky_relu",
+                                                                        0.01),
+     RuntimeError, ("weight must be a 1-D tensor with one entry per channel (3)", "[4]")),
+    ("op-backward_reduce-unknown-activation",
+     lambda: _op("backward_reduce")(_X(), _X(), _v(), _v(), EPS, "swish", 0.01),
+     RuntimeError, ("activation must be one of", "'swish'")),
+    ("op-backward_reduce-leaky-slope-0", lambda: _op("backward_reduce")(_X(), _X(), _v(), _v(), EPS, "leaky_relu", 0.0),
+     RuntimeError, ("activation_param (negative slope) must be > 0",)),
+    ("op-invert-bias-length", lambda: _op("invert")(_X(), _v(), _v(4), EPS, "leaky_relu", 0.01), RuntimeError,
+     ("bias must be a 1-D tensor with one entry per channel (3)", "[4]")),
+]
+
+ROWS = [pytest.param(*row[1:], id=row[0]) for row in BAD_INPUTS]
+OP_ROWS = [pytest.param(*row[1:], id=row[0], marks=_ops_only) for row in OP_BAD_INPUTS]
+
+
+def _fragments(f):
+    return (f,) if isinstance(f, str) else tuple(f)
+
+
+def test_table_is_well_formed():
+    ids = [r[0] for r in BAD_INPUTS + OP_BAD_INPUTS]
+    assert len(ids) == len(set(ids)), "duplicate row ids"
+    for rid, call, exc, frags in BAD_INPUTS + OP_BAD_INPUTS:
+        assert callable(call) and issubclass(exc, Exception) and _fragments(frags), rid
+
+
+def _check(make_call, exc_type, fragments):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # e.g. the sync layer's "not initialised" warning
+        with pytest.raises(exc_type) as info:
+            make_call()
+    message = str(info.value)
+    for fragment in _fragments(fragments):
+        assert fragment in message, f"expected {fragment!r} in the {exc_type.__name__} message: {message!r}"
+
+
+@pytest.mark.parametrize("make_call, exc_type, fragments", ROWS)
+def test_bad_input(backend, make_call, exc_type, fragments):
+    """Python-layer rows, on both backends (the autograd rows run the backend's kernels)."""
+    _check(make_call, exc_type, fragments)
+
+
+@pytest.mark.parametrize("make_call, exc_type, fragments", OP_ROWS)
+def test_bad_op_input(make_call, exc_type, fragments):
+    """Direct torch.ops.inplace_abn calls (backend-independent: they always run the compiled kernels)."""
+    _check(make_call, exc_type, fragments)
+
+
+# --- construction time, not first forward -----------------------------------------------------------
+
+BAD_ACTIVATIONS = [
+    ("swish", 0.01),
+    ("LeakyReLU", 0.01),
+    (None, 0.01),
+    ("leaky_relu", -0.01),
+    ("elu", 0.0),
+    ("elu", -1.0),
+    ("elu", float("nan")),
+]
+
+
+@pytest.mark.parametrize("cls", [ABN, InPlaceABN, InPlaceABNSync], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("activation, param", BAD_ACTIVATIONS, ids=[f"{a}-{p}" for a, p in BAD_ACTIVATIONS])
+def test_bad_activation_raises_at_construction(cls, activation, param):
+    constructed = []
+
+    def build():
+        constructed.append(cls(C, activation=activation, activation_param=param))
+
+    with pytest.raises(ValueError, match="activation"):
+        build()
+    assert not constructed, "the constructor must raise, not return a module that fails at the first forward"
+
+
+@pytest.mark.parametrize("cls", [ABN, InPlaceABN, InPlaceABNSync], ids=lambda c: c.__name__)
+def test_good_activations_construct(cls):
+    for activation, param in [("leaky_relu", 0.01), ("elu", 1.0), ("identity", 0.0), ("none", 0.0)]:
+        m = cls(C, activation=activation, activation_param=param)
+        assert m.activation == activation
+
+
+# --- a rejected call must not corrupt state -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("via", ["functional", "module"])
+def test_leaf_error_leaves_input_and_running_stats_untouched(backend, via):
+    """PyTorch's own in-place ops check the leaf before writing (x.relu_() leaves x intact). The layer must
+    not overwrite a user's leaf tensor (or update running statistics) on a call it then rejects."""
+    x = torch.randn(2, C, 4, requires_grad=True)
+    before = x.detach().clone()
+    m = InPlaceABN(C)
+    with pytest.raises(RuntimeError, match="leaf Variable"):
+        if via == "module":
+            m(x)
+        else:
+            iabn(x, m.weight, m.bias, m.running_mean, m.running_var)
+    assert torch.equal(x.detach(), before), "the rejected leaf tensor was overwritten with the layer output"
+    assert torch.equal(m.running_mean, torch.zeros(C)), "running_mean was updated by a rejected call"
+    assert torch.equal(m.running_var, torch.ones(C)), "running_var was updated by a rejected call"
+
+
+def test_bad_activation_after_construction_leaves_module_state(backend):
+    """ABN validates the activation before touching num_batches_tracked; InPlaceABN must too."""
+    for cls in (ABN, InPlaceABN):
+        m = cls(C)
+        m.activation = "swish"
+        with pytest.raises(ValueError, match="swish"):
+            m(_x())
+        assert int(m.num_batches_tracked) == 0, f"{cls.__name__}: num_batches_tracked advanced by a rejected call"
