@@ -31,6 +31,15 @@ namespace {
 #define IABN_PRAGMA(text) _Pragma(#text)
 #define IABN_SIMD_REDUCE_SUM(...) IABN_PRAGMA(omp simd reduction(+ : __VA_ARGS__))
 
+// The hot loops are compiled once per x86-64 level (AVX-512, AVX2+FMA, baseline SSE2) and the loader
+// picks the best for the running CPU (GCC function multi-versioning through an ifunc): the binary stays
+// portable, and a memory-bound pass is not left compute-bound on 4-wide SSE2 (2-3x slower measured).
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
+#define IABN_HOT __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), noinline))
+#else
+#define IABN_HOT C10_NOINLINE
+#endif
+
 constexpr int64_t kBlock = 4096;  // elements per work unit (16 KiB of float32)
 
 enum class Layout { NCS, NSC };
@@ -165,13 +174,13 @@ struct Moments {
 // ------------------------------------------------------------------------------------------------
 // statistics
 
-// NB: the reduction loops live in C10_NOINLINE functions: inlined into the AT_DISPATCH lambdas, GCC 12
+// NB: the loops live in out-of-line functions (IABN_HOT): inlined into the AT_DISPATCH lambdas, GCC 12
 // dropped their `omp simd` reductions and emitted scalar loops with mispredicted branches (4-8x slower).
 
 // Mean and M2 of one contiguous block, two passes: the block is still in L1/L2 for the second one, and
 // centring first avoids the cancellation of sum-of-squares formulas.
 template <typename scalar_t, typename T>
-C10_NOINLINE void block_moments(const scalar_t* __restrict__ x, int64_t len, T& mean, T& m2) {
+IABN_HOT void block_moments(const scalar_t* __restrict__ x, int64_t len, T& mean, T& m2) {
   T s = 0;
   IABN_SIMD_REDUCE_SUM(s)
   for (int64_t i = 0; i < len; ++i) s += static_cast<T>(x[i]);
@@ -188,7 +197,7 @@ C10_NOINLINE void block_moments(const scalar_t* __restrict__ x, int64_t len, T& 
 
 // Per-channel mean and M2 of `rows` consecutive NSC rows of C channels (two passes, as above).
 template <typename scalar_t, typename T>
-C10_NOINLINE void rows_moments(const scalar_t* __restrict__ x, int64_t rows, int64_t C, T* __restrict__ mean,
+IABN_HOT void rows_moments(const scalar_t* __restrict__ x, int64_t rows, int64_t C, T* __restrict__ mean,
     T* __restrict__ m2) {
   for (int64_t row = 0; row < rows; ++row) {
     const scalar_t* __restrict__ q = x + row * C;
@@ -320,7 +329,7 @@ struct ForwardOp {
   int64_t C;
   ActivationParams<T> p;
 
-  void ncs(int64_t off, int64_t len, int64_t c) const {
+  IABN_HOT void ncs(int64_t off, int64_t len, int64_t c) const {
     scalar_t* __restrict__ xp = x + off;
     const T k = scale[c], b = shift[c];
     const ActivationParams<T> q = p;
@@ -329,7 +338,7 @@ struct ForwardOp {
       xp[i] = static_cast<scalar_t>(forward_element<A, T>(static_cast<T>(xp[i]), k, b, q));
     }
   }
-  void nsc_row(int64_t off) const {
+  IABN_HOT void nsc_row(int64_t off) const {
     scalar_t* __restrict__ xp = x + off;
     const T* __restrict__ k = scale;
     const T* __restrict__ b = shift;
@@ -387,7 +396,7 @@ void forward_cpu(
 // backward_reduce: one pass over (y, dy) recovering x_hat on the fly; nothing full-size is written.
 
 template <Activation A, typename scalar_t, typename T>
-C10_NOINLINE void reduce_ncs(const scalar_t* __restrict__ y, const scalar_t* __restrict__ dy, int64_t len, const AffineParams<T> a,
+IABN_HOT void reduce_ncs(const scalar_t* __restrict__ y, const scalar_t* __restrict__ dy, int64_t len, const AffineParams<T> a,
     const ActivationParams<T> p, T& out_dz, T& out_dz_xhat) {
   T s1 = 0, s2 = 0;
   IABN_SIMD_REDUCE_SUM(s1, s2)
@@ -399,7 +408,7 @@ C10_NOINLINE void reduce_ncs(const scalar_t* __restrict__ y, const scalar_t* __r
 }
 
 template <Activation A, typename scalar_t, typename T>
-C10_NOINLINE void reduce_nsc_row(const scalar_t* __restrict__ y, const scalar_t* __restrict__ dy, int64_t C,
+IABN_HOT void reduce_nsc_row(const scalar_t* __restrict__ y, const scalar_t* __restrict__ dy, int64_t C,
     const T* __restrict__ gamma, const T* __restrict__ inv_gamma, const T* __restrict__ beta,
     const ActivationParams<T> p, T* __restrict__ acc_dz, T* __restrict__ acc_dz_xhat) {
   IABN_SIMD
@@ -504,7 +513,7 @@ struct BackwardOp {
   int64_t C;
   ActivationParams<T> p;
 
-  void ncs(int64_t off, int64_t len, int64_t c) const {
+  IABN_HOT void ncs(int64_t off, int64_t len, int64_t c) const {
     const scalar_t* __restrict__ yp = y + off;
     const scalar_t* __restrict__ dyp = dy + off;
     scalar_t* __restrict__ dxp = dx + off;
@@ -517,7 +526,7 @@ struct BackwardOp {
           backward_element<A, T>(static_cast<T>(yp[i]), static_cast<T>(dyp[i]), a, q, k, m1, m2));
     }
   }
-  void nsc_row(int64_t off) const {
+  IABN_HOT void nsc_row(int64_t off) const {
     const scalar_t* __restrict__ yp = y + off;
     const scalar_t* __restrict__ dyp = dy + off;
     scalar_t* __restrict__ dxp = dx + off;
@@ -604,7 +613,7 @@ struct InvertOp {
   int64_t C;
   ActivationParams<T> p;
 
-  void ncs(int64_t off, int64_t len, int64_t c) const {
+  IABN_HOT void ncs(int64_t off, int64_t len, int64_t c) const {
     const scalar_t* __restrict__ yp = y + off;
     scalar_t* __restrict__ op = out + off;
     const AffineParams<T> a = aff->at(c);
@@ -614,7 +623,7 @@ struct InvertOp {
       op[i] = static_cast<scalar_t>(invert_element<A, T>(static_cast<T>(yp[i]), a, q));
     }
   }
-  void nsc_row(int64_t off) const {
+  IABN_HOT void nsc_row(int64_t off) const {
     const scalar_t* __restrict__ yp = y + off;
     scalar_t* __restrict__ op = out + off;
     const T* __restrict__ g = aff->gamma.data();
