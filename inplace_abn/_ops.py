@@ -19,20 +19,38 @@ __all__ = ["statistics", "forward_", "forward_train_", "backward_reduce", "backw
 _KERNELS: dict = {}  # device type -> has compiled kernels (registrations are fixed once _C is loaded)
 
 
-def _native(t: Tensor):
-    """torch.ops.inplace_abn when it serves ``t`` (compiled backend with kernels for its device), else None."""
+class _Overloads:
+    """The ``.default`` overloads of torch.ops.inplace_abn, resolved once (attribute lookups through
+    torch.ops cost microseconds per call, which is visible on small layers)."""
+
+    def __init__(self) -> None:
+        for name in ("statistics", "forward_", "backward_reduce", "backward", "invert", "forward_train_",
+                     "backward_train"):  # fmt: skip
+            setattr(self, name, getattr(torch.ops.inplace_abn, name).default)
+
+
+_overloads: Optional[_Overloads] = None
+
+
+def _native(t: Tensor) -> Optional[_Overloads]:
+    """The compiled ops when they serve ``t`` (backend "cpp" with kernels for its device), else None."""
+    global _overloads
     if _backend.get_backend() != "cpp":
         return None
     device = t.device.type
     if device not in _KERNELS:
         _KERNELS[device] = device == "meta" or _backend.has_kernel(device)
-    return torch.ops.inplace_abn if _KERNELS[device] else None
+    if not _KERNELS[device]:
+        return None
+    if _overloads is None:
+        _overloads = _Overloads()
+    return _overloads
 
 
 def statistics(x: Tensor) -> Tuple[Tensor, Tensor]:
     """Per-channel mean and biased variance of ``x`` (N, C, *), in the opmath dtype (C,)."""
     ops = _native(x)
-    return ops.statistics.default(x) if ops else _python_ops.statistics(x)
+    return ops.statistics(x) if ops else _python_ops.statistics(x)
 
 
 def forward_(
@@ -48,7 +66,7 @@ def forward_(
     """Overwrites ``x`` (N, C, *) with ``act((|w| + eps) * (x - mean) / sqrt(var + eps) + b)``."""
     ops = _native(x)
     args = (x, mean, var, weight, bias, eps, activation, activation_param)
-    ops.forward_.default(*args) if ops else _python_ops.forward_(*args)
+    ops.forward_(*args) if ops else _python_ops.forward_(*args)
 
 
 def forward_train_(
@@ -65,7 +83,7 @@ def forward_train_(
     """
     ops = _native(x)
     args = (x, weight, bias, eps, activation, activation_param)
-    return ops.forward_train_.default(*args) if ops else _python_ops.forward_train_(*args)
+    return ops.forward_train_(*args) if ops else _python_ops.forward_train_(*args)
 
 
 def backward_reduce(
@@ -80,7 +98,7 @@ def backward_reduce(
     """Per-channel (C,) sums of dz and dz * x_hat, recovered from the output ``y`` (N, C, *)."""
     ops = _native(y)
     args = (y, dy, weight, bias, eps, activation, activation_param)
-    return ops.backward_reduce.default(*args) if ops else _python_ops.backward_reduce(*args)
+    return ops.backward_reduce(*args) if ops else _python_ops.backward_reduce(*args)
 
 
 def backward(
@@ -98,7 +116,7 @@ def backward(
     """dx (N, C, *) with ``y``'s strides; ``mean_dz``/``mean_dz_xhat`` None selects eval mode."""
     ops = _native(y)
     args = (y, dy, var, weight, bias, mean_dz, mean_dz_xhat, eps, activation, activation_param)
-    return ops.backward.default(*args) if ops else _python_ops.backward(*args)
+    return ops.backward(*args) if ops else _python_ops.backward(*args)
 
 
 def backward_train(
@@ -117,7 +135,7 @@ def backward_train(
     """
     ops = _native(y)
     args = (y, dy, var, weight, bias, eps, activation, activation_param)
-    return ops.backward_train.default(*args) if ops else _python_ops.backward_train(*args)
+    return ops.backward_train(*args) if ops else _python_ops.backward_train(*args)
 
 
 def invert(
@@ -131,7 +149,7 @@ def invert(
     """x_hat (N, C, *) recovered from the output ``y``, in ``y``'s dtype and strides."""
     ops = _native(y)
     args = (y, weight, bias, eps, activation, activation_param)
-    return ops.invert.default(*args) if ops else _python_ops.invert(*args)
+    return ops.invert(*args) if ops else _python_ops.invert(*args)
 
 
 # Fake (meta) kernels: shapes, dtypes and strides only, for torch.compile, export and meta-device

@@ -61,14 +61,16 @@ def statistics(x: Tensor) -> Tuple[Tensor, Tensor]:
     return mean.to(dtype), var.to(dtype)
 
 
-def _activation_inplace(z: Tensor, activation: str, activation_param: float) -> Tensor:
+def _activation_into(z: Tensor, out: Tensor, activation: str, activation_param: float) -> None:
+    """Writes act(z) into ``out`` in one pass (ATen's out= kernels; ``out`` may have any strides)."""
     if activation == "leaky_relu":
-        return torch.nn.functional.leaky_relu_(z, activation_param)
-    if activation == "elu":
-        return torch.nn.functional.elu_(z, activation_param)
-    if activation == "identity":
-        return z
-    raise ValueError(f"activation must be one of 'identity', 'leaky_relu', 'elu', got {activation!r}")
+        torch.ops.aten.leaky_relu.out(z, activation_param, out=out)
+    elif activation == "elu":
+        torch.ops.aten.elu.out(z, activation_param, 1.0, 1.0, out=out)
+    elif activation == "identity":
+        out.copy_(z)
+    else:
+        raise ValueError(f"activation must be one of 'identity', 'leaky_relu', 'elu', got {activation!r}")
 
 
 def _gamma_beta(
@@ -96,7 +98,7 @@ def forward_(
     gamma, beta = _gamma_beta(weight, bias, x, eps, dtype)
     # Eval-mode batch norm with the given statistics is ATen's fastest normalisation pass.
     out, _, _ = torch.native_batch_norm(x, gamma, beta, mean.to(dtype), var.to(dtype), False, 0.0, eps)
-    x.copy_(_activation_inplace(out, activation, activation_param))
+    _activation_into(out, x, activation, activation_param)
 
 
 def forward_train_(
@@ -111,7 +113,7 @@ def forward_train_(
     dtype = opmath_dtype(x.dtype)
     gamma, beta = _gamma_beta(weight, bias, x, eps, dtype)
     out, mean, invstd = torch.native_batch_norm(x, gamma, beta, None, None, True, 0.0, eps)
-    x.copy_(_activation_inplace(out, activation, activation_param))
+    _activation_into(out, x, activation, activation_param)
     # invstd = 1 / sqrt(var + eps); the round trip only loses precision far below eps.
     var = (invstd.to(dtype).square().reciprocal() - eps).clamp_min_(0.0)
     return mean.to(dtype), var

@@ -80,6 +80,9 @@ def _warn_non_invertible() -> None:
         )
 
 
+_FLOAT_TYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
 def _check_inputs(
     x: Tensor,
     weight: Optional[Tensor],
@@ -88,29 +91,32 @@ def _check_inputs(
     running_var: Optional[Tensor],
     eps: float,
 ) -> None:
+    """Validates the functional arguments; errors name the argument, the value and the fix."""
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() < 2:
         raise ValueError(f"x must have shape (N, C, *) with at least 2 dimensions, got shape {tuple(x.shape)}")
-    if x.dtype not in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+    if x.dtype not in _FLOAT_TYPES:
         raise TypeError(f"x must be float64, float32, float16 or bfloat16, got {x.dtype}; convert it with x.float()")
-    channels = x.size(1)
-    for name, v in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
+    shape, device = (x.size(1),), x.device
+    for name, v, is_param in (
+        ("weight", weight, True), ("bias", bias, True), ("running_mean", running_mean, False),
+        ("running_var", running_var, False),
+    ):  # fmt: skip
         if v is None:
             continue
         if not isinstance(v, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor or None, got {type(v).__name__}")
-        if v.dim() != 1 or v.size(0) != channels:
+        if v.shape != shape:
             raise ValueError(
-                f"{name} must have shape ({channels},) to match the {channels} channels of x {tuple(x.shape)}, "
+                f"{name} must have shape {shape} to match the {shape[0]} channels of x {tuple(x.shape)}, "
                 f"got {tuple(v.shape)}; check num_features of the layer"
             )
-        if v.device != x.device:
+        if v.device != device:
             raise ValueError(f"{name} is on {v.device} but x is on {x.device}; move the layer with .to({x.device})")
-        if not v.is_floating_point():
+        if v.dtype not in _FLOAT_TYPES:
             raise TypeError(f"{name} must be a floating-point tensor, got {v.dtype}")
-    for name, v in (("weight", weight), ("bias", bias)):
-        if v is not None and v.dtype not in (x.dtype, opmath_dtype(x.dtype)):
+        if is_param and v.dtype != x.dtype and v.dtype != opmath_dtype(x.dtype):
             raise TypeError(
                 f"{name} has dtype {v.dtype} but x has dtype {x.dtype}; parameters must be {x.dtype}"
                 + (f" or {opmath_dtype(x.dtype)}" if opmath_dtype(x.dtype) != x.dtype else "")
@@ -189,13 +195,15 @@ class _InPlaceABN(torch.autograd.Function):
                     f"Expected more than 1 value per channel when training, got input size {list(x.shape)}"
                 )
         else:
-            mean, var = running_mean.to(stat_dtype), running_var.to(stat_dtype)
+            mean = running_mean if running_mean.dtype == stat_dtype else running_mean.to(stat_dtype)
+            var = running_var if running_var.dtype == stat_dtype else running_var.to(stat_dtype)
         if not fused:
             _ops.forward_(x, mean, var, weight, bias, eps, act, act_param)
         if training and running_mean is not None:
             # running += momentum * (batch - running); the variance is the unbiased one, as nn.BatchNorm.
-            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-            running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), momentum)
+            running_mean.lerp_(mean if mean.dtype == running_mean.dtype else mean.to(running_mean.dtype), momentum)
+            unbiased = var * (count / (count - 1))
+            running_var.lerp_(unbiased if unbiased.dtype == running_var.dtype else unbiased.to(running_var.dtype), momentum)
 
         if invertible:
             ctx.save_for_backward(x, var, weight, bias)
@@ -236,9 +244,10 @@ class _InPlaceABN(torch.autograd.Function):
                 dx = _ops.backward(y, dy, var, weight, bias, None, None, *args)
         if need_w:
             # d(|w| + eps)/dw = sign(w), with sign(0) = +1 so a zero weight still learns.
-            dweight = torch.where(weight < 0, -sum_dz_xhat, sum_dz_xhat).to(weight.dtype)
+            dweight = torch.where(weight < 0, -sum_dz_xhat, sum_dz_xhat)
+            dweight = dweight if dweight.dtype == weight.dtype else dweight.to(weight.dtype)
         if need_b:
-            dbias = sum_dz.to(bias.dtype)
+            dbias = sum_dz if sum_dz.dtype == bias.dtype else sum_dz.to(bias.dtype)
         return dx, dweight, dbias, None, None, None, None, None, None, None, None, None
 
 
