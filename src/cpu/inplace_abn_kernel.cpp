@@ -260,7 +260,10 @@ std::tuple<at::Tensor, at::Tensor> statistics_cpu(const at::Tensor& x_in) {
     });
     opmath_t* mp = mean.mutable_data_ptr<opmath_t>();
     opmath_t* vp = var.mutable_data_ptr<opmath_t>();
-    at::parallel_for(0, C, 16, [&](int64_t begin, int64_t end) {
+    // The merge is cheap: it only gets threads when there are many partial results per channel.
+    const int64_t merges_per_channel = g.layout == Layout::NCS ? g.N * g.units_per_row : g.units;
+    at::parallel_for(0, C, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, merges_per_channel)),
+        [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
         Moments mo;
         if (g.layout == Layout::NCS) {
