@@ -10,10 +10,14 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/OpMathType.h>
+#include <c10/core/MemoryFormat.h>
 #include <c10/util/Exception.h>
+
+#include <algorithm>
 
 #include <optional>
 #include <string_view>
+#include <utility>
 
 #include "activation.h"
 
@@ -89,6 +93,101 @@ inline void check_same_shape(const at::Tensor& a, const char* a_name, const at::
   TORCH_CHECK(
       a.device() == b.device(), a_name, " and ", b_name, " must be on the same device, got ", a.device(), " and ",
       b.device());
+}
+
+// ------------------------------------------------------------------------------------------------
+// Memory layouts every backend walks without a copy:
+//   NCS: contiguous (N, C, *) -- every (n, c) row of S = prod(*) elements is one channel.
+//   NSC: channels_last / channels_last_3d, and (N, C) inputs -- C is the innermost dimension.
+// Any other stride pattern is made contiguous first (and, for the in-place op, written back).
+
+enum class Layout { NCS, NSC };
+
+
+// Returns the layout the kernels can walk without a copy, if any.
+inline std::optional<Layout> native_layout(const at::Tensor& x) {
+  const int64_t spatial = x.numel() / std::max<int64_t>(1, x.size(0) * x.size(1));
+  if (x.is_contiguous()) {
+    // (N, C) and (N, C, 1, ...) are channel-innermost too; NSC walks them with full vector width.
+    return spatial == 1 ? Layout::NSC : Layout::NCS;
+  }
+  if ((x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) ||
+      (x.dim() == 5 && x.is_contiguous(at::MemoryFormat::ChannelsLast3d))) {
+    return Layout::NSC;
+  }
+  return std::nullopt;
+}
+
+inline at::MemoryFormat memory_format_of(Layout layout, const at::Tensor& x) {
+  if (layout == Layout::NSC && x.dim() == 4) return at::MemoryFormat::ChannelsLast;
+  if (layout == Layout::NSC && x.dim() == 5) return at::MemoryFormat::ChannelsLast3d;
+  return at::MemoryFormat::Contiguous;
+}
+
+// Brings `t` into a layout the kernels walk; `like` fixes which one when pairing two tensors.
+inline at::Tensor to_native(const at::Tensor& t, std::optional<Layout> like = std::nullopt) {
+  if (like.has_value()) {
+    const auto fmt = memory_format_of(*like, t);
+    return t.is_contiguous(fmt) ? t : t.contiguous(fmt);
+  }
+  return native_layout(t).has_value() ? t : t.contiguous();
+}
+
+// ------------------------------------------------------------------------------------------------
+// The argument checks of each op, shared by the backends so their errors are identical.
+
+inline Activation check_forward_args(
+    const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps, std::string_view activation, double activation_param) {
+  check_input(x, "x");
+  check_channel_vector(mean, "mean", x);
+  check_channel_vector(var, "var", x);
+  check_optional_channel_vector(weight, "weight", x);
+  check_optional_channel_vector(bias, "bias", x);
+  check_eps(eps);
+  return parse_activation(activation, activation_param);
+}
+
+inline Activation check_backward_reduce_args(
+    const at::Tensor& y, const at::Tensor& dy, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps, std::string_view activation, double activation_param) {
+  check_input(y, "y");
+  check_same_shape(y, "y", dy, "dy");
+  check_optional_channel_vector(weight, "weight", y);
+  check_optional_channel_vector(bias, "bias", y);
+  check_eps(eps);
+  return parse_activation(activation, activation_param);
+}
+
+// Returns the activation and whether the means are given (training) or not (eval).
+inline std::pair<Activation, bool> check_backward_args(
+    const at::Tensor& y, const at::Tensor& dy, const at::Tensor& var, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mean_dz,
+    const std::optional<at::Tensor>& mean_dz_xhat, double eps, std::string_view activation,
+    double activation_param) {
+  check_input(y, "y");
+  check_same_shape(y, "y", dy, "dy");
+  check_channel_vector(var, "var", y);
+  check_optional_channel_vector(weight, "weight", y);
+  check_optional_channel_vector(bias, "bias", y);
+  check_optional_channel_vector(mean_dz, "mean_dz", y);
+  check_optional_channel_vector(mean_dz_xhat, "mean_dz_xhat", y);
+  const bool has_dz = mean_dz.has_value() && mean_dz->defined();
+  const bool has_dz_xhat = mean_dz_xhat.has_value() && mean_dz_xhat->defined();
+  TORCH_CHECK(
+      has_dz == has_dz_xhat, "mean_dz and mean_dz_xhat must be given together (training) or both None (eval)");
+  check_eps(eps);
+  return {parse_activation(activation, activation_param), has_dz};
+}
+
+inline Activation check_invert_args(
+    const at::Tensor& y, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps,
+    std::string_view activation, double activation_param) {
+  check_input(y, "y");
+  check_optional_channel_vector(weight, "weight", y);
+  check_optional_channel_vector(bias, "bias", y);
+  check_eps(eps);
+  return parse_activation(activation, activation_param);
 }
 
 }  // namespace inplace_abn

@@ -1,10 +1,8 @@
 // CPU kernels of the inplace_abn ops. The per-element math comes from src/activation.h (shared with the
-// CUDA kernels); this file only decides how the tensor is walked and how work is split over threads.
+// CUDA kernels); argument checks and memory layouts (NCS / NSC) from src/inplace_abn.h. This file only
+// decides how the tensor is walked and how work is split over threads.
 //
-// Memory layouts handled natively (anything else is made contiguous first):
-//   NCS: contiguous (N, C, *) -- every (n, c) row of S = prod(*) elements is one channel.
-//   NSC: channels_last / channels_last_3d, and (N, C) inputs -- C is the innermost dimension.
-// Both are walked as independent blocks of ~kBlock contiguous elements, which is what gets parallelised:
+// Both layouts are walked as independent blocks of ~kBlock contiguous elements, which is what gets parallelised:
 // this keeps every thread busy whether C is 1 or 2048, and a block is small enough to be read twice
 // from L1/L2 (two-pass statistics at the memory cost of one pass).
 #include <ATen/Dispatch.h>
@@ -42,8 +40,6 @@ namespace {
 
 constexpr int64_t kBlock = 4096;  // elements per work unit (16 KiB of float32)
 
-enum class Layout { NCS, NSC };
-
 struct Geometry {
   Layout layout;
   int64_t N, C, S;        // x viewed as (N, C, S)
@@ -52,35 +48,6 @@ struct Geometry {
   int64_t units_per_row;  // NCS only
   int64_t units;
 };
-
-// Returns the layout the kernels can walk without a copy, if any.
-std::optional<Layout> native_layout(const at::Tensor& x) {
-  const int64_t spatial = x.numel() / std::max<int64_t>(1, x.size(0) * x.size(1));
-  if (x.is_contiguous()) {
-    // (N, C) and (N, C, 1, ...) are channel-innermost too; NSC walks them with full vector width.
-    return spatial == 1 ? Layout::NSC : Layout::NCS;
-  }
-  if ((x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) ||
-      (x.dim() == 5 && x.is_contiguous(at::MemoryFormat::ChannelsLast3d))) {
-    return Layout::NSC;
-  }
-  return std::nullopt;
-}
-
-at::MemoryFormat memory_format_of(Layout layout, const at::Tensor& x) {
-  if (layout == Layout::NSC && x.dim() == 4) return at::MemoryFormat::ChannelsLast;
-  if (layout == Layout::NSC && x.dim() == 5) return at::MemoryFormat::ChannelsLast3d;
-  return at::MemoryFormat::Contiguous;
-}
-
-// Brings `t` into a layout the kernels walk; `like` fixes which one when pairing two tensors.
-at::Tensor to_native(const at::Tensor& t, std::optional<Layout> like = std::nullopt) {
-  if (like.has_value()) {
-    const auto fmt = memory_format_of(*like, t);
-    return t.is_contiguous(fmt) ? t : t.contiguous(fmt);
-  }
-  return native_layout(t).has_value() ? t : t.contiguous();
-}
 
 Geometry geometry(const at::Tensor& x) {
   Geometry g;
@@ -356,13 +323,7 @@ struct ForwardOp {
 void forward_cpu(
     at::Tensor& x, const at::Tensor& mean, const at::Tensor& var, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps, c10::string_view activation, double activation_param) {
-  check_input(x, "x");
-  check_channel_vector(mean, "mean", x);
-  check_channel_vector(var, "var", x);
-  check_optional_channel_vector(weight, "weight", x);
-  check_optional_channel_vector(bias, "bias", x);
-  check_eps(eps);
-  const Activation act = parse_activation(activation, activation_param);
+  const Activation act = check_forward_args(x, mean, var, weight, bias, eps, activation, activation_param);
   if (x.numel() == 0) return;
   // A layout the kernels cannot walk is computed in a contiguous copy and written back: the op's
   // contract (y overwrites x) holds for every stride pattern.
@@ -426,12 +387,8 @@ IABN_HOT void reduce_nsc_row(const scalar_t* __restrict__ y, const scalar_t* __r
 std::tuple<at::Tensor, at::Tensor> backward_reduce_cpu(
     const at::Tensor& y_in, const at::Tensor& dy_in, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps, c10::string_view activation, double activation_param) {
-  check_input(y_in, "y");
-  check_same_shape(y_in, "y", dy_in, "dy");
-  check_optional_channel_vector(weight, "weight", y_in);
-  check_optional_channel_vector(bias, "bias", y_in);
-  check_eps(eps);
-  const Activation act = parse_activation(activation, activation_param);
+  const Activation act =
+      check_backward_reduce_args(y_in, dy_in, weight, bias, eps, activation, activation_param);
   const auto y = to_native(y_in);
   const auto dy = to_native(dy_in, native_layout(y));
   const int64_t C = y.size(1);
@@ -553,19 +510,8 @@ at::Tensor backward_cpu(
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mean_dz,
     const std::optional<at::Tensor>& mean_dz_xhat, double eps, c10::string_view activation,
     double activation_param) {
-  check_input(y_in, "y");
-  check_same_shape(y_in, "y", dy_in, "dy");
-  check_channel_vector(var, "var", y_in);
-  check_optional_channel_vector(weight, "weight", y_in);
-  check_optional_channel_vector(bias, "bias", y_in);
-  check_optional_channel_vector(mean_dz, "mean_dz", y_in);
-  check_optional_channel_vector(mean_dz_xhat, "mean_dz_xhat", y_in);
-  const bool has_dz = mean_dz.has_value() && mean_dz->defined();
-  const bool has_dz_xhat = mean_dz_xhat.has_value() && mean_dz_xhat->defined();
-  TORCH_CHECK(
-      has_dz == has_dz_xhat, "mean_dz and mean_dz_xhat must be given together (training) or both None (eval)");
-  check_eps(eps);
-  const Activation act = parse_activation(activation, activation_param);
+  const auto [act, has_dz] = check_backward_args(
+      y_in, dy_in, var, weight, bias, mean_dz, mean_dz_xhat, eps, activation, activation_param);
   // dx has y's strides (what the fake kernel promises); it is computed in a walkable layout.
   auto dx = at::empty_like(y_in);
   if (y_in.numel() == 0) return dx;
@@ -643,11 +589,7 @@ struct InvertOp {
 at::Tensor invert_cpu(
     const at::Tensor& y_in, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     double eps, c10::string_view activation, double activation_param) {
-  check_input(y_in, "y");
-  check_optional_channel_vector(weight, "weight", y_in);
-  check_optional_channel_vector(bias, "bias", y_in);
-  check_eps(eps);
-  const Activation act = parse_activation(activation, activation_param);
+  const Activation act = check_invert_args(y_in, weight, bias, eps, activation, activation_param);
   auto xhat = at::empty_like(y_in);
   if (y_in.numel() == 0) return xhat;
   const auto y = to_native(y_in);
