@@ -12,6 +12,7 @@ from . import _ops, reference
 from ._backend import extension_loaded, get_backend, set_backend
 from ._version import __version__
 from .abn import ABN, InPlaceABN, InPlaceABNSync
+from .convert import convert_local, convert_sync
 from .functions import inplace_abn, inplace_abn_sync, recover_normalized_input
 from .group import active_group, set_active_group
 
@@ -24,6 +25,8 @@ __all__ = [
     "recover_normalized_input",
     "active_group",
     "set_active_group",
+    "convert_sync",
+    "convert_local",
     "get_backend",
     "set_backend",
     "extension_loaded",

@@ -131,6 +131,8 @@ def _check_inputs(
 def _sync_statistics(mean: Tensor, var: Tensor, count: int, group: Any) -> Tuple[Tensor, Tensor, int]:
     """Merges per-process (mean, biased var, count) exactly (Chan's formula); equal to one big batch."""
     world = dist.get_world_size(group)
+    if count == 0:  # an empty local batch contributes nothing (its statistics are NaN)
+        mean, var = torch.zeros_like(mean), torch.zeros_like(var)
     packed = torch.cat([mean, var, mean.new_tensor([float(count)])])
     gathered = [torch.empty_like(packed) for _ in range(world)]
     dist.all_gather(gathered, packed, group=group)
@@ -144,9 +146,16 @@ def _sync_statistics(mean: Tensor, var: Tensor, count: int, group: Any) -> Tuple
     return global_mean, m2 / total, int(total.item())
 
 
+_warned_no_distributed = False
+
+
 def _sync_enabled(group: Any) -> bool:
+    global _warned_no_distributed
     if dist.is_available() and dist.is_initialized():
         return True
+    if _warned_no_distributed:
+        return False
+    _warned_no_distributed = True
     warnings.warn(
         "inplace_abn_sync: torch.distributed is not initialised, so statistics are computed on this "
         "process only (as inplace_abn). Call torch.distributed.init_process_group() first to synchronise.",
@@ -278,7 +287,8 @@ def _apply(
     if activation == "leaky_relu" and activation_param == 0.0:
         _warn_non_invertible()
     if sync:
-        sync = _sync_enabled(group)
+        # Eval mode uses the running statistics: no collective, and nothing to warn about.
+        sync = bool(training) and _sync_enabled(group)
     return _InPlaceABN.apply(
         x, weight, bias, running_mean, running_var, bool(training), float(momentum), float(eps),
         activation, activation_param, group, sync,
