@@ -233,13 +233,16 @@ def backward_train(
     ``weight * invstd`` factor into the gamma * rstd that dx needs.
     """
     dtype = opmath_dtype(y.dtype)
-    z, dz = _invert_z(y, dy, activation, activation_param, y.dtype)
+    # z and dz in the opmath dtype, as the fused kernels do: rounding z to half would lose the
+    # recovered pre-activation (badly so for ELU near saturation).
+    z, dz = _invert_z(y, dy, activation, activation_param, dtype)
     gamma, beta = _gamma_beta(weight, bias, y, eps, dtype)
     rstd = (var.to(dtype) + eps).rsqrt()
     dx, sum_dz_xhat, sum_dz = torch.ops.aten.native_batch_norm_backward(
         dz, z, gamma * gamma * rstd, None, None, beta, gamma.reciprocal(), True, eps, [True, True, True]
     )
-    dx = dx if dx.stride() == y.stride() else torch.empty_like(y).copy_(dx)
+    if dx.dtype != y.dtype or dx.stride() != y.stride():
+        dx = torch.empty_like(y).copy_(dx)
     return dx, sum_dz.to(dtype), sum_dz_xhat.to(dtype)
 
 

@@ -54,7 +54,9 @@ _SHAPES: Tuple[Tuple[Tuple[int, ...], bool, bool], ...] = (
     ((1, 8, 256, 256), False, True),
 )
 
-_DTYPE_NAMES = {torch.float64: "float64", torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+_DTYPE_NAMES = {
+    torch.float64: "float64", torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"
+}
 _COMPARED = ("output", "dx", "dweight", "dbias", "running_mean", "running_var")
 
 
@@ -76,7 +78,9 @@ def _check_kernels(device: str) -> None:
         )
     if device == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda was requested but no CUDA GPU is visible (torch.cuda.is_available() is False)")
+            raise RuntimeError(
+                "--device cuda was requested but no CUDA GPU is visible (torch.cuda.is_available() is False)"
+            )
         if not _backend.has_kernel("cuda"):
             raise RuntimeError(
                 "a CUDA GPU is visible but inplace_abn._C has no CUDA kernels registered: the extension was built "
@@ -156,7 +160,9 @@ class _Step:
 
     def layer(self, x: torch.Tensor) -> None:
         """The timed work: the layer's forward (overwriting ``x``) and its backward."""
-        y = inplace_abn(x, self.weight, self.bias, self.rm_t, self.rv_t, True, MOMENTUM, EPS, self.activation, self.param)
+        y = inplace_abn(
+            x, self.weight, self.bias, self.rm_t, self.rv_t, True, MOMENTUM, EPS, self.activation, self.param
+        )
         torch.autograd.grad(y, (self.x0, self.weight, self.bias), self.dy)
 
 
@@ -351,8 +357,8 @@ def format_table(rows: Sequence[Dict[str, object]]) -> str:
 
 
 def _describe(device: str) -> List[str]:
-    lines = [f"inplace_abn selftest: torch {torch.__version__}, CUDA {torch.version.cuda or 'none (CPU build of torch)'}, "
-             f"Python {platform.python_version()}"]  # fmt: skip
+    cuda = torch.version.cuda or "none (CPU build of torch)"
+    lines = [f"inplace_abn selftest: torch {torch.__version__}, CUDA {cuda}, Python {platform.python_version()}"]
     lines.append(f"extension loaded: {_backend.extension_loaded()}"
                  + ("" if _backend.extension_loaded() else f" ({_backend.extension_error()})"))  # fmt: skip
     if torch.cuda.is_available():
@@ -388,7 +394,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not torch.cuda.is_available():
             print("No CUDA GPU is visible: checking the compiled CPU kernels against the pure-PyTorch path instead.")
         else:
-            print("--device cpu: checking the compiled CPU kernels against the pure-PyTorch path (the GPU is not used).")
+            print("--device cpu: checking the compiled CPU kernels against the pure-PyTorch path (GPU not used).")
     try:
         _check_kernels(device)
     except RuntimeError as exc:

@@ -204,7 +204,9 @@ def test_shapes(shape, dtype, training):
 
 
 @pytest.mark.parametrize("activation,param", ACTIVATIONS[1:], ids=ACT_IDS[1:])
-@pytest.mark.parametrize("shape", [(1, 3, 509, 521), (4, 1, 1000), (16, 2048, 1, 1)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize(
+    "shape", [(1, 3, 509, 521), (4, 1, 1000), (16, 2048, 1, 1)], ids=lambda s: "x".join(map(str, s))
+)
 def test_shapes_other_activations(shape, activation, param):
     run_cuda_equivalence(shape, activation, param, True, torch.float32)
 
