@@ -12,8 +12,8 @@ python -m venv "$work/venv"
 "$work/venv/bin/pip" install --quiet "torch==2.14.1" numpy ninja pytest "setuptools>=77"
 "$work/venv/bin/python" -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda)"
 
-git -C "$root" ls-files -z | (cd "$root" && xargs -0 tar -cf -) | tar -xf - -C "$work" --one-top-level=src
-cd "$work/src"
+git -C "$root" ls-files -z | (cd "$root" && xargs -0 tar -cf -) | tar -xf - -C "$work" --one-top-level=tree
+cd "$work/tree"
 FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="8.0;9.0" MAX_JOBS=2 INPLACE_ABN_REQUIRE_EXTENSION=1 \
     "$work/venv/bin/pip" install --no-build-isolation --no-deps -v . > "$work/build.log" 2>&1 || {
     tail -80 "$work/build.log"
@@ -43,4 +43,4 @@ PY
 # The CPU kernels of this build (CUDA torch) pass the op contract and the self-check too.
 "$work/venv/bin/python" -m inplace_abn.selftest --quick
 # Run from $work (not the source tree) so that `import inplace_abn` is the installed, compiled package.
-INPLACE_ABN_BACKEND=cpp "$work/venv/bin/python" -m pytest -q -p no:cacheprovider src/tests/test_ops.py src/tests/test_cuda.py
+INPLACE_ABN_BACKEND=cpp "$work/venv/bin/python" -m pytest -q -p no:cacheprovider tree/tests/test_ops.py tree/tests/test_cuda.py

@@ -7,8 +7,15 @@ work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 python -m venv "$work/venv"
 "$work/venv/bin/pip" install --quiet "torch==2.13.0" numpy "setuptools>=77"
-git -C "$root" ls-files -z | (cd "$root" && xargs -0 tar -cf -) | tar -xf - -C "$work" --one-top-level=src
-(cd "$work/src" && CC=/bin/false CXX=/bin/false "$work/venv/bin/pip" install --quiet --no-build-isolation --no-deps .)
+git -C "$root" ls-files -z | (cd "$root" && xargs -0 tar -cf -) | tar -xf - -C "$work" --one-top-level=tree
+(cd "$work/tree" && CC=/bin/false CXX=/bin/false "$work/venv/bin/pip" install -v --no-build-isolation --no-deps . \
+    > "$work/install.log" 2>&1)
+# The fallback must come from the compiler failing (not from, say, a source tree without sources).
+grep -q "building the C++ extension failed (Command '\['/bin/false'" "$work/install.log" || {
+    tail -40 "$work/install.log"
+    echo "CI: the no-compiler install did not fail where expected"
+    exit 1
+}
 cd "$work"
 "$work/venv/bin/python" - <<'PY'
 import warnings

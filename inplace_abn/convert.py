@@ -13,12 +13,15 @@ __all__ = ["convert_sync", "convert_local"]
 
 
 def _copy_state(src: nn.Module, dst: nn.Module) -> nn.Module:
+    """Gives ``dst`` the device, dtypes, state and train/eval mode of ``src`` (bit-exact)."""
+    for name, t in list(src.named_parameters(recurse=False)) + list(src.named_buffers(recurse=False)):
+        target = getattr(dst, name)
+        if t is not None and target is not None:
+            # move first, then load: loading into float32 and casting afterwards would round float64 state
+            target.data = target.data.to(device=t.device, dtype=t.dtype)
     with torch.no_grad():
         dst.load_state_dict(src.state_dict())
-    dst.train(src.training)
-    # same device and dtype as the layer it replaces
-    ref = next(iter(src.state_dict().values()), None)
-    return dst.to(device=ref.device, dtype=ref.dtype) if isinstance(ref, torch.Tensor) and ref.is_floating_point() else dst
+    return dst.train(src.training)
 
 
 def _swap(module: nn.Module, make) -> nn.Module:

@@ -131,6 +131,13 @@ def _check_inputs(
 def _sync_statistics(mean: Tensor, var: Tensor, count: int, group: Any) -> Tuple[Tensor, Tensor, int]:
     """Merges per-process (mean, biased var, count) exactly (Chan's formula); equal to one big batch."""
     world = dist.get_world_size(group)
+    if world <= 0:
+        raise RuntimeError(
+            "inplace_abn_sync: this process (rank "
+            f"{dist.get_rank()}) is not a member of the layer's process group; in training every member must "
+            "call the layer and non-members must not (give them their own group, e.g. with active_group(), "
+            "or run the layer in eval mode)"
+        )
     if count == 0:  # an empty local batch contributes nothing (its statistics are NaN)
         mean, var = torch.zeros_like(mean), torch.zeros_like(var)
     packed = torch.cat([mean, var, mean.new_tensor([float(count)])])

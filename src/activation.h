@@ -87,10 +87,9 @@ struct ActivationOp<Activation::ELU> {
     const bool pos = y > T(0);
     const T lowest = T(-1) + elu_clamp_margin<T>();
     const T ratio = y * p.inv_param > lowest ? y * p.inv_param : lowest;
-    const T z_neg = log1p(ratio);
-    const T dz_neg = dy * (y + p.param);
-    z = pos ? y : z_neg;
-    dz = pos ? dy : dz_neg;
+    // Unlike leaky_relu, a branch: log1p does not vectorise anyway, and this way it only runs for y <= 0.
+    z = pos ? y : log1p(ratio);
+    dz = pos ? dy : dy * (y + p.param);
   }
 
  private:

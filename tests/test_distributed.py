@@ -75,19 +75,21 @@ def _entry(rank: int, world: int, port: int, job: str, outdir: str, payload: Any
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
     torch.set_num_threads(1)
     torch.manual_seed(1234 + rank)
+    code = 0
     try:
         result = JOBS[job](rank, world, port, payload)
         torch.save(result, os.path.join(outdir, f"rank{rank}.pt"))
-    except BaseException:
+    except BaseException:  # reported by the parent from the .err file, not printed here
+        code = 1
         with open(os.path.join(outdir, f"rank{rank}.err"), "w") as f:
             f.write(traceback.format_exc())
-        raise
     finally:
         if dist.is_initialized():
             try:
                 dist.destroy_process_group()
             except Exception:
                 pass
+    sys.exit(code)
 
 
 def _spawn(job: str, world: int, outdir: str, payload: Any = None, limit_s: float = JOB_TIMEOUT_S) -> Dict[str, Any]:
@@ -355,8 +357,8 @@ def _job_layer_suite(rank: int, world: int, port: int, payload: dict) -> dict:
             sync.running_mean.copy_(torch.tensor([0.5, -1.0, 0.0, 2.0]))
             sync.running_var.copy_(torch.tensor([2.0, 0.5, 1.0, 3.0]))
         sync.eval()
-        local = convert_local(_copy_module(sync))
-        assert type(local) is InPlaceABN and not local.training
+        local = _make_layer(InPlaceABN, "elu", 1.0).eval()
+        local.load_state_dict(sync.state_dict())
         x, dy = data[0][0]["x"], data[0][0]["dy"]
         outs = []
         for m in (sync, local):
@@ -413,12 +415,6 @@ def _job_layer_suite(rank: int, world: int, port: int, payload: dict) -> dict:
     return res
 
 
-def _copy_module(m: nn.Module) -> nn.Module:
-    import copy
-
-    return copy.deepcopy(m)
-
-
 class _Net(nn.Module):
     def __init__(self, norm: Callable[..., nn.Module]) -> None:
         super().__init__()
@@ -457,8 +453,11 @@ def _job_ddp(rank: int, world: int, port: int, payload: dict) -> dict:
     """f) a few SGD steps of a small conv net with InPlaceABNSync inside DistributedDataParallel."""
     _init(rank, world, port, GLOO_TIMEOUT_S)
     inplace_abn.set_backend(payload["backend"])
+    init = _make_net()
     net = convert_sync(_make_net())
     assert all(type(m) is not InPlaceABN for m in net.modules())
+    # reload the exact float64 init: convert_sync alone is checked by test_convert_round_trip_keeps_state
+    net.load_state_dict(init.state_dict())
     ddp = nn.parallel.DistributedDataParallel(net)
     opt = torch.optim.SGD(ddp.parameters(), lr=DDP_LR, momentum=0.9)
     losses = []
@@ -616,6 +615,7 @@ def test_subgroups(suite):
     got = {r: results[r]["subgroup"]["set_group_02"] for r in (0, 2)}
     _compare_layer_case(got, ref, [0, 2], "set_group(new_group([0, 2]))")
     assert results[1]["subgroup"]["eval_outside"].shape == payload["equal"][0][1]["x"].shape
+    print(f"\n[subgroup] training on a rank outside the layer's group: {results[1]['subgroup']['train_outside']}")
 
 
 def _ddp_payload(world: int, backend: str) -> dict:
@@ -668,9 +668,11 @@ def test_ddp_training_steps(tmp_path, backend):
     print(f"\n[ddp {backend}] losses {['%.6f' % v for v in losses]}, max |param/buffer diff| {worst:.1e}")
 
 
-def test_convert_round_trip_keeps_state():
-    """f) convert_sync / convert_local swap the layer types and keep the state dict and training flag."""
-    net = _make_net()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_convert_round_trip_keeps_state(dtype):
+    """f) convert_sync / convert_local swap the layer types and keep the state dict (bit for bit, in the
+    model's dtype) and the training flag."""
+    net = _make_net().to(dtype)
     for bn in (net.bn1, net.bn2):
         with torch.no_grad():
             bn.running_mean.uniform_(-1, 1)
@@ -682,13 +684,16 @@ def test_convert_round_trip_keeps_state():
     assert type(synced.bn1) is InPlaceABNSync and type(synced.bn2) is InPlaceABNSync
     assert synced.bn1.training and not synced.bn2.training
     assert synced.bn1.activation_param == 0.05 and synced.bn2.activation == "elu"
-    back = convert_local(synced)
+    synced_state = {k: v.clone() for k, v in synced.state_dict().items()}
+    back = convert_local(synced)  # in place: synced is back now
     assert type(back.bn1) is InPlaceABN and type(back.bn2) is InPlaceABN
-    for m in (synced, back):
-        state = m.state_dict()
+    assert not back.bn2.training
+    for label, state in (("convert_sync", synced_state), ("convert_sync + convert_local", back.state_dict())):
         assert state.keys() == before.keys()
         for k in before:
-            assert state[k].dtype == before[k].dtype and torch.equal(state[k], before[k]), k
+            assert state[k].dtype == before[k].dtype, (k, state[k].dtype, before[k].dtype)
+            diff = (state[k].double() - before[k].double()).abs().max().item()
+            assert torch.equal(state[k], before[k]), f"{label} ({dtype}): {k} changed by up to {diff:.1e}"
     single = convert_sync(InPlaceABN(3))
     assert type(single) is InPlaceABNSync
 
