@@ -16,7 +16,9 @@ from . import _backend, _python_ops
 __all__ = ["statistics", "forward_", "forward_train_", "backward_reduce", "backward", "backward_train", "invert"]
 
 
-_KERNELS: dict = {}  # device type -> has compiled kernels (registrations are fixed once _C is loaded)
+# device type -> has compiled kernels. Registrations are fixed once _C is loaded, so this is filled at
+# import: a plain dict lookup at call time is also what lets torch.compile trace through without a break.
+_KERNELS: dict = {device: device == "meta" or _backend.has_kernel(device) for device in ("cpu", "cuda", "meta")}
 
 
 class _Overloads:
