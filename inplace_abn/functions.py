@@ -267,6 +267,41 @@ class _InPlaceABN(torch.autograd.Function):
         return dx, dweight, dbias, None, None, None, None, None, None, None, None, None
 
 
+def _exporting() -> bool:
+    """True under torch.export, the ONNX exporter, or TorchScript tracing/scripting."""
+    return (
+        torch.compiler.is_exporting()
+        or torch.onnx.is_in_onnx_export()
+        or torch.jit.is_tracing()
+        or torch.jit.is_scripting()
+    )
+
+
+def _eval_standard_ops(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+    activation: str,
+    activation_param: float,
+) -> Tensor:
+    """The eval-mode layer as standard ops (batch_norm with weight |w| + eps, then the activation).
+
+    Used while exporting: exported graphs then contain only aten/ONNX standard operators, which every
+    runtime and graph pass (e.g. conv-BN folding) understands. The result is returned, not written into
+    ``x``: an exported graph has no use for the in-place storage trick.
+    """
+    scale = None if weight is None else weight.abs() + eps
+    y = torch.nn.functional.batch_norm(x, running_mean, running_var, scale, bias, False, 0.0, eps)
+    if activation == "leaky_relu":
+        return torch.nn.functional.leaky_relu(y, activation_param)
+    if activation == "elu":
+        return torch.nn.functional.elu(y, activation_param)
+    return y
+
+
 def _apply(
     x: Tensor,
     weight: Optional[Tensor],
@@ -293,6 +328,8 @@ def _apply(
         raise ValueError("running_mean and running_var are required when training=False")
     if activation == "leaky_relu" and activation_param == 0.0:
         _warn_non_invertible()
+    if not training and _exporting():
+        return _eval_standard_ops(x, weight, bias, running_mean, running_var, eps, activation, activation_param)
     if sync:
         # Eval mode uses the running statistics: no collective, and nothing to warn about.
         sync = bool(training) and _sync_enabled(group)
