@@ -9,6 +9,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/OpMathType.h>
 #include <c10/core/MemoryFormat.h>
 #include <c10/util/Exception.h>
@@ -17,6 +18,7 @@
 
 #include <optional>
 #include <string_view>
+#include <type_traits>
 #include <utility>
 
 #include "activation.h"
@@ -131,6 +133,46 @@ inline at::Tensor to_native(const at::Tensor& t, std::optional<Layout> like = st
     return t.is_contiguous(fmt) ? t : t.contiguous(fmt);
   }
   return native_layout(t).has_value() ? t : t.contiguous();
+}
+
+// An output with the strides of `like` (what the fake kernels promise) and the tensor the kernels write:
+// the output itself when its layout is the walkable one of `like_native`, else a scratch tensor that
+// finish() copies back.
+struct Output {
+  at::Tensor result, work;
+  void finish() {
+    if (!work.is_same(result)) {
+      result.copy_(work);
+    }
+  }
+};
+
+inline Output make_output(const at::Tensor& like, const at::Tensor& like_native) {
+  auto result = at::empty_like(like);
+  const auto layout = native_layout(like_native);
+  const bool direct = result.numel() == 0 ||
+      (native_layout(result) == layout && result.is_contiguous(memory_format_of(*layout, result)));
+  return {result, direct ? result : at::empty_like(like_native)};
+}
+
+// The activation's constants in the compute type (1 / param precomputed; identity has none).
+template <typename T>
+ActivationParams<T> activation_params(Activation a, double param) {
+  const T p = a == Activation::Identity ? T(0) : static_cast<T>(param);
+  return {p, a == Activation::Identity ? T(0) : T(1) / p};
+}
+
+// Calls f(std::integral_constant<Activation, A>) so kernels are instantiated per activation.
+template <typename F>
+void dispatch_activation(Activation a, F&& f) {
+  switch (a) {
+    case Activation::Identity:
+      return f(std::integral_constant<Activation, Activation::Identity>{});
+    case Activation::LeakyReLU:
+      return f(std::integral_constant<Activation, Activation::LeakyReLU>{});
+    case Activation::ELU:
+      return f(std::integral_constant<Activation, Activation::ELU>{});
+  }
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -107,24 +107,6 @@ const T* ptr_or_null(const std::vector<T>& v) {
   return v.empty() ? nullptr : v.data();
 }
 
-template <typename F>
-void dispatch_activation(Activation a, F&& f) {
-  switch (a) {
-    case Activation::Identity:
-      return f(std::integral_constant<Activation, Activation::Identity>{});
-    case Activation::LeakyReLU:
-      return f(std::integral_constant<Activation, Activation::LeakyReLU>{});
-    case Activation::ELU:
-      return f(std::integral_constant<Activation, Activation::ELU>{});
-  }
-}
-
-template <typename T>
-ActivationParams<T> activation_params(Activation a, double param) {
-  const T p = a == Activation::Identity ? T(0) : static_cast<T>(param);
-  return {p, a == Activation::Identity ? T(0) : T(1) / p};
-}
-
 // Chan et al.'s pairwise merge of (count, mean, M2) partial statistics, in double.
 struct Moments {
   double count = 0, mean = 0, m2 = 0;
@@ -512,14 +494,11 @@ at::Tensor backward_cpu(
     double activation_param) {
   const auto [act, has_dz] = check_backward_args(
       y_in, dy_in, var, weight, bias, mean_dz, mean_dz_xhat, eps, activation, activation_param);
-  // dx has y's strides (what the fake kernel promises); it is computed in a walkable layout.
-  auto dx = at::empty_like(y_in);
-  if (y_in.numel() == 0) return dx;
+  if (y_in.numel() == 0) return at::empty_like(y_in);
   const auto y = to_native(y_in);
-  const auto layout = native_layout(y);
-  const auto dy = to_native(dy_in, layout);
-  const bool direct = dx.is_contiguous(memory_format_of(*layout, dx)) && native_layout(dx) == layout;
-  at::Tensor out = direct ? dx : at::empty_like(y);
+  const auto dy = to_native(dy_in, native_layout(y));
+  Output dx = make_output(y_in, y);
+  const at::Tensor& out = dx.work;
   const Geometry g = geometry(y);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "inplace_abn_backward", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
@@ -545,10 +524,8 @@ at::Tensor backward_cpu(
       });
     });
   });
-  if (!direct) {
-    dx.copy_(out);
-  }
-  return dx;
+  dx.finish();
+  return dx.result;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -590,12 +567,10 @@ at::Tensor invert_cpu(
     const at::Tensor& y_in, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     double eps, c10::string_view activation, double activation_param) {
   const Activation act = check_invert_args(y_in, weight, bias, eps, activation, activation_param);
-  auto xhat = at::empty_like(y_in);
-  if (y_in.numel() == 0) return xhat;
+  if (y_in.numel() == 0) return at::empty_like(y_in);
   const auto y = to_native(y_in);
-  const auto layout = native_layout(y);
-  const bool direct = xhat.is_contiguous(memory_format_of(*layout, xhat)) && native_layout(xhat) == layout;
-  at::Tensor out = direct ? xhat : at::empty_like(y);
+  Output xhat = make_output(y_in, y);
+  const at::Tensor& out = xhat.work;
   const Geometry g = geometry(y);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "inplace_abn_invert", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
@@ -609,10 +584,8 @@ at::Tensor invert_cpu(
       });
     });
   });
-  if (!direct) {
-    xhat.copy_(out);
-  }
-  return xhat;
+  xhat.finish();
+  return xhat.result;
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -70,24 +70,6 @@ at::Tensor optional_acc(const std::optional<at::Tensor>& v) {
   return v.has_value() && v->defined() ? as_acc<acc_t>(*v) : at::Tensor();
 }
 
-template <typename T>
-ActivationParams<T> activation_params(Activation a, double param) {
-  const T p = a == Activation::Identity ? T(0) : static_cast<T>(param);
-  return {p, a == Activation::Identity ? T(0) : T(1) / p};
-}
-
-template <typename F>
-void dispatch_activation(Activation a, F&& f) {
-  switch (a) {
-    case Activation::Identity:
-      return f(std::integral_constant<Activation, Activation::Identity>{});
-    case Activation::LeakyReLU:
-      return f(std::integral_constant<Activation, Activation::LeakyReLU>{});
-    case Activation::ELU:
-      return f(std::integral_constant<Activation, Activation::ELU>{});
-  }
-}
-
 struct Shape {
   int64_t N, C, S;
   bool nsc;
@@ -450,13 +432,11 @@ at::Tensor backward_impl(
     const at::Tensor& y_in, const at::Tensor& dy_in, const at::Tensor& var, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& m_dz, const at::Tensor& m_dz_xhat, double m_scale,
     double eps, Activation act, double activation_param) {
-  auto dx = at::empty_like(y_in);
-  if (y_in.numel() == 0) return dx;
+  if (y_in.numel() == 0) return at::empty_like(y_in);
   const auto y = to_native(y_in);
-  const auto layout = native_layout(y);
-  const auto dy = to_native(dy_in, layout);
-  const bool direct = dx.is_contiguous(memory_format_of(*layout, dx)) && native_layout(dx) == layout;
-  at::Tensor out = direct ? dx : at::empty_like(y);
+  const auto dy = to_native(dy_in, native_layout(y));
+  Output dx = make_output(y_in, y);
+  const at::Tensor& out = dx.work;
   const Shape sh = shape_of(y);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "inplace_abn_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -472,10 +452,8 @@ at::Tensor backward_impl(
       launch_rows(f, sh);
     });
   });
-  if (!direct) {
-    dx.copy_(out);
-  }
-  return dx;
+  dx.finish();
+  return dx.result;
 }
 
 at::Tensor backward_cuda(
@@ -495,12 +473,10 @@ at::Tensor invert_cuda(
     double eps, c10::string_view activation, double activation_param) {
   const Activation act = check_invert_args(y_in, weight, bias, eps, activation, activation_param);
   const c10::cuda::CUDAGuard guard(y_in.device());
-  auto xhat = at::empty_like(y_in);
-  if (y_in.numel() == 0) return xhat;
+  if (y_in.numel() == 0) return at::empty_like(y_in);
   const auto y = to_native(y_in);
-  const auto layout = native_layout(y);
-  const bool direct = xhat.is_contiguous(memory_format_of(*layout, xhat)) && native_layout(xhat) == layout;
-  at::Tensor out = direct ? xhat : at::empty_like(y);
+  Output xhat = make_output(y_in, y);
+  const at::Tensor& out = xhat.work;
   const Shape sh = shape_of(y);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "inplace_abn_invert_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -512,10 +488,8 @@ at::Tensor invert_cuda(
       launch_rows(f, sh);
     });
   });
-  if (!direct) {
-    xhat.copy_(out);
-  }
-  return xhat;
+  xhat.finish();
+  return xhat.result;
 }
 
 std::tuple<at::Tensor, at::Tensor> forward_train_cuda(
