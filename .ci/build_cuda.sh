@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the package against the CUDA build of torch with the machine's nvcc (no GPU needed), for
 # sm_80 and sm_90, then imports it on this GPU-less machine and checks that every custom op has a CUDA
-# kernel registered. CI verifies build, link and registration -- NOT execution (no GPU here).
+# kernel registered. CI verifies build, link and registration -- NOT execution (no GPU here). The same
+# environment runs the conversion tests that need torchvision and timm.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 work="$(mktemp -d)"
@@ -42,5 +43,9 @@ print(f"CUDA build OK: {len(ops)} ops with CPU and CUDA kernels; GPU visible: {t
 PY
 # The CPU kernels of this build (CUDA torch) pass the op contract and the self-check too.
 "$work/venv/bin/python" -m inplace_abn.selftest --quick
+# torchvision pairs with this torch (not with the CPU 2.13 build): the model-conversion tests on
+# torchvision's resnet50 / deeplabv3_resnet50 and a timm model run here.
+"$work/venv/bin/pip" install --quiet "torchvision==0.29.1" timm
 # Run from $work (not the source tree) so that `import inplace_abn` is the installed, compiled package.
-INPLACE_ABN_BACKEND=cpp "$work/venv/bin/python" -m pytest -q -p no:cacheprovider tree/tests/test_ops.py tree/tests/test_cuda.py
+INPLACE_ABN_BACKEND=cpp "$work/venv/bin/python" -m pytest -q -p no:cacheprovider -rs \
+    tree/tests/test_ops.py tree/tests/test_cuda.py tree/tests/test_convert.py

@@ -12,7 +12,15 @@ from . import _ops, reference
 from ._backend import extension_loaded, get_backend, set_backend
 from ._version import __version__
 from .abn import ABN, InPlaceABN, InPlaceABNSync
-from .convert import convert_local, convert_sync
+from .convert import (
+    BatchNormNd,
+    ConversionReport,
+    convert_local,
+    convert_model,
+    convert_sync,
+    load_inplace_abn_v1_state_dict,
+    to_batchnorm,
+)
 from .functions import inplace_abn, inplace_abn_sync, recover_normalized_input
 from .group import active_group, set_active_group
 
@@ -27,6 +35,11 @@ __all__ = [
     "set_active_group",
     "convert_sync",
     "convert_local",
+    "convert_model",
+    "to_batchnorm",
+    "load_inplace_abn_v1_state_dict",
+    "BatchNormNd",
+    "ConversionReport",
     "get_backend",
     "set_backend",
     "extension_loaded",

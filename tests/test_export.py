@@ -98,3 +98,18 @@ def test_export_uses_the_in_place_scale():
         x, layer.weight, layer.bias, layer.running_mean, layer.running_var, False, 0.1, 1e-5, "identity", 0.0
     )
     torch.testing.assert_close(program.module()(x), expected.float())
+
+
+def test_conv_bn_folding_after_to_batchnorm():
+    """to_batchnorm gives plain Conv -> BatchNorm -> activation, which standard passes fold."""
+    from torch.fx.experimental.optimization import fuse
+
+    model, x = _model("leaky_relu", 0.01), _input()
+    with torch.no_grad():
+        expected = model(x.clone())
+    plain = inplace_abn.to_batchnorm(model)
+    assert not any(isinstance(m, inplace_abn.ABN) for m in plain.modules())
+    folded = fuse(plain)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules()), "conv-BN pairs were not folded"
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), expected, atol=1e-5, rtol=1e-5)
