@@ -6,6 +6,13 @@ Variants (all fp32 by default, training mode, leaky_relu slope 0.01):
 2. ``BatchNorm2d+LeakyReLU(inplace)``  the same with inplace=True  (the reference for every ratio)
 3. ``InPlaceABN[cpp]``                 inplace_abn.InPlaceABN on the compiled extension
 4. ``InPlaceABN[python]``              inplace_abn.InPlaceABN on the pure-PyTorch path
+5. ``BatchNorm2d+LeakyReLU(inplace) channels_last``  variant 2 on a channels_last input (and dy)
+6. ``InPlaceABN[cpp] channels_last``   variant 3 on a channels_last input (and dy)
+
+Variants 5-6 compare memory formats on the same shape (the memory format is part of the variant name,
+so the CSV schema is unchanged); ``--no-channels-last`` drops them. The untimed preparation converts the
+fresh input with ``clone(memory_format=...)``; the agreement check also verifies that the in-place layer
+returns its input's storage in the input's memory format.
 
 Method (see shared/spec/measuring.md): every variant runs in ONE process, interleaved (A B C D, then
 D C B A, ...) after a warm-up, with ``torch.set_num_threads`` fixed per block; one sample is one step
@@ -106,13 +113,17 @@ class Variant:
     name: str
     make: Callable[[int], nn.Module]
     backend: Optional[str] = None  # inplace_abn backend selected (untimed) before every step
+    memory_format: torch.memory_format = torch.contiguous_format  # of the input and dy
 
     def prepare(self) -> None:
         if self.backend is not None:
             inplace_abn.set_backend(self.backend)
 
 
-def build_variants(device: torch.device) -> List[Variant]:
+CHANNELS_LAST = " channels_last"
+
+
+def build_variants(device: torch.device, channels_last: bool = True) -> List[Variant]:
     variants = [
         Variant("BatchNorm2d+LeakyReLU", lambda c: nn.Sequential(nn.BatchNorm2d(c), nn.LeakyReLU(SLOPE))),
         Variant(BASELINE, lambda c: nn.Sequential(nn.BatchNorm2d(c), nn.LeakyReLU(SLOPE, inplace=True))),
@@ -128,7 +139,26 @@ def build_variants(device: torch.device) -> List[Variant]:
     else:
         print("[bench] compiled extension not loaded: skipping InPlaceABN[cpp]", file=sys.stderr)
     variants.append(Variant("InPlaceABN[python]", iabn, backend="python"))
+    if channels_last:
+        cl = torch.channels_last
+        variants.append(Variant(BASELINE + CHANNELS_LAST, variants[1].make, memory_format=cl))
+        if any(v.name == "InPlaceABN[cpp]" for v in variants):
+            variants.append(Variant("InPlaceABN[cpp]" + CHANNELS_LAST, iabn, backend="cpp", memory_format=cl))
     return variants
+
+
+def _dy_for(variant: Variant, dy: torch.Tensor) -> torch.Tensor:
+    """dy in the variant's memory format (converted once per (dy, format), outside any timed region)."""
+    if variant.memory_format == torch.contiguous_format:
+        return dy
+    cache = _DY_CACHE.get(id(dy))
+    if cache is None or cache[0] is not dy:
+        cache = (dy, dy.contiguous(memory_format=variant.memory_format))
+        _DY_CACHE[id(dy)] = cache
+    return cache[1]
+
+
+_DY_CACHE: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -212,12 +242,14 @@ class Stepper:
         variant.prepare()
         layer.zero_grad(set_to_none=True)
         x_leaf.grad = None
-        inp = x_leaf.clone()  # non-leaf (in-place on a grad-requiring leaf is an error), fresh every step
+        # non-leaf (in-place on a grad-requiring leaf is an error), fresh every step, in the variant's format
+        inp = x_leaf.clone(memory_format=variant.memory_format)
         self._sync()
         return inp
 
     def step(self, mode: str, variant: Variant, layer: nn.Module, x_leaf: torch.Tensor, dy: torch.Tensor) -> float:
         """Seconds spent in the measured region of ``mode``."""
+        dy = _dy_for(variant, dy)
         inp = self._prepare(variant, layer, x_leaf)
         if self.cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -249,6 +281,7 @@ class Stepper:
         """CUDA only: allocator peak of one full step above what was allocated before it (input included)."""
         if not self.cuda:
             return None
+        dy = _dy_for(variant, dy)
         inp = self._prepare(variant, layer, x_leaf)
         torch.cuda.reset_peak_memory_stats(self.device)
         base = torch.cuda.memory_allocated(self.device)
@@ -276,7 +309,7 @@ def saved_bytes(variant: Variant, layer: nn.Module, x_leaf: torch.Tensor) -> int
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = layer(x_leaf.clone())
+        y = layer(x_leaf.clone(memory_format=variant.memory_format))
     del y, keep
     return sum(seen.values())
 
@@ -289,8 +322,13 @@ def check_agreement(variants: List[Variant], layers: Dict[str, nn.Module], x_lea
     for v in variants:
         v.prepare()
         x = x_leaf.detach().clone().requires_grad_()
-        y = layers[v.name](x.clone())
-        y.backward(dy)
+        inp = x.clone(memory_format=v.memory_format)
+        y = layers[v.name](inp)
+        if v.memory_format != torch.contiguous_format:
+            kept = y.is_contiguous(memory_format=v.memory_format)
+            same = y.data_ptr() == inp.data_ptr()
+            print(f"  check {v.name:32s} output keeps memory format: {kept}; in place (same data_ptr): {same}")
+        y.backward(_dy_for(v, dy))
         results[v.name] = (y.detach().float(), x.grad.float())
     ref = results[BASELINE]
     for name, (y, dx) in results.items():
@@ -372,6 +410,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--quick", action="store_true", help="short smoke run (few rounds)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="CSV to append to (default %(default)s)")
     parser.add_argument("--no-csv", action="store_true", help="print only, write nothing")
+    parser.add_argument("--no-channels-last", action="store_true",
+                        help="skip the channels_last variants (contiguous inputs only)")
     args = parser.parse_args(argv)
 
     shapes = [parse_shape(s) for s in args.shapes.split(",") if s]
@@ -390,7 +430,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         threads_list = [int(t) for t in args.threads.split(",") if t]
         machine = machine_name()
 
-    variants = build_variants(device)
+    variants = build_variants(device, channels_last=not args.no_channels_last)
     if BASELINE not in {v.name for v in variants}:
         raise SystemExit("baseline variant missing")
     now = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0)
@@ -469,11 +509,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for r in rows:
         if r["mode"] != "full" or not str(r["variant"]).startswith("InPlaceABN"):
             continue
+        if str(r["variant"]).endswith(CHANNELS_LAST):
+            continue  # reported below, against the contiguous run of the same variant
         limit = 0.8 if r["variant"] == "InPlaceABN[cpp]" else 1.3
         ok = float(r["ratio_vs_bn_inplace"]) <= limit
         print(f"  {r['shape']:>14s} t={r['threads']} {r['variant']:20s} x{float(r['ratio_vs_bn_inplace']):.3f} "
               f"(<= {limit}) {'OK' if ok else 'MISSED'}   saved {r['saved_activations']} act, "
               f"{r['gbps_8pass']} GB/s (8-pass)")  # fmt: skip
+
+    cl_rows = [r for r in rows if str(r["variant"]).endswith(CHANNELS_LAST)]
+    if cl_rows:
+        print("\n[bench] channels_last vs contiguous (ratio of medians, same variant, shape and threads):")
+        index = {(r["variant"], r["mode"], r["shape"], r["threads"]): r for r in rows}
+        for r in cl_rows:
+            base = index.get((str(r["variant"])[: -len(CHANNELS_LAST)], r["mode"], r["shape"], r["threads"]))
+            if base is not None:
+                ratio = float(r["median_ms"]) / float(base["median_ms"])
+                print(f"  {r['shape']:>14s} t={r['threads']} {r['mode']:4s} {r['variant']:46s} "
+                      f"{float(r['median_ms']):9.3f} ms vs {float(base['median_ms']):9.3f} ms  x{ratio:.3f}")
 
     if not args.no_csv:
         write_rows(args.out, rows)

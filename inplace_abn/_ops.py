@@ -31,21 +31,15 @@ class _Overloads:
             setattr(self, name, getattr(torch.ops.inplace_abn, name).default)
 
 
-_overloads: Optional[_Overloads] = None
+# Resolved at import, never reassigned: a lazy first assignment inside a torch.compile'd call would
+# invalidate dynamo's guard on it and force a recompile.
+_overloads: Optional[_Overloads] = _Overloads() if _backend.extension_loaded() else None
 
 
 def _native(t: Tensor) -> Optional[_Overloads]:
     """The compiled ops when they serve ``t`` (backend "cpp" with kernels for its device), else None."""
-    global _overloads
-    if _backend.get_backend() != "cpp":
+    if _backend.get_backend() != "cpp" or not _KERNELS.get(t.device.type, False):
         return None
-    device = t.device.type
-    if device not in _KERNELS:
-        _KERNELS[device] = device == "meta" or _backend.has_kernel(device)
-    if not _KERNELS[device]:
-        return None
-    if _overloads is None:
-        _overloads = _Overloads()
     return _overloads
 
 

@@ -1,0 +1,296 @@
+"""Mixed precision and memory formats of InPlaceABN.
+
+(a) autocast (CPU bf16; CUDA fp16/bf16, ``cuda``-marked): Conv2d -> InPlaceABN with float32 parameters; the
+    conv output is half, so the layer gets a half input with float32 weights. Output, grads and running
+    stats vs the float32 model, running stats stay float32 and are computed in float32.
+(b) modules and inputs cast with ``.half()`` / ``.bfloat16()`` (CPU, both backends).
+(c) channels_last / channels_last_3d: the output keeps the input's memory format and storage (in place),
+    dx has the same format, and (backend "cpp") the forward makes no full-size copy.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.testing import assert_close
+
+import inplace_abn
+from inplace_abn import InPlaceABN
+
+# (dtype, autocast?) -> (atol, rtol, reason). atol is scaled by max(1, max|expected|) (see `check`).
+TOL = {
+    (torch.bfloat16, True): (6e-2, 6e-2,
+        "autocast bf16 vs float32 model: the conv runs in bf16 (u = 3.9e-3, sums over 27-72 products), the "
+        "layer normalises that rounded input and rounds y to bf16; after two such stages errors are ~10 u"),
+    (torch.float16, True): (1e-2, 1e-2,
+        "autocast fp16 vs float32 model: as bf16 with an 8x finer unit roundoff (u = 4.9e-4)"),
+    (torch.bfloat16, False): (6e-2, 6e-2,
+        "model.bfloat16(): conv and parameters in bf16 as well; y rounded to bf16, x_hat recovered from it"),
+    (torch.float16, False): (1e-2, 1e-2,
+        "model.half(): fp16 everywhere; statistics and per-channel sums accumulate in float32"),
+    (torch.float32, False): (2e-5, 2e-5,
+        "layer-only reference on the same half-valued input: float32 vs float32, summation order only"),
+}  # fmt: skip
+
+# Layer-only comparison: the half layer vs the float32 layer on *the same* (half-valued) input. Only the
+# rounding of y (and of dx) to the half type differs: 2 u relative, plus the inversion of the rounded y in
+# backward (x_hat = (z - b) / g amplifies by |b| / g, <= ~3 with the weights used here).
+LAYER_TOL = {
+    torch.bfloat16: (3e-2, 3e-2, "y and dx rounded to bf16 (u = 3.9e-3), x_hat recovered from the rounded y"),
+    torch.float16: (4e-3, 4e-3, "y and dx rounded to fp16 (u = 4.9e-4), x_hat recovered from the rounded y"),
+}
+
+# Statistics are accumulated in float32 whatever the input: the running mean after one step from zero is
+# momentum * mean(x) and must match the float64 mean of the (exactly representable) half input to float32
+# accuracy. Computed in bf16 it would be off by ~1e-3 relative.
+STATS_RTOL = 1e-5
+
+# Whole-model dx in bf16 vs float32: pre-activations within a rounding error of 0 take the other leaky_relu
+# branch (slope 1 vs 0.01) in one model, so ~1% of dx elements differ entirely (inherent to comparing two
+# precisions through a kink, seen identically on both backends); dx is compared by relative L2 norm there.
+# The per-channel parameter grads are sums with cancellation (dweight = sum dz * x_hat over N*H*W), so one
+# channel can carry a large relative error; they are compared the same way (norm over all channels).
+DX_NORM_RTOL = {torch.bfloat16: 1e-1, torch.float16: 1e-2}
+
+
+def check_norm(actual, expected, rtol, msg=""):
+    a, e = actual.detach().double(), expected.detach().double()
+    err = ((a - e).norm() / e.norm()).item()
+    assert err <= rtol, f"{msg}: relative L2 error {err:.3e} > {rtol}"
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+C = 8
+
+
+def check(actual, expected, tol, msg=""):
+    atol, rtol = tol[:2]
+    expected = expected.detach().to(torch.float64)
+    actual = actual.detach().to(torch.float64)
+    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    assert_close(actual, expected, atol=atol * scale, rtol=rtol, msg=lambda m: f"{msg}: {m}")
+
+
+def make_model(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(3, C, 3, padding=1, bias=False), InPlaceABN(C, activation="leaky_relu",
+                                                                               activation_param=0.01))  # fmt: skip
+    with torch.no_grad():
+        w = torch.randn(C) * 1.5
+        w = torch.where(w.abs() < 0.3, w.sign() * 0.3 + w, w)
+        model[1].weight.copy_(w)
+        model[1].bias.copy_(torch.randn(C) * 0.5)
+    return model
+
+
+def step(model, x, w, autocast_device=None, dtype=None):
+    """One training step; returns out (float), dx, grads, buffers, and the layer's input (the conv output)."""
+    x = x.clone().requires_grad_()
+    captured = {}
+
+    def capture(module, inputs, output):  # returns None: a forward hook's return value replaces the output
+        captured["conv_out"] = output.detach().clone()
+
+    hook = model[0].register_forward_hook(capture)
+    try:
+        if autocast_device is not None:
+            with torch.autocast(autocast_device, dtype=dtype):
+                out = model(x)
+        else:
+            out = model(x)
+    finally:
+        hook.remove()
+    (out.float() * w).sum().backward()
+    rec = {"out": out.detach(), "dx": x.grad}
+    rec.update({"grad." + n: p.grad for n, p in model.named_parameters()})
+    rec.update({"buf." + n: b.clone() for n, b in model.named_buffers()})
+    rec["conv_out"] = captured["conv_out"]
+    return rec
+
+
+# ------------------------------------------------------------------------------------------ (a) autocast
+def _autocast_case(device, dtype, backend):
+    model = make_model().to(device)
+    reference = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 3, 10, 12, generator=gen).to(device)
+    w = torch.randn(4, C, 10, 12, generator=gen).to(device)
+    mixed = step(model, x, w, device, dtype)
+    ref = step(reference, x, w)
+    tol = TOL[(dtype, True)]
+
+    layer = model[1]
+    assert mixed["conv_out"].dtype == dtype, "autocast should run the conv in the half type"
+    assert mixed["out"].dtype == dtype
+    assert layer.weight.dtype == torch.float32 and layer.weight.grad.dtype == torch.float32
+    for name in ("running_mean", "running_var"):
+        assert getattr(layer, name).dtype == torch.float32, name
+    assert layer.num_batches_tracked.item() == 1
+    for key in ref:
+        if key == "conv_out" or key.endswith("num_batches_tracked"):
+            continue
+        if key == "dx" or key.startswith("grad."):
+            check_norm(mixed[key], ref[key], DX_NORM_RTOL[dtype], msg=key)
+            continue
+        check(mixed[key], ref[key], tol, msg=f"{key} ({tol[2]})")
+
+    # statistics in float32: running_mean = momentum * mean, running_var = (1 - m) + m * unbiased var
+    xin = mixed["conv_out"].to(torch.float64)
+    mean = xin.mean(dim=(0, 2, 3))
+    var = xin.var(dim=(0, 2, 3), unbiased=True)
+    assert_close(layer.running_mean.double(), 0.1 * mean, rtol=STATS_RTOL, atol=1e-7)
+    assert_close(layer.running_var.double(), 0.9 + 0.1 * var, rtol=STATS_RTOL, atol=1e-7)
+
+    # layer-only: the half layer vs the float32 layer on the same half-valued input
+    lt = LAYER_TOL[dtype]
+    ref_layer = copy.deepcopy(layer)
+    ref_layer.reset_running_stats()
+    half_layer = copy.deepcopy(ref_layer)
+    x16 = mixed["conv_out"].clone().requires_grad_()
+    x32 = mixed["conv_out"].float().requires_grad_()
+    dy = torch.randn(x16.shape, generator=gen).to(device)
+    with torch.autocast(device, dtype=dtype):
+        y16 = half_layer(x16.clone())
+    y32 = ref_layer(x32.clone())
+    (y16.float() * dy).sum().backward()
+    (y32 * dy).sum().backward()
+    check(y16, y32, lt, "layer y")
+    check(x16.grad, x32.grad, lt, "layer dx")
+    check(half_layer.weight.grad, ref_layer.weight.grad, lt, "layer dweight")
+    check(half_layer.bias.grad, ref_layer.bias.grad, lt, "layer dbias")
+    assert_close(half_layer.running_mean, ref_layer.running_mean, rtol=STATS_RTOL, atol=1e-7)
+    assert_close(half_layer.running_var, ref_layer.running_var, rtol=STATS_RTOL, atol=1e-7)
+
+
+def test_cpu_autocast_bf16(backend):
+    _autocast_case("cpu", torch.bfloat16, backend)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_cuda_autocast(dtype):
+    previous = inplace_abn.get_backend()
+    inplace_abn.set_backend("cpp")
+    try:
+        _autocast_case("cuda", dtype, "cpp")
+    finally:
+        inplace_abn.set_backend(previous)
+
+
+# ---------------------------------------------------------------------------------- (b) cast modules
+def _cast_case(device, dtype):
+    model = make_model().to(device)
+    reference = copy.deepcopy(model)
+    model = model.to(dtype)
+    gen = torch.Generator().manual_seed(2)
+    # the input is rounded to the half type first so both models see the same values
+    x = torch.randn(4, 3, 10, 12, generator=gen).to(dtype).to(device)
+    w = torch.randn(4, C, 10, 12, generator=gen).to(device)
+    half = step(model, x, w)
+    ref = step(reference, x.float(), w)
+    tol = TOL[(dtype, False)]
+    layer = model[1]
+    assert half["out"].dtype == dtype and half["dx"].dtype == dtype
+    assert layer.running_mean.dtype == dtype  # .to(dtype) converts the buffers, as for nn.BatchNorm2d
+    for key in ref:
+        if key == "conv_out" or key.endswith("num_batches_tracked"):
+            continue
+        if key == "dx" or key.startswith("grad."):
+            check_norm(half[key], ref[key], DX_NORM_RTOL[dtype], msg=key)
+            continue
+        check(half[key], ref[key], tol, msg=f"{key} ({tol[2]})")
+    assert layer.num_batches_tracked.item() == 1
+    # statistics computed in float32 then stored in the buffer dtype: equal to the float64 mean of the
+    # half conv output, up to the final rounding to the buffer dtype (half an ulp)
+    xin = half["conv_out"].to(torch.float64)
+    expected = (0.1 * xin.mean(dim=(0, 2, 3))).to(dtype).double()
+    ulp = torch.finfo(dtype).eps
+    assert_close(layer.running_mean.double(), expected, rtol=ulp, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_cast_module_cpu(backend, dtype):
+    _cast_case("cpu", dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_cast_module_cuda(dtype):
+    previous = inplace_abn.get_backend()
+    inplace_abn.set_backend("cpp")
+    try:
+        _cast_case("cuda", dtype)
+    finally:
+        inplace_abn.set_backend(previous)
+
+
+# ------------------------------------------------------------------------------------- (c) channels_last
+LAYOUTS = [
+    ((4, C, 10, 12), torch.channels_last),
+    ((2, C, 4, 6, 5), torch.channels_last_3d),
+]
+LAYOUT_IDS = ["channels_last", "channels_last_3d"]
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("shape,fmt", LAYOUTS, ids=LAYOUT_IDS)
+def test_memory_format_kept(backend, shape, fmt, dtype, train):
+    layer = InPlaceABN(C, activation="elu", activation_param=1.0).train(train)
+    x0 = torch.randn(shape, dtype=dtype).contiguous(memory_format=fmt).requires_grad_()
+    x = x0.clone(memory_format=torch.preserve_format)
+    assert x.is_contiguous(memory_format=fmt) and not x.is_contiguous()
+    ptr = x.data_ptr()
+    grads = {}
+    x.register_hook(lambda g: grads.setdefault("dx", g))
+    y = layer(x)
+    assert y is x and y.data_ptr() == ptr, "not in place"
+    assert y.is_contiguous(memory_format=fmt)
+    y.backward(torch.randn(shape, dtype=dtype).contiguous(memory_format=fmt))
+    assert grads["dx"].is_contiguous(memory_format=fmt), grads["dx"].stride()
+    # and the result equals the contiguous computation
+    ref_layer = InPlaceABN(C, activation="elu", activation_param=1.0).train(train)
+    y_ref = ref_layer(x0.detach().contiguous().clone())
+    check(y, y_ref, (1e-6, 1e-6) if dtype == torch.float32 else (1e-2, 1e-2), "y vs contiguous")
+
+
+_COPY_OPS = {"aten::copy_", "aten::clone", "aten::contiguous", "aten::_to_copy", "aten::to", "aten::empty_like",
+             "aten::empty", "aten::empty_strided"}  # fmt: skip
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape,fmt", LAYOUTS, ids=LAYOUT_IDS)
+def test_channels_last_forward_no_full_copy(shape, fmt, train):
+    """backend "cpp": the forward of a channels_last input allocates nothing of full size and calls no
+    copy op on a full-size tensor (the python path may use temporaries, so it is not checked)."""
+    if not inplace_abn.extension_loaded():
+        pytest.skip("compiled extension not loaded")
+    from torch.profiler import ProfilerActivity, profile
+
+    previous = inplace_abn.get_backend()
+    inplace_abn.set_backend("cpp")
+    try:
+        layer = InPlaceABN(C).train(train)
+        x = torch.randn(shape).contiguous(memory_format=fmt).requires_grad_().clone()
+        layer(x.detach().clone())  # warm-up
+        full_bytes = x.numel() * x.element_size()
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True) as prof:
+            y = layer(x)
+    finally:
+        inplace_abn.set_backend(previous)
+    assert y.data_ptr() == x.data_ptr()
+    offenders = []
+    allocated = 0
+    for ev in prof.events():
+        mem = getattr(ev, "cpu_memory_usage", 0) or 0
+        if mem > 0 and ev.cpu_parent is None:
+            allocated += mem
+        if mem >= full_bytes // 2:
+            offenders.append((ev.name, mem))
+        if ev.name in _COPY_OPS and any(list(s) == list(shape) for s in (ev.input_shapes or [])):
+            offenders.append((ev.name, ev.input_shapes))
+    assert not offenders, f"full-size copies/allocations in the forward: {offenders}"
+    assert allocated < full_bytes // 2, f"forward allocated {allocated} B, input is {full_bytes} B"
