@@ -257,7 +257,7 @@ struct ChannelAffine {
   AffineParams<T> at(int64_t c) const { return {gamma[c], inv_gamma[c], beta[c]}; }
 };
 
-// Runs op.ncs(offset, len, channel) or op.nsc_row(offset) over the units [begin, end).
+// Runs op.ncs(offset, len, channel) or op.nsc_rows(offset, rows) over the units [begin, end).
 template <typename Op>
 void for_each_run(const Geometry& g, int64_t begin, int64_t end, const Op& op) {
   for (int64_t u = begin; u < end; ++u) {
@@ -266,9 +266,7 @@ void for_each_run(const Geometry& g, int64_t begin, int64_t end, const Op& op) {
       op.ncs(r.offset, r.len, r.channel);
     } else {
       const NscRows r = nsc_rows(g, u);
-      for (int64_t row = r.first_row; row < r.first_row + r.rows; ++row) {
-        op.nsc_row(row * g.C);
-      }
+      op.nsc_rows(r.first_row * g.C, r.rows);
     }
   }
 }
@@ -290,7 +288,14 @@ struct ForwardOp {
       xp[i] = static_cast<scalar_t>(forward_element<A, T>(static_cast<T>(xp[i]), k, b, q));
     }
   }
-  IABN_HOT void nsc_row(int64_t off) const {
+  // NB: one out-of-line (multi-versioned) call per block of rows, not per row: a row of C channels is
+  // only a few vectors long, and a call per row made channels_last 2x slower than contiguous.
+  IABN_HOT void nsc_rows(int64_t off, int64_t rows) const {
+    for (int64_t r = 0; r < rows; ++r) {
+      nsc_row(off + r * C);
+    }
+  }
+  void nsc_row(int64_t off) const {
     scalar_t* __restrict__ xp = x + off;
     const T* __restrict__ k = scale;
     const T* __restrict__ b = shift;
@@ -354,7 +359,7 @@ IABN_HOT void reduce_ncs(const scalar_t* __restrict__ y, const scalar_t* __restr
 }
 
 template <Activation A, typename scalar_t, typename T>
-IABN_HOT void reduce_nsc_row(const scalar_t* __restrict__ y, const scalar_t* __restrict__ dy, int64_t C,
+inline void reduce_nsc_row(const scalar_t* __restrict__ y, const scalar_t* __restrict__ dy, int64_t C,
     const T* __restrict__ gamma, const T* __restrict__ inv_gamma, const T* __restrict__ beta,
     const ActivationParams<T> p, T* __restrict__ acc_dz, T* __restrict__ acc_dz_xhat) {
   IABN_SIMD
@@ -363,6 +368,16 @@ IABN_HOT void reduce_nsc_row(const scalar_t* __restrict__ y, const scalar_t* __r
     backward_reduce_element<A, T>(static_cast<T>(y[c]), static_cast<T>(dy[c]), {gamma[c], inv_gamma[c], beta[c]}, p, s1, s2);
     acc_dz[c] += s1;
     acc_dz_xhat[c] += s2;
+  }
+}
+
+// `rows` consecutive NSC rows in one out-of-line call (see ForwardOp::nsc_rows).
+template <Activation A, typename scalar_t, typename T>
+IABN_HOT void reduce_nsc_rows(const scalar_t* y, const scalar_t* dy, int64_t rows, int64_t C,
+    const ChannelAffine<T>* aff, const ActivationParams<T> p, T* acc_dz, T* acc_dz_xhat) {
+  for (int64_t r = 0; r < rows; ++r) {
+    reduce_nsc_row<A, scalar_t, T>(y + r * C, dy + r * C, C, aff->gamma.data(), aff->inv_gamma.data(),
+        aff->beta.data(), p, acc_dz, acc_dz_xhat);
   }
 }
 
@@ -403,10 +418,8 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce_cpu(
             const NscRows r = nsc_rows(g, u);
             acc1.assign(C, opmath_t(0));
             acc2.assign(C, opmath_t(0));
-            for (int64_t row = r.first_row; row < r.first_row + r.rows; ++row) {
-              reduce_nsc_row<kA, scalar_t, opmath_t>(yp + row * C, dyp + row * C, C, aff.gamma.data(),
-                  aff.inv_gamma.data(), aff.beta.data(), p, acc1.data(), acc2.data());
-            }
+            reduce_nsc_rows<kA, scalar_t, opmath_t>(
+                yp + r.first_row * C, dyp + r.first_row * C, r.rows, C, &aff, p, acc1.data(), acc2.data());
             for (int64_t c = 0; c < C; ++c) {
               part_dz[u * C + c] = static_cast<double>(acc1[c]);
               part_dz_xhat[u * C + c] = static_cast<double>(acc2[c]);
@@ -468,7 +481,14 @@ struct BackwardOp {
           backward_element<A, T>(static_cast<T>(yp[i]), static_cast<T>(dyp[i]), a, q, k, m1, m2));
     }
   }
-  IABN_HOT void nsc_row(int64_t off) const {
+  // NB: one out-of-line (multi-versioned) call per block of rows, not per row: a row of C channels is
+  // only a few vectors long, and a call per row made channels_last 2x slower than contiguous.
+  IABN_HOT void nsc_rows(int64_t off, int64_t rows) const {
+    for (int64_t r = 0; r < rows; ++r) {
+      nsc_row(off + r * C);
+    }
+  }
+  void nsc_row(int64_t off) const {
     const scalar_t* __restrict__ yp = y + off;
     const scalar_t* __restrict__ dyp = dy + off;
     scalar_t* __restrict__ dxp = dx + off;
@@ -549,7 +569,14 @@ struct InvertOp {
       op[i] = static_cast<scalar_t>(invert_element<A, T>(static_cast<T>(yp[i]), a, q));
     }
   }
-  IABN_HOT void nsc_row(int64_t off) const {
+  // NB: one out-of-line (multi-versioned) call per block of rows, not per row: a row of C channels is
+  // only a few vectors long, and a call per row made channels_last 2x slower than contiguous.
+  IABN_HOT void nsc_rows(int64_t off, int64_t rows) const {
+    for (int64_t r = 0; r < rows; ++r) {
+      nsc_row(off + r * C);
+    }
+  }
+  void nsc_row(int64_t off) const {
     const scalar_t* __restrict__ yp = y + off;
     scalar_t* __restrict__ op = out + off;
     const T* __restrict__ g = aff->gamma.data();
