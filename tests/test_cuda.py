@@ -28,7 +28,7 @@ from inplace_abn.reference import batch_norm_act
 
 # Shared helpers and tolerances of the CPU suites (tests/ is on sys.path under pytest's default
 # "prepend" import mode, as for conftest).
-from test_equivalence import ELU_HALF_TOL, EPS, TOL, make_weight, set_module_state
+from test_equivalence import ELU_HALF_TOL, EPS, TOL, layout_input, make_weight, set_module_state
 from test_memory import ACT_BYTES, SHAPE, VEC_BYTES, _saved, _stack
 from test_ops import OPS, _samples
 
@@ -73,31 +73,6 @@ def to_cuda_strided(t):
     out = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=DEV)
     out.copy_(t)
     return out
-
-
-def layout_input(x0, layout):
-    """A non-leaf CUDA input built from the CUDA leaf ``x0`` in the requested memory layout."""
-    if layout == "contiguous":
-        return x0.clone()
-    if layout == "channels_last":
-        x = x0.clone().contiguous(memory_format=torch.channels_last)
-        assert not x.is_contiguous()
-        return x
-    if layout == "channels_last_3d":
-        x = x0.clone().contiguous(memory_format=torch.channels_last_3d)
-        assert not x.is_contiguous()
-        return x
-    if layout == "transposed":
-        x = x0.transpose(-1, -2).contiguous().transpose(-1, -2)
-        assert not x.is_contiguous() and x._base is not None
-        return x
-    if layout == "sliced":
-        buf = torch.zeros(x0.shape[:-1] + (2 * x0.shape[-1],), dtype=x0.dtype, device=x0.device)
-        view = buf[..., ::2]
-        view.copy_(x0)
-        assert not view.is_contiguous() and view._base is buf
-        return view
-    raise AssertionError(layout)
 
 
 def run_cuda_equivalence(shape, activation, param, training, dtype=torch.float32, affine=True, layout="contiguous",

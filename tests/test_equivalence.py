@@ -93,7 +93,8 @@ def set_module_state(m, c, dtype):
 
 
 def layout_input(x0, layout):
-    """A non-leaf input built from the leaf ``x0`` (the layer writes into it) in the requested layout."""
+    """A non-leaf input built from the leaf ``x0`` (the layer writes into it) in the requested layout, on
+    ``x0``'s device."""
     if layout == "contiguous":
         return x0.clone()
     if layout == "channels_last":
@@ -112,7 +113,7 @@ def layout_input(x0, layout):
     if layout == "sliced":
         # Every other element of a wider buffer along the last dim (stride 2), filled from x0 through
         # the view so autograd links it to x0; the layer then writes into that strided view.
-        buf = torch.zeros(x0.shape[:-1] + (2 * x0.shape[-1],), dtype=x0.dtype)
+        buf = torch.zeros(x0.shape[:-1] + (2 * x0.shape[-1],), dtype=x0.dtype, device=x0.device)
         view = buf[..., ::2]
         view.copy_(x0)
         assert not view.is_contiguous() and view._base is buf
