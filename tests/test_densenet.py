@@ -1,0 +1,177 @@
+"""DenseNet package (naive / checkpoint memory modes, BatchNorm vs In-Place ABN): fast CPU checks."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+# `densenet` lives at the repository root and is not part of the installed wheel: make it importable under
+# plain `pytest` too (python -m pytest already puts the working directory on sys.path).
+_ROOT = str(Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+import densenet  # noqa: E402
+from densenet import DenseNet, densenet_bc  # noqa: E402
+from inplace_abn import InPlaceABN  # noqa: E402
+from inplace_abn.memory import parameters_of, saved_tensor_bytes  # noqa: E402
+
+MiB = 2**20
+
+
+def _numel(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "factory, expected",
+    [
+        ("densenet121", 7_978_856),
+        ("densenet169", 14_149_480),
+        ("densenet201", 20_013_928),
+        ("densenet161", 28_681_000),
+    ],
+)
+def test_imagenet_parameter_counts(factory, expected):
+    with torch.device("meta"):
+        model = getattr(densenet, factory)(norm="bn")
+        assert _numel(model) == expected
+        # In-Place ABN has exactly the parameters of BatchNorm2d (+ activation, which has none)
+        assert _numel(getattr(densenet, factory)(norm="iabn")) == expected
+
+
+def test_densenet264_parameter_counts():
+    with torch.device("meta"):
+        assert _numel(densenet.densenet264(norm="bn")) == 33_337_704  # 33.3M
+        assert abs(_numel(densenet.densenet264(norm="bn", growth_rate=48, num_init_features=96)) - 72.7e6) < 0.05e6
+
+
+def test_densenet_bc100_parameter_count():
+    with torch.device("meta"):
+        n = _numel(densenet_bc(100, norm="bn"))
+    print(f"DenseNet-BC-100 k=12: {n} parameters")
+    assert n == 769_162  # the paper's 0.769M, exact for the standard construction
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="not implemented yet: planned"):
+        DenseNet(memory="efficient")
+    with pytest.raises(ValueError, match="memory must be one of"):
+        DenseNet(memory="shared")
+    with pytest.raises(ValueError, match="norm must be one of"):
+        DenseNet(norm="gn")
+    with pytest.raises(ValueError, match="6n\\+4"):
+        densenet_bc(41)
+
+
+def test_submodules_are_registered():
+    model = densenet_bc(10, norm="iabn")
+    n_norms = sum(isinstance(m, InPlaceABN) for m in model.modules())
+    # per dense layer 2, per transition 1, final 1: 3 blocks of 1 layer, 2 transitions
+    assert n_norms == 3 * 2 + 2 + 1
+    assert len(list(model.state_dict())) > 0
+    assert all(isinstance(m, (nn.ModuleList, nn.ModuleDict)) for m in (model.blocks, model.transitions))
+
+
+def _loss_and_grads(model: nn.Module, x: torch.Tensor):
+    x = x.clone().requires_grad_(True)
+    loss = model(x).square().mean()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), x.grad.clone(), grads
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-10) -> bool:
+    return bool((a - b).abs().max() <= rel * max(b.abs().max().item(), 1e-300))
+
+
+@pytest.mark.parametrize("norm", ["bn", "iabn"])
+def test_checkpoint_matches_naive(norm):
+    torch.manual_seed(0)
+    naive = densenet_bc(10, norm=norm, memory="naive").double()
+    ckpt = densenet_bc(10, norm=norm, memory="checkpoint").double()
+    ckpt.load_state_dict(naive.state_dict())
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    loss_n, gx_n, g_n = _loss_and_grads(naive, x)
+    loss_c, gx_c, g_c = _loss_and_grads(ckpt, x)
+    names = {n for n, _ in naive.named_parameters()}
+    assert set(g_n) == names and set(g_c) == names, "every parameter must get a gradient"
+    assert _close(loss_c, loss_n)
+    assert _close(gx_c, gx_n)
+    for name in names:
+        assert _close(g_c[name], g_n[name]), name
+    assert torch.isfinite(loss_n)
+
+
+@pytest.mark.parametrize("norm", ["bn", "iabn"])
+def test_imagenet_stem_runs(norm):
+    model = densenet.DenseNet(
+        growth_rate=4, block_config=(1, 1), num_init_features=8, small_inputs=False, num_classes=5, norm=norm
+    )
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    out = model(x)
+    assert out.shape == (2, 5)
+    out.sum().backward()
+    assert x.grad is not None and all(p.grad is not None for p in model.parameters())
+
+
+def test_eval_and_no_grad_forward():
+    model = densenet_bc(10, norm="iabn", memory="checkpoint").eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 10)
+
+
+def _first_norm1(model: nn.Module) -> nn.Module:
+    norm1 = model.blocks[0]["denselayer1"].norm1
+    return norm1 if isinstance(norm1, InPlaceABN) else norm1[0]
+
+
+@pytest.mark.xfail(
+    strict=True, reason="double running-stat update of torch.utils.checkpoint, fixed by the efficient mode"
+)
+@pytest.mark.parametrize("norm", ["bn", "iabn"])
+def test_checkpoint_running_stats_updated_once(norm):
+    model = densenet_bc(10, norm=norm, memory="checkpoint")
+    norm1 = _first_norm1(model)
+    model(torch.randn(4, 3, 32, 32)).sum().backward()
+    assert int(norm1.num_batches_tracked) == 1  # currently 2: the recompute updates the stats again
+
+
+@pytest.mark.parametrize("norm", ["bn", "iabn"])
+def test_naive_running_stats_updated_once(norm):
+    model = densenet_bc(10, norm=norm, memory="naive")
+    model(torch.randn(4, 3, 32, 32)).sum().backward()
+    assert int(_first_norm1(model).num_batches_tracked) == 1
+
+
+def _saved_mib(depth: int, norm: str, memory: str) -> float:
+    with torch.device("meta"):
+        model = densenet_bc(depth, norm=norm, memory=memory)
+        x = torch.randn(8, 3, 32, 32)
+    nbytes, _, _ = saved_tensor_bytes(lambda: model(x), exclude=parameters_of(model))
+    return nbytes / MiB
+
+
+def test_saved_memory_iabn_below_bn_depth40():
+    bn, iabn = _saved_mib(40, "bn", "naive"), _saved_mib(40, "iabn", "naive")
+    print(f"DenseNet-BC-40 batch 8 32x32 saved: naive/bn {bn:.1f} MiB, naive/iabn {iabn:.1f} MiB")
+    assert iabn < bn
+
+
+def test_saved_memory_relations_depth100():
+    """densenet.md (emulation): standard 265.9 MiB, IABN only 145.0, checkpoint 96.5.
+
+    Note: the hooks do not see the inputs kept alive by a non-reentrant checkpoint (they are held by the
+    recompute closure, not saved tensors), so the checkpoint figures are a lower bound of what is resident.
+    """
+    mib = {(n, m): _saved_mib(100, n, m) for n, m in [("bn", "naive"), ("bn", "checkpoint"), ("iabn", "naive")]}
+    print("DenseNet-BC-100 batch 8 32x32 saved MiB:", {f"{m}/{n}": round(v, 1) for (n, m), v in mib.items()})
+    bn = mib[("bn", "naive")]
+    assert abs(bn - 265.9) < 0.02 * 265.9  # the standard model's figure
+    assert 0.45 * bn < mib[("iabn", "naive")] < 0.65 * bn  # In-Place ABN halves the quadratic term
+    assert mib[("bn", "checkpoint")] < 0.5 * bn
