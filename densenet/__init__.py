@@ -1,4 +1,4 @@
-"""Memory-efficient DenseNet built on In-Place ABN (naive and checkpoint modes; shared-storage mode planned)."""
+"""Memory-efficient DenseNet built on In-Place ABN (naive and checkpoint modes; shared-storage "efficient" mode (norm="iabn"))."""
 
 from .model import (
     MEMORY_MODES,

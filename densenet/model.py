@@ -7,7 +7,10 @@ Memory modes:
       ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)`` (torchvision's ``memory_efficient``);
       it is recomputed in backward. Known pitfall: the recompute updates the running statistics of norm1
       a second time per step (``num_batches_tracked`` advances by 2).
-    * ``"efficient"``: shared-storage mode, planned (not implemented yet).
+    * ``"efficient"`` (``norm="iabn"`` only): the bottleneck ``concat -> In-Place ABN -> conv1x1`` is one
+      autograd Function (:mod:`densenet.efficient`) that keeps only the input features and the per-channel
+      batch statistics; backward rebuilds the normalised concatenation from them (no reduction, no second
+      running-stat update). Saved activations per block become linear in the number of layers.
 
 In-place safety with ``norm="iabn"``: every In-Place ABN input is a freshly allocated tensor that nothing
 else needs (a ``torch.cat`` output, or a conv output), so overwriting it is safe.
@@ -24,6 +27,8 @@ from torch import Tensor, nn
 
 from inplace_abn import InPlaceABN
 
+from .efficient import efficient_bottleneck
+
 __all__ = [
     "DenseNet",
     "densenet_bc",
@@ -37,19 +42,19 @@ __all__ = [
 ]
 
 NORMS: Tuple[str, ...] = ("bn", "iabn")
-MEMORY_MODES: Tuple[str, ...] = ("naive", "checkpoint")
-_PLANNED_MEMORY_MODES: Tuple[str, ...] = ("efficient",)
+MEMORY_MODES: Tuple[str, ...] = ("naive", "checkpoint", "efficient")
 
 
 def _check_options(norm: str, memory: str) -> None:
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-    if memory in _PLANNED_MEMORY_MODES:
-        raise ValueError(
-            f"memory={memory!r} is not implemented yet: planned (shared-storage mode); use one of {MEMORY_MODES}"
-        )
     if memory not in MEMORY_MODES:
         raise ValueError(f"memory must be one of {MEMORY_MODES}, got {memory!r}")
+    if memory == "efficient" and norm != "iabn":
+        raise ValueError(
+            'memory="efficient" requires norm="iabn" (the shared buffer is normalised in place and rebuilt from '
+            'the saved statistics in backward); use memory="checkpoint" for norm="bn"'
+        )
 
 
 def make_norm(num_features: int, norm: str) -> nn.Module:
@@ -79,7 +84,7 @@ class _DenseLayer(nn.Module):
         bn_size: Bottleneck width multiplier.
         drop_rate: Dropout probability after the 3x3 conv (kept outside any recomputed region).
         norm: ``"bn"`` or ``"iabn"``.
-        memory: ``"naive"`` or ``"checkpoint"``.
+        memory: ``"naive"``, ``"checkpoint"`` or ``"efficient"``.
 
     Shape:
         Input: a list of (N, C_i, H, W) tensors with sum(C_i) = C_in. Output: (N, k, H, W).
@@ -101,7 +106,10 @@ class _DenseLayer(nn.Module):
         return self.conv1(self.norm1(torch.cat(features, 1)))
 
     def forward(self, features: List[Tensor]) -> Tensor:
-        if self.memory == "checkpoint" and torch.is_grad_enabled() and any(f.requires_grad for f in features):
+        if self.memory == "efficient":
+            # One autograd Function: saves the features and per-channel statistics, recomputes the rest.
+            out = efficient_bottleneck(self.norm1, self.conv1, *features)
+        elif self.memory == "checkpoint" and torch.is_grad_enabled() and any(f.requires_grad for f in features):
             # Each feature is its own argument (never one list): non-reentrant checkpoint keeps the gradients.
             out = cp.checkpoint(self.bottleneck, *features, use_reentrant=False)
         else:
@@ -173,7 +181,7 @@ class DenseNet(nn.Module):
         small_inputs: True: stem = one 3x3 conv (CIFAR). False: 7x7 stride-2 conv + norm + 3x3 stride-2
             max-pool (ImageNet).
         norm: ``"bn"`` (BatchNorm2d + ReLU) or ``"iabn"`` (In-Place ABN, leaky_relu 0.01).
-        memory: ``"naive"`` or ``"checkpoint"`` (``"efficient"`` is planned and raises ValueError).
+        memory: ``"naive"``, ``"checkpoint"`` or ``"efficient"`` (the last requires ``norm="iabn"``).
 
     Shape:
         Input (N, 3, H, W). Output (N, num_classes).
