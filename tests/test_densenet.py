@@ -298,3 +298,27 @@ def test_saved_memory_efficient_depth100():
     print(f"DenseNet-BC-100 batch 8 32x32 saved: efficient/iabn {eff:.1f} MiB")
     assert eff < 65.0
     assert eff < _saved_mib(100, "bn", "checkpoint")
+
+
+def test_memory_growth_naive_quadratic_efficient_linear():
+    """Reduced-size version of benchmarks/bench_densenet.py's sweep: a quadratic fit of saved MiB over the
+    number of dense layers has a clearly positive L^2 term for naive, and none for the efficient mode."""
+    import numpy as np
+
+    from inplace_abn.memory import parameters_of, saved_tensor_bytes
+
+    def saved(depth, memory, norm):
+        model = densenet_bc(depth, memory=memory, norm=norm).to("meta").train()
+        x = torch.empty(8, 3, 32, 32, device="meta", requires_grad=True)
+        return saved_tensor_bytes(lambda: model(x), exclude=parameters_of(model) + [x])[0] / 2**20
+
+    depths = [40, 70, 100, 130]
+    layers = np.asarray(depths, dtype=float) - 4
+    quad = {}
+    for memory, norm in (("naive", "bn"), ("naive", "iabn"), ("efficient", "iabn")):
+        mib = [saved(d, memory, norm) for d in depths]
+        a, b, _ = np.polyfit(layers, mib, 2)
+        quad[(memory, norm)] = (a, b)
+    assert quad[("naive", "bn")][0] > 0.01, quad  # ~0.017 MiB / layer^2 at batch 8, 32x32
+    assert quad[("naive", "iabn")][0] > 0.005, quad  # In-Place ABN halves the quadratic term...
+    assert abs(quad[("efficient", "iabn")][0]) < 1e-3, quad  # ...the efficient mode removes it
