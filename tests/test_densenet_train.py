@@ -1,0 +1,213 @@
+"""densenet.train / densenet.data: CLI smoke run, exact resume, local CIFAR-10 loader and its error messages."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import pickle
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+_ROOT = str(Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+from densenet import data as dn_data  # noqa: E402
+from densenet import train as dn_train  # noqa: E402
+from densenet.data import DataError, load_cifar10_tensors  # noqa: E402
+
+_N_PER_BATCH = 20
+
+
+def _write_cifar(root: Path, n: int = _N_PER_BATCH, seed: int = 0) -> Path:
+    """A tiny synthetic CIFAR-10 copy in the official layout: root/cifar-10-batches-py/{data_batch_1..5,test_batch}."""
+    rng = np.random.RandomState(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        d = {b"data": rng.randint(0, 256, size=(n, 3072), dtype=np.uint8),
+             b"labels": rng.randint(0, 10, size=n).tolist(), b"batch_label": name.encode()}
+        with open(folder / name, "wb") as f:
+            pickle.dump(d, f, protocol=2)
+    return folder
+
+
+def _tiny_args(out: Path, *extra: str) -> list:
+    return ["--depth", "10", "--growth-rate", "4", "--batch-size", "16", "--threads", "1", "--no-progress",
+            "--out", str(out), *extra]
+
+
+# ------------------------------------------------------------------------------------------- CIFAR loader
+
+
+def test_cifar_loader_synthetic(tmp_path):
+    folder = _write_cifar(tmp_path)
+    xtr, ytr, xte, yte = load_cifar10_tensors(str(tmp_path))
+    assert xtr.shape == (5 * _N_PER_BATCH, 3, 32, 32) and xtr.dtype == torch.float32
+    assert xte.shape == (_N_PER_BATCH, 3, 32, 32)
+    assert ytr.shape == (5 * _N_PER_BATCH,) and ytr.dtype == torch.int64 and int(ytr.max()) <= 9
+    # Layout: row-major 3x32x32 (channel planes), normalised with the CIFAR mean/std.
+    with open(folder / "data_batch_1", "rb") as f:
+        raw = pickle.load(f, encoding="bytes")
+    pix = raw[b"data"][0].reshape(3, 32, 32)[1, 5, 7] / 255.0
+    expect = (pix - dn_data.CIFAR10_MEAN[1]) / dn_data.CIFAR10_STD[1]
+    assert xtr[0, 1, 5, 7].item() == pytest.approx(expect, abs=1e-5)
+    assert ytr[0].item() == raw[b"labels"][0]
+    # The cifar-10-batches-py folder itself is accepted too.
+    assert load_cifar10_tensors(str(folder))[0].shape == xtr.shape
+
+
+def test_cifar_missing_dir(tmp_path):
+    missing = tmp_path / "nope"
+    with pytest.raises(DataError, match="not found") as e:
+        load_cifar10_tensors(str(missing))
+    assert str(missing) in str(e.value) and "--data-dir" in str(e.value)
+
+
+def test_cifar_missing_file(tmp_path):
+    folder = _write_cifar(tmp_path)
+    os.remove(folder / "data_batch_3")
+    with pytest.raises(DataError, match="missing") as e:
+        load_cifar10_tensors(str(tmp_path))
+    assert "data_batch_3" in str(e.value)
+
+
+@pytest.mark.parametrize("kind", ["truncated", "garbage", "wrong_shape", "wrong_keys"])
+def test_cifar_corrupt_file(tmp_path, kind):
+    folder = _write_cifar(tmp_path)
+    bad = folder / "test_batch"
+    if kind == "truncated":
+        bad.write_bytes(bad.read_bytes()[:100])
+    elif kind == "garbage":
+        bad.write_bytes(b"this is not a pickle")
+    elif kind == "wrong_shape":
+        with open(bad, "wb") as f:
+            pickle.dump({b"data": np.zeros((4, 100), np.uint8), b"labels": [0] * 4}, f)
+    else:
+        with open(bad, "wb") as f:
+            pickle.dump({b"pixels": np.zeros((4, 3072), np.uint8)}, f)
+    with pytest.raises(DataError, match="corrupt") as e:
+        load_cifar10_tensors(str(tmp_path))
+    assert "test_batch" in str(e.value)
+
+
+def test_cli_cifar_bad_path_exit_code(tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    rc = dn_train.main(_tiny_args(tmp_path / "out", "--data", "cifar10", "--data-dir", str(missing)))
+    assert rc == 2
+    assert str(missing) in capsys.readouterr().err
+
+
+def test_cli_cifar_one_epoch(tmp_path):
+    _write_cifar(tmp_path / "data")
+    out = tmp_path / "out"
+    rc = dn_train.main(_tiny_args(out, "--data", "cifar10", "--data-dir", str(tmp_path / "data"), "--epochs", "1"))
+    assert rc == 0
+    assert json.loads((out / "final.json").read_text())["epochs"] == 1
+
+
+# ------------------------------------------------------------------------------------------- digits CLI
+
+
+def test_cli_digits_one_epoch(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    out = tmp_path / "run"
+    rc = dn_train.main(_tiny_args(out, "--epochs", "1", "--limit-train", "64", "--limit-test", "32"))
+    assert rc == 0
+    with open(out / "log.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 1 and tuple(rows[0]) == dn_train.CSV_FIELDS
+    assert rows[0]["epoch"] == "1" and float(rows[0]["saved_mib"]) > 0
+    final = json.loads((out / "final.json").read_text())
+    assert 0.0 <= final["test_acc"] <= 1.0
+    ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert ckpt["epoch"] == 1 and {"model", "optimizer", "scheduler", "rng"} <= set(ckpt)
+    assert not [p for p in os.listdir(out) if p.startswith(".tmp-")]  # atomic write left no temp file
+    assert "final test accuracy" in capsys.readouterr().out
+
+
+def test_digits_split_deterministic_and_stratified():
+    pytest.importorskip("sklearn")
+    a = dn_data.load_digits_tensors(size=8, seed=3)
+    b = dn_data.load_digits_tensors(size=8, seed=3)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    xtr, ytr, xte, yte = a
+    assert len(xtr) + len(xte) == 1797 and xtr.shape[1:] == (3, 8, 8)
+    assert abs(len(xte) / 1797 - 0.2) < 0.01
+    counts = torch.bincount(yte, minlength=10)
+    assert int(counts.min()) >= 34 and int(counts.max()) <= 38  # ~20% of each class (174..183 per class)
+
+
+# ------------------------------------------------------------------------------------------- exact resume
+
+
+def _params(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "step"])
+def test_resume_is_exact(tmp_path, schedule):
+    # Synthetic CIFAR (no sklearn needed); float64, one thread, dropout on (uses the RNG), augmentation on.
+    _write_cifar(tmp_path / "data", n=12)
+    common = ["--data", "cifar10", "--data-dir", str(tmp_path / "data"), "--epochs", "2", "--dtype", "float64",
+              "--drop-rate", "0.1", "--schedule", schedule, "--limit-train", "40", "--limit-test", "8"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert dn_train.main(_tiny_args(straight, *common)) == 0
+    assert dn_train.main(_tiny_args(split, *common, "--stop-after", "1")) == 0
+    assert not (split / "final.json").exists()
+    assert torch.load(split / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    assert dn_train.main(_tiny_args(split, *common, "--resume", str(split / "checkpoint.pt"))) == 0
+    a, b = _params(straight / "checkpoint.pt"), _params(split / "checkpoint.pt")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    sa = json.loads((straight / "final.json").read_text())
+    sb = json.loads((split / "final.json").read_text())
+    assert sa["test_acc"] == sb["test_acc"] and sa["test_loss"] == sb["test_loss"]
+    with open(split / "log.csv", newline="") as f:
+        assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2"]
+
+
+def test_resume_errors(tmp_path, capsys):
+    _write_cifar(tmp_path / "data", n=8)
+    common = ["--data", "cifar10", "--data-dir", str(tmp_path / "data"), "--epochs", "1", "--limit-train", "16"]
+    missing = tmp_path / "missing.pt"
+    assert dn_train.main(_tiny_args(tmp_path / "o1", *common, "--resume", str(missing))) == 2
+    err = capsys.readouterr().err
+    assert str(missing) in err and "not found" in err
+
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"\x00garbage" * 10)
+    assert dn_train.main(_tiny_args(tmp_path / "o2", *common, "--resume", str(corrupt))) == 2
+    err = capsys.readouterr().err
+    assert str(corrupt) in err and "corrupt" in err
+
+    not_ours = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(3)}, not_ours)
+    assert dn_train.main(_tiny_args(tmp_path / "o3", *common, "--resume", str(not_ours))) == 2
+    assert str(not_ours) in capsys.readouterr().err
+
+    # A real checkpoint resumed with a different architecture is refused with the differing option named.
+    assert dn_train.main(_tiny_args(tmp_path / "o4", *common)) == 0
+    assert dn_train.main(_tiny_args(tmp_path / "o4", *common, "--growth-rate", "6",
+                                    "--resume", str(tmp_path / "o4" / "checkpoint.pt"))) == 2
+    assert "--growth-rate" in capsys.readouterr().err
+
+
+def test_bad_model_option_is_reported(tmp_path, capsys):
+    _write_cifar(tmp_path / "data", n=4)
+    rc = dn_train.main(_tiny_args(tmp_path / "o", "--data", "cifar10", "--data-dir", str(tmp_path / "data"),
+                                  "--memory", "bogus"))
+    assert rc == 2
+    assert "memory" in capsys.readouterr().err
+
+
+def test_digits_without_sklearn_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # makes `from sklearn.datasets import ...` fail
+    with pytest.raises(DataError, match="pip install scikit-learn"):
+        dn_data.load_digits_tensors()
