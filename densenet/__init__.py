@@ -1,5 +1,10 @@
-"""Memory-efficient DenseNet built on In-Place ABN (naive and checkpoint modes; shared-storage "efficient" mode (norm="iabn"))."""
+"""Memory-efficient DenseNet built on In-Place ABN: naive, checkpoint and "efficient" memory modes.
 
+The efficient mode (norm="iabn") keeps only per-channel statistics for each bottleneck and rebuilds the
+concatenation and its normalisation in backward.
+"""
+
+from . import model
 from .model import (
     MEMORY_MODES,
     NORMS,
@@ -12,14 +17,4 @@ from .model import (
     densenet_bc,
 )
 
-__all__ = [
-    "DenseNet",
-    "densenet_bc",
-    "densenet121",
-    "densenet161",
-    "densenet169",
-    "densenet201",
-    "densenet264",
-    "NORMS",
-    "MEMORY_MODES",
-]
+__all__ = list(model.__all__)

@@ -24,13 +24,16 @@ from torch.autograd.function import once_differentiable
 
 from inplace_abn import InPlaceABN, _ops
 from inplace_abn._python_ops import opmath_dtype
-from inplace_abn.functions import check_activation
+from inplace_abn.functions import (
+    _cast,
+    _check_count,
+    _local_backward,
+    _parameter_grads,
+    _update_running_stats,
+    check_activation,
+)
 
 __all__ = ["efficient_bottleneck", "EfficientBottleneckFunction"]
-
-
-def _to(t: Tensor, dtype: torch.dtype) -> Tensor:
-    return t if t.dtype == dtype else t.to(dtype)
 
 
 class EfficientBottleneckFunction(torch.autograd.Function):
@@ -57,15 +60,11 @@ class EfficientBottleneckFunction(torch.autograd.Function):
         stat_dtype = opmath_dtype(buf.dtype)
         count = buf.numel() // buf.size(1)
         if training:
-            if count <= 1:
-                raise ValueError(
-                    f"Expected more than 1 value per channel when training, got input size {list(buf.shape)}"
-                )
+            _check_count(count, buf.shape)
             mean, var = _ops.forward_train_(buf, weight, bias, eps, act, slope)
             if running_mean is not None:
-                # Exactly the update of inplace_abn.functions (once per forward: nothing is recomputed).
-                running_mean.lerp_(_to(mean, running_mean.dtype), momentum)
-                running_var.lerp_(_to(var * (count / (count - 1)), running_var.dtype), momentum)
+                # The update of inplace_abn.functions, once per forward: nothing is recomputed.
+                _update_running_stats(running_mean, running_var, mean, var, count, momentum)
         else:
             # Copies (C values): later in-place updates of the buffers must not invalidate this graph.
             mean = running_mean.to(stat_dtype, copy=True)
@@ -97,23 +96,13 @@ class EfficientBottleneckFunction(torch.autograd.Function):
             grad_out, y, conv_weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [need_dy, need_cw, False]
         )
 
-        dx = dweight = dbias = None
-        sum_dz = sum_dz_xhat = None
-        args = (eps, act, slope)
+        dx = sum_dz = sum_dz_xhat = None
         if need_dy:
-            if training and need_dx:
-                dx, sum_dz, sum_dz_xhat = _ops.backward_train(y, dy, var, weight, bias, *args)
-            else:
-                if need_w or need_b:
-                    sum_dz, sum_dz_xhat = _ops.backward_reduce(y, dy, weight, bias, *args)
-                if need_dx:  # eval mode: the statistics are constants
-                    dx = _ops.backward(y, dy, var, weight, bias, None, None, *args)
+            dx, sum_dz, sum_dz_xhat = _local_backward(
+                y, dy, var, weight, bias, training, need_dx, need_w or need_b, eps, act, slope
+            )
         del y
-        if need_w:
-            # d(|w| + eps)/dw = sign(w), with sign(0) = +1 (as inplace_abn.functions).
-            dweight = _to(torch.where(weight < 0, -sum_dz_xhat, sum_dz_xhat), weight.dtype)
-        if need_b:
-            dbias = _to(sum_dz, bias.dtype)
+        dweight, dbias = _parameter_grads(weight, bias, sum_dz, sum_dz_xhat, need_w, need_b)
         if need_dx:
             parts = torch.split(dx, ctx.sizes, 1)
             dfeats = tuple(p if n else None for p, n in zip(parts, need_feats))

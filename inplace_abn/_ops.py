@@ -73,10 +73,7 @@ def forward_train_(
     activation: str,
     activation_param: float,
 ) -> Tuple[Tensor, Tensor]:
-    """Training forward on local statistics: ``statistics`` then ``forward_``; returns (mean, biased var) (C,).
-
-    The pure-PyTorch path fuses both into one ATen batch-norm call.
-    """
+    """Training forward on local statistics: ``statistics`` then ``forward_``; returns (mean, biased var) (C,)."""
     ops = _native(x)
     args = (x, weight, bias, eps, activation, activation_param)
     return ops.forward_train_(*args) if ops else _python_ops.forward_train_(*args)

@@ -42,14 +42,6 @@ def _per_channel(v: Optional[Tensor], x: Tensor, dtype: torch.dtype) -> Optional
     return None if v is None else v.to(dtype).view(_channel_shape(x))
 
 
-def _affine(
-    weight: Optional[Tensor], bias: Optional[Tensor], x: Tensor, eps: float, dtype: torch.dtype
-) -> Tuple[Tensor | float, Tensor | float]:
-    gamma = 1.0 if weight is None else _per_channel(weight, x, dtype).abs() + eps
-    beta = 0.0 if bias is None else _per_channel(bias, x, dtype)
-    return gamma, beta
-
-
 def statistics(x: Tensor) -> Tuple[Tensor, Tensor]:
     """Per-channel mean and biased variance of ``x`` (N, C, *), in the opmath dtype.
 
@@ -175,8 +167,9 @@ def _invert(
     """Recovers (x_hat, dz) from the output (math.md steps 1-2), in the opmath dtype."""
     dtype = opmath_dtype(y.dtype)
     z, dz = _invert_z(y, dy, activation, activation_param, dtype)
-    gamma, beta = _affine(weight, bias, y, eps, dtype)
-    return (z - beta) / gamma, dz
+    gamma, beta = _gamma_beta(weight, bias, y, eps, dtype)
+    shape = _channel_shape(y)
+    return (z - beta.view(shape)) / gamma.view(shape), dz
 
 
 def backward_reduce(
@@ -209,8 +202,8 @@ def backward(
     """dx of the layer (N, C, *); ``mean_dz``/``mean_dz_xhat`` None means eval mode."""
     dtype = opmath_dtype(y.dtype)
     xhat, dz = _invert(y, dy, weight, bias, eps, activation, activation_param)
-    gamma, _ = _affine(weight, bias, y, eps, dtype)
-    gamma_rstd = gamma * (_per_channel(var, y, dtype) + eps).rsqrt()
+    gamma, _ = _gamma_beta(weight, bias, y, eps, dtype)
+    gamma_rstd = gamma.view(_channel_shape(y)) * (_per_channel(var, y, dtype) + eps).rsqrt()
     if mean_dz is not None:
         dz = dz - _per_channel(mean_dz, y, dtype) - xhat * _per_channel(mean_dz_xhat, y, dtype)
     return torch.empty_like(y).copy_(dz * gamma_rstd)

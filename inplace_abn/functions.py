@@ -172,6 +172,63 @@ def _sync_enabled(group: Any) -> bool:
     return False
 
 
+def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _check_count(count: int, shape: Any) -> None:
+    """nn.BatchNorm's rule: training needs more than one value per channel."""
+    if count <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(shape)}")
+
+
+def _update_running_stats(
+    running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, count: int, momentum: float
+) -> None:
+    """running += momentum * (batch - running); the variance is the unbiased one, as nn.BatchNorm."""
+    running_mean.lerp_(_cast(mean, running_mean.dtype), momentum)
+    running_var.lerp_(_cast(var * (count / (count - 1)), running_var.dtype), momentum)
+
+
+def _local_backward(
+    y: Tensor,
+    dy: Tensor,
+    var: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    training: bool,
+    need_dx: bool,
+    need_sums: bool,
+    eps: float,
+    activation: str,
+    activation_param: float,
+) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """(dx, sum_dz, sum_dz_xhat) of a layer on local statistics; None for what is not needed."""
+    args = (eps, activation, activation_param)
+    if training and need_dx:
+        return _ops.backward_train(y, dy, var, weight, bias, *args)
+    sum_dz = sum_dz_xhat = None
+    if need_sums:
+        sum_dz, sum_dz_xhat = _ops.backward_reduce(y, dy, weight, bias, *args)
+    # eval mode: the statistics are constants
+    dx = _ops.backward(y, dy, var, weight, bias, None, None, *args) if need_dx else None
+    return dx, sum_dz, sum_dz_xhat
+
+
+def _parameter_grads(
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    sum_dz: Optional[Tensor],
+    sum_dz_xhat: Optional[Tensor],
+    need_w: bool,
+    need_b: bool,
+) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """dweight = sum(dz * x_hat) * sign(w) with sign(0) = +1 (so a zero weight still learns); dbias = sum(dz)."""
+    dweight = _cast(torch.where(weight < 0, -sum_dz_xhat, sum_dz_xhat), weight.dtype) if need_w else None
+    dbias = _cast(sum_dz, bias.dtype) if need_b else None
+    return dweight, dbias
+
+
 class _InPlaceABN(torch.autograd.Function):
     # NB: an autograd.Function (not torch.library.register_autograd): register_autograd refuses ops that
     # mutate an input ("Cannot register autograd formula for non-functional operator"), and the whole
@@ -198,28 +255,21 @@ class _InPlaceABN(torch.autograd.Function):
         invertible = not (activation == "leaky_relu" and activation_param == 0.0)
         # ReLU loses the negative half: such a layer computes z, keeps a copy, then applies the ReLU.
         act, act_param = (activation, activation_param) if invertible else ("identity", 0.0)
-        if count <= 1 and training and not sync:
-            raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(x.shape)}")
+        if training and not sync:
+            _check_count(count, x.shape)
         fused = training and not sync
         if fused:
             mean, var = _ops.forward_train_(x, weight, bias, eps, act, act_param)
         elif training:
             mean, var = _ops.statistics(x)
             mean, var, count = _sync_statistics(mean, var, count, group)
-            if count <= 1:
-                raise ValueError(
-                    f"Expected more than 1 value per channel when training, got input size {list(x.shape)}"
-                )
+            _check_count(count, x.shape)  # the GLOBAL count
         else:
-            mean = running_mean if running_mean.dtype == stat_dtype else running_mean.to(stat_dtype)
-            var = running_var if running_var.dtype == stat_dtype else running_var.to(stat_dtype)
+            mean, var = _cast(running_mean, stat_dtype), _cast(running_var, stat_dtype)
         if not fused:
             _ops.forward_(x, mean, var, weight, bias, eps, act, act_param)
         if training and running_mean is not None:
-            # running += momentum * (batch - running); the variance is the unbiased one, as nn.BatchNorm.
-            running_mean.lerp_(mean if mean.dtype == running_mean.dtype else mean.to(running_mean.dtype), momentum)
-            unbiased = var * (count / (count - 1))
-            running_var.lerp_(unbiased if unbiased.dtype == running_var.dtype else unbiased.to(running_var.dtype), momentum)
+            _update_running_stats(running_mean, running_var, mean, var, count, momentum)
 
         if invertible:
             ctx.save_for_backward(x, var, weight, bias)
@@ -243,27 +293,18 @@ class _InPlaceABN(torch.autograd.Function):
             dy = torch.ops.aten.threshold_backward(dy, z, 0)
             y, activation, activation_param = z, "identity", 0.0
         need_dx, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        dx = dweight = dbias = None
-        sum_dz = sum_dz_xhat = None
         args = (eps, activation, activation_param)
-        if training and need_dx and not sync:
-            dx, sum_dz, sum_dz_xhat = _ops.backward_train(y, dy, var, weight, bias, *args)
+        if sync and training and need_dx:
+            sum_dz, sum_dz_xhat = _ops.backward_reduce(y, dy, weight, bias, *args)
+            # Parameter gradients stay local (DDP averages them); dx needs the global sums.
+            sums = torch.stack([sum_dz, sum_dz_xhat])
+            dist.all_reduce(sums, group=group)
+            dx = _ops.backward(y, dy, var, weight, bias, sums[0] / count, sums[1] / count, *args)
         else:
-            if (training and need_dx) or need_w or need_b:
-                sum_dz, sum_dz_xhat = _ops.backward_reduce(y, dy, weight, bias, *args)
-            if need_dx and training:
-                # Parameter gradients stay local (DDP averages them); dx needs the global sums.
-                sums = torch.stack([sum_dz, sum_dz_xhat])
-                dist.all_reduce(sums, group=group)
-                dx = _ops.backward(y, dy, var, weight, bias, sums[0] / count, sums[1] / count, *args)
-            elif need_dx:
-                dx = _ops.backward(y, dy, var, weight, bias, None, None, *args)
-        if need_w:
-            # d(|w| + eps)/dw = sign(w), with sign(0) = +1 so a zero weight still learns.
-            dweight = torch.where(weight < 0, -sum_dz_xhat, sum_dz_xhat)
-            dweight = dweight if dweight.dtype == weight.dtype else dweight.to(weight.dtype)
-        if need_b:
-            dbias = sum_dz if sum_dz.dtype == bias.dtype else sum_dz.to(bias.dtype)
+            dx, sum_dz, sum_dz_xhat = _local_backward(
+                y, dy, var, weight, bias, training and not sync, need_dx, need_w or need_b, *args
+            )
+        dweight, dbias = _parameter_grads(weight, bias, sum_dz, sum_dz_xhat, need_w, need_b)
         return dx, dweight, dbias, None, None, None, None, None, None, None, None, None
 
 
