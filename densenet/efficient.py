@@ -1,14 +1,15 @@
 """Memory-efficient dense-layer bottleneck: ``cat(features) -> In-Place ABN -> conv1x1`` as one autograd Function.
 
-Forward concatenates the features into a fresh buffer, normalises + activates it in place with the batch
-statistics (training) or the running statistics (eval), updates the running statistics exactly once, and
-applies the 1x1 convolution. Only the input features (kept by the network anyway), the per-channel
-(mean, var) and the parameters are saved: the concatenated / normalised buffer is freed after forward.
+Forward concatenates the features into the dense block's SHARED buffer (:class:`SharedBuffer`, one
+storage per block reused by every layer), normalises + activates it in place with the batch statistics
+(training) or the running statistics (eval), updates the running statistics exactly once, and applies the
+1x1 convolution. Only the input features (kept by the network anyway), the per-channel (mean, var) and the
+parameters are saved: the buffer's content is dead as soon as the convolution has read it.
 
-Backward rebuilds the buffer (``torch.cat`` + ``_ops.forward_`` with the SAVED statistics: no reduction, no
-running-stat update, the same activations as forward), back-propagates through the 1x1 convolution, then
-through In-Place ABN (recovering x_hat from the activated buffer, as :mod:`inplace_abn.functions`), and
-splits the input gradient back onto the features.
+Backward rebuilds the buffer in the same shared storage (``torch.cat(out=)`` + ``_ops.forward_`` with the
+SAVED statistics: no reduction, no running-stat update, the same activations as forward), back-propagates
+through the 1x1 convolution, then through In-Place ABN (recovering x_hat from the activated buffer, as
+:mod:`inplace_abn.functions`), and splits the input gradient back onto the features.
 
 Memory per dense block becomes O(L k) saved activations instead of O(L^2 k) (Pleiss et al., 1707.06990,
 strategies 1, 2 and 4; one shared buffer suffices since In-Place ABN writes over its input).
@@ -16,7 +17,8 @@ strategies 1, 2 and 4; one shared buffer suffices since In-Place ABN writes over
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+import math
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -28,20 +30,47 @@ from inplace_abn.functions import (
     _cast,
     _check_count,
     _local_backward,
-    _parameter_grads,
-    _update_running_stats,
     check_activation,
 )
 
-__all__ = ["efficient_bottleneck", "EfficientBottleneckFunction"]
+__all__ = ["efficient_bottleneck", "EfficientBottleneckFunction", "SharedBuffer"]
+
+
+class SharedBuffer:
+    """One flat storage per (device, dtype), handed out as contiguous (N, C, H, W) views.
+
+    A dense block gives the same instance to all its layers: each layer's concatenation lives in it only
+    between its ``torch.cat`` and its 1x1 convolution (in forward, and again in backward), and autograd
+    runs one layer at a time, so the block needs the largest concatenation once instead of one
+    allocation per layer and pass. It grows on demand and is not part of the state dict.
+    """
+
+    def __init__(self) -> None:
+        self._storage: Dict[Tuple[torch.device, torch.dtype], Tensor] = {}
+
+    def view(self, shape: Sequence[int], like: Tensor) -> Tensor:
+        """A contiguous tensor of ``shape`` on ``like``'s device and dtype, in the shared storage."""
+        numel = math.prod(shape)
+        key = (like.device, like.dtype)
+        flat = self._storage.get(key)
+        if flat is None or flat.numel() < numel:
+            self._storage.pop(key, None)  # free the old one before allocating the larger one
+            flat = self._storage[key] = torch.empty(numel, device=like.device, dtype=like.dtype)
+        return flat[:numel].view(shape)
+
+    def __deepcopy__(self, memo: Dict[int, Any]) -> "SharedBuffer":
+        return SharedBuffer()  # copies of a model must not share (or copy) scratch memory
+
+    def __getstate__(self) -> Dict[str, Any]:
+        return {"_storage": {}}  # pickling a model saves no scratch memory
 
 
 class EfficientBottleneckFunction(torch.autograd.Function):
     """``conv2d(iabn(cat(features, 1)), conv_weight)`` saving only the features and per-channel statistics.
 
     Arguments of ``apply``: weight, bias, running_mean, running_var (tensors or None), conv_weight,
-    config = (training, momentum, eps, activation, activation_param), then the features as separate
-    arguments (never one list, so autograd sees each of them).
+    config = (training, momentum, eps, activation, activation_param, shared buffer), then the features as
+    separate arguments (never one list, so autograd sees each of them).
     """
 
     @staticmethod
@@ -52,19 +81,17 @@ class EfficientBottleneckFunction(torch.autograd.Function):
         running_mean: Optional[Tensor],
         running_var: Optional[Tensor],
         conv_weight: Tensor,
-        config: Tuple[bool, float, float, str, float],
+        config: Tuple[bool, float, float, str, float, SharedBuffer],
         *features: Tensor,
     ) -> Tensor:
-        training, momentum, eps, act, slope = config
-        buf = torch.cat(features, 1)  # fresh: may be overwritten
+        training, momentum, eps, act, slope, shared = config
+        buf = _concat(shared, features)  # scratch: overwritten in place, never saved
         stat_dtype = opmath_dtype(buf.dtype)
         count = buf.numel() // buf.size(1)
         if training:
             _check_count(count, buf.shape)
-            mean, var = _ops.forward_train_(buf, weight, bias, eps, act, slope)
-            if running_mean is not None:
-                # The update of inplace_abn.functions, once per forward: nothing is recomputed.
-                _update_running_stats(running_mean, running_var, mean, var, count, momentum)
+            # The running statistics are updated here, once per step: backward recomputes nothing of them.
+            mean, var = _ops.forward_train_(buf, weight, bias, running_mean, running_var, momentum, eps, act, slope)
         else:
             # Copies (C values): later in-place updates of the buffers must not invalidate this graph.
             mean = running_mean.to(stat_dtype, copy=True)
@@ -72,14 +99,14 @@ class EfficientBottleneckFunction(torch.autograd.Function):
             _ops.forward_(buf, mean, var, weight, bias, eps, act, slope)
         out = torch.nn.functional.conv2d(buf, conv_weight)
         ctx.save_for_backward(mean, var, weight, bias, conv_weight, *features)
-        ctx.config = (training, eps, act, slope)
+        ctx.config = (training, eps, act, slope, shared)
         ctx.sizes = [f.size(1) for f in features]
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_out: Tensor):  # type: ignore[override]
-        training, eps, act, slope = ctx.config
+        training, eps, act, slope, shared = ctx.config
         mean, var, weight, bias, conv_weight, *features = ctx.saved_tensors
         needs = ctx.needs_input_grad
         need_w, need_b, need_cw = needs[0], needs[1], needs[4]
@@ -87,7 +114,7 @@ class EfficientBottleneckFunction(torch.autograd.Function):
         need_dx = any(need_feats)
 
         # Rebuild the activated buffer exactly as in forward (saved statistics, no running-stat update).
-        y = torch.cat(features, 1)
+        y = _concat(shared, features)
         _ops.forward_(y, mean, var, weight, bias, eps, act, slope)
 
         grad_out = grad_out.contiguous() if grad_out.layout == torch.strided else grad_out
@@ -96,13 +123,12 @@ class EfficientBottleneckFunction(torch.autograd.Function):
             grad_out, y, conv_weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [need_dy, need_cw, False]
         )
 
-        dx = sum_dz = sum_dz_xhat = None
+        dx = dweight = dbias = None
         if need_dy:
-            dx, sum_dz, sum_dz_xhat = _local_backward(
-                y, dy, var, weight, bias, training, need_dx, need_w or need_b, eps, act, slope
+            dx, dweight, dbias = _local_backward(
+                y, dy, var, weight, bias, training, need_dx, need_w, need_b, eps, act, slope
             )
         del y
-        dweight, dbias = _parameter_grads(weight, bias, sum_dz, sum_dz_xhat, need_w, need_b)
         if need_dx:
             parts = torch.split(dx, ctx.sizes, 1)
             dfeats = tuple(p if n else None for p, n in zip(parts, need_feats))
@@ -111,13 +137,22 @@ class EfficientBottleneckFunction(torch.autograd.Function):
         return (dweight, dbias, None, None, dconv_w if need_cw else None, None) + dfeats
 
 
-def efficient_bottleneck(norm: InPlaceABN, conv: torch.nn.Conv2d, *features: Tensor) -> Tensor:
+def _concat(shared: SharedBuffer, features: Tuple[Tensor, ...]) -> Tensor:
+    first = features[0]
+    shape = (first.size(0), sum(f.size(1) for f in features)) + tuple(first.shape[2:])
+    return torch.cat(features, 1, out=shared.view(shape, first))
+
+
+def efficient_bottleneck(
+    norm: InPlaceABN, conv: torch.nn.Conv2d, *features: Tensor, shared: Optional[SharedBuffer] = None
+) -> Tensor:
     """``conv(norm(torch.cat(features, 1)))`` with O(1) saved activations per layer beyond the features.
 
     Args:
         norm: an :class:`InPlaceABN` with an invertible activation (leaky_relu slope > 0, elu, identity).
         conv: a bias-free 1x1, stride-1, ungrouped convolution.
         *features: (N, C_i, H, W) tensors, sum(C_i) = norm.num_features.
+        shared: The dense block's scratch storage for the concatenation (a private one when None).
 
     Returns:
         (N, conv.out_channels, H, W). Under no_grad (or when nothing needs a gradient) the plain modules run.
@@ -144,7 +179,7 @@ def efficient_bottleneck(norm: InPlaceABN, conv: torch.nn.Conv2d, *features: Ten
     running_mean, running_var = norm._running_stats()
     if not training and running_mean is None:
         raise ValueError("running_mean and running_var are required in eval mode")
-    config = (bool(training), float(momentum), float(norm.eps), act, float(slope))
+    config = (bool(training), float(momentum), float(norm.eps), act, float(slope), shared or SharedBuffer())
     return EfficientBottleneckFunction.apply(
         norm.weight, norm.bias, running_mean, running_var, conv.weight, config, *features
     )

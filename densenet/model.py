@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from inplace_abn import InPlaceABN
 
-from .efficient import efficient_bottleneck
+from .efficient import SharedBuffer, efficient_bottleneck
 
 __all__ = [
     "DenseNet",
@@ -100,6 +100,8 @@ class _DenseLayer(nn.Module):
         self.conv2 = nn.Conv2d(bn_size * growth_rate, growth_rate, kernel_size=3, padding=1, bias=False)
         self.drop_rate = float(drop_rate)
         self.memory = memory
+        # The concatenation storage of memory="efficient"; _DenseBlock gives all its layers one instance.
+        self.shared = SharedBuffer()
 
     def bottleneck(self, *features: Tensor) -> Tensor:
         """(N, C_in, H, W) as a list of parts -> (N, bn_size*k, H, W). The cat is fresh, so norm1 may overwrite it."""
@@ -108,7 +110,7 @@ class _DenseLayer(nn.Module):
     def forward(self, features: List[Tensor]) -> Tensor:
         if self.memory == "efficient":
             # One autograd Function: saves the features and per-channel statistics, recomputes the rest.
-            out = efficient_bottleneck(self.norm1, self.conv1, *features)
+            out = efficient_bottleneck(self.norm1, self.conv1, *features, shared=self.shared)
         elif self.memory == "checkpoint" and torch.is_grad_enabled() and any(f.requires_grad for f in features):
             # Each feature is its own argument (never one list): non-reentrant checkpoint keeps the gradients.
             out = cp.checkpoint(self.bottleneck, *features, use_reentrant=False)
@@ -138,10 +140,11 @@ class _DenseBlock(nn.ModuleDict):
         memory: str,
     ) -> None:
         super().__init__()
+        shared = SharedBuffer()
         for i in range(num_layers):
-            self[f"denselayer{i + 1}"] = _DenseLayer(
-                num_input_features + i * growth_rate, growth_rate, bn_size, drop_rate, norm, memory
-            )
+            layer = _DenseLayer(num_input_features + i * growth_rate, growth_rate, bn_size, drop_rate, norm, memory)
+            layer.shared = shared
+            self[f"denselayer{i + 1}"] = layer
 
     def forward(self, x: Tensor) -> List[Tensor]:  # type: ignore[override]
         features = [x]

@@ -69,13 +69,17 @@ def forward_train_(
     x: Tensor,
     weight: Optional[Tensor],
     bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    momentum: float,
     eps: float,
     activation: str,
     activation_param: float,
 ) -> Tuple[Tensor, Tensor]:
-    """Training forward on local statistics: ``statistics`` then ``forward_``; returns (mean, biased var) (C,)."""
+    """Training forward on local statistics: ``statistics`` then ``forward_``, and the running statistics
+    (C,) (when given) updated as nn.BatchNorm does; returns (mean, biased var) (C,)."""
     ops = _native(x)
-    args = (x, weight, bias, eps, activation, activation_param)
+    args = (x, weight, bias, running_mean, running_var, momentum, eps, activation, activation_param)
     return ops.forward_train_(*args) if ops else _python_ops.forward_train_(*args)
 
 
@@ -122,7 +126,10 @@ def backward_train(
     activation: str,
     activation_param: float,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Training backward on local statistics; returns (dx (N, C, *), sum_dz (C,), sum_dz_xhat (C,)).
+    """Training backward on local statistics; returns (dx (N, C, *), grad_weight (C,), grad_bias (C,)).
+
+    grad_weight = sign(weight) * sum(dz * x_hat) with sign(0) = +1, grad_bias = sum(dz), each in its
+    parameter's dtype (the opmath dtype when the parameter is None).
 
     The fused kernels make two passes (reduce, then dx); the pure-PyTorch path one ATen batch-norm backward.
     """
@@ -174,14 +181,18 @@ if _backend.extension_loaded():
         return torch.empty_like(y)
 
     @torch.library.register_fake("inplace_abn::forward_train_")
-    def _forward_train_fake(x, weight, bias, eps, activation, activation_param):
+    def _forward_train_fake(x, weight, bias, running_mean, running_var, momentum, eps, activation, activation_param):
         torch._check(x.dim() >= 2, lambda: f"x must have shape (N, C, *), got {tuple(x.shape)}")
         return _channel_vectors(x, 2)
 
     @torch.library.register_fake("inplace_abn::backward_train")
     def _backward_train_fake(y, dy, var, weight, bias, eps, activation, activation_param):
         torch._check(y.shape == dy.shape, lambda: "y and dy must have the same shape")
-        return (torch.empty_like(y),) + _channel_vectors(y, 2)
+        dtype = _python_ops.opmath_dtype(y.dtype)
+        grads = tuple(
+            y.new_empty((y.size(1),), dtype=dtype if p is None else p.dtype) for p in (weight, bias)
+        )
+        return (torch.empty_like(y),) + grads
 
     @torch.library.register_fake("inplace_abn::invert")
     def _invert_fake(y, weight, bias, eps, activation, activation_param):

@@ -22,6 +22,8 @@ __all__ = [
     "backward_train",
     "invert",
     "opmath_dtype",
+    "update_running_stats",
+    "weight_grad",
 ]
 
 
@@ -114,17 +116,55 @@ def forward_(
                          activation_param)  # fmt: skip
 
 
+def update_running_stats(
+    running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, count: int, momentum: float
+) -> None:
+    """nn.BatchNorm's update, ``running += momentum * (batch - running)``, with the unbiased variance."""
+    running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+    running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), momentum)
+
+
+def weight_grad(weight: Tensor, sum_dz_xhat: Tensor) -> Tensor:
+    """``sign(weight) * sum(dz * x_hat)`` with sign(0) = +1 (gamma = |w| + eps), in ``weight``'s dtype."""
+    return torch.where(weight < 0, -sum_dz_xhat, sum_dz_xhat).to(weight.dtype)
+
+
+def _aten_forward_ok(x: Tensor, *vectors: Optional[Tensor]) -> bool:
+    """Whether ATen's batch norm can run the training forward: float32/float64 with matching vectors."""
+    return x.dtype in (torch.float32, torch.float64) and x.numel() > 0 and all(
+        v is None or v.dtype == x.dtype for v in vectors
+    )
+
+
 def forward_train_(
     x: Tensor,
     weight: Optional[Tensor],
     bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    momentum: float,
     eps: float,
     activation: str,
     activation_param: float,
 ) -> Tuple[Tensor, Tensor]:
-    """``statistics`` then ``forward_``; returns (mean, biased var)."""
+    """``statistics`` then ``forward_``, and the running statistics updated; returns (mean, biased var).
+
+    In float32/float64 one ATen batch norm (statistics, running update and the affine map, with weight
+    |w| + eps) writes z into a temporary and one activation pass writes y over ``x``: the same passes as
+    nn.BatchNorm2d + an in-place activation, with y in ``x``'s storage.
+    """
+    if _aten_forward_ok(x, weight, bias, running_mean, running_var):
+        gamma = None if weight is None else weight.abs() + eps
+        z, mean, invstd = torch.ops.aten.native_batch_norm(
+            x, gamma, bias, running_mean, running_var, True, momentum, eps
+        )
+        _activation_into(z, x, activation, activation_param)
+        # ATen returns 1 / sqrt(var + eps); the op's contract is the biased variance itself.
+        return mean, invstd.pow(-2).sub_(eps).clamp_min_(0.0)
     mean, var = statistics(x)
     forward_(x, mean, var, weight, bias, eps, activation, activation_param)
+    if running_mean is not None:
+        update_running_stats(running_mean, running_var, mean, var, x.numel() // x.size(1), momentum)
     return mean, var
 
 
@@ -219,7 +259,7 @@ def backward_train(
     activation: str,
     activation_param: float,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """``backward_reduce`` then training ``backward`` on local statistics; returns (dx, sum_dz, sum_dz_xhat).
+    """``backward_reduce`` then training ``backward`` on local statistics; returns (dx, grad_weight, grad_bias).
 
     One ATen batch-norm backward does both: fed z as its "input" with mean beta and invstd 1 / gamma,
     it recovers x_hat = (z - beta) / gamma itself, and a weight of gamma^2 * rstd turns its
@@ -236,7 +276,9 @@ def backward_train(
     )
     if dx.dtype != y.dtype or dx.stride() != y.stride():
         dx = torch.empty_like(y).copy_(dx)
-    return dx, sum_dz.to(dtype), sum_dz_xhat.to(dtype)
+    grad_weight = sum_dz_xhat.to(dtype) if weight is None else weight_grad(weight, sum_dz_xhat)
+    grad_bias = sum_dz.to(dtype if bias is None else bias.dtype)
+    return dx, grad_weight, grad_bias
 
 
 def invert(

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from . import _ops
+from . import _ops, _python_ops
 from ._python_ops import opmath_dtype
 
 __all__ = [
@@ -182,14 +182,6 @@ def _check_count(count: int, shape: Any) -> None:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(shape)}")
 
 
-def _update_running_stats(
-    running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, count: int, momentum: float
-) -> None:
-    """running += momentum * (batch - running); the variance is the unbiased one, as nn.BatchNorm."""
-    running_mean.lerp_(_cast(mean, running_mean.dtype), momentum)
-    running_var.lerp_(_cast(var * (count / (count - 1)), running_var.dtype), momentum)
-
-
 def _local_backward(
     y: Tensor,
     dy: Tensor,
@@ -198,33 +190,36 @@ def _local_backward(
     bias: Optional[Tensor],
     training: bool,
     need_dx: bool,
-    need_sums: bool,
+    need_w: bool,
+    need_b: bool,
     eps: float,
     activation: str,
     activation_param: float,
 ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-    """(dx, sum_dz, sum_dz_xhat) of a layer on local statistics; None for what is not needed."""
+    """(dx, dweight, dbias) of a layer on local statistics; None for what is not needed."""
     args = (eps, activation, activation_param)
     if training and need_dx:
-        return _ops.backward_train(y, dy, var, weight, bias, *args)
-    sum_dz = sum_dz_xhat = None
-    if need_sums:
+        dx, dweight, dbias = _ops.backward_train(y, dy, var, weight, bias, *args)
+        return dx, dweight if need_w else None, dbias if need_b else None
+    dweight = dbias = None
+    if need_w or need_b:
         sum_dz, sum_dz_xhat = _ops.backward_reduce(y, dy, weight, bias, *args)
+        dweight, dbias = _parameter_grads(weight, bias, sum_dz, sum_dz_xhat, need_w, need_b)
     # eval mode: the statistics are constants
     dx = _ops.backward(y, dy, var, weight, bias, None, None, *args) if need_dx else None
-    return dx, sum_dz, sum_dz_xhat
+    return dx, dweight, dbias
 
 
 def _parameter_grads(
     weight: Optional[Tensor],
     bias: Optional[Tensor],
-    sum_dz: Optional[Tensor],
-    sum_dz_xhat: Optional[Tensor],
+    sum_dz: Tensor,
+    sum_dz_xhat: Tensor,
     need_w: bool,
     need_b: bool,
 ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
     """dweight = sum(dz * x_hat) * sign(w) with sign(0) = +1 (so a zero weight still learns); dbias = sum(dz)."""
-    dweight = _cast(torch.where(weight < 0, -sum_dz_xhat, sum_dz_xhat), weight.dtype) if need_w else None
+    dweight = _python_ops.weight_grad(weight, sum_dz_xhat) if need_w else None
     dbias = _cast(sum_dz, bias.dtype) if need_b else None
     return dweight, dbias
 
@@ -258,8 +253,10 @@ class _InPlaceABN(torch.autograd.Function):
         if training and not sync:
             _check_count(count, x.shape)
         fused = training and not sync
-        if fused:
-            mean, var = _ops.forward_train_(x, weight, bias, eps, act, act_param)
+        if fused:  # the op also updates the running statistics
+            mean, var = _ops.forward_train_(
+                x, weight, bias, running_mean, running_var, momentum, eps, act, act_param
+            )
         elif training:
             mean, var = _ops.statistics(x)
             mean, var, count = _sync_statistics(mean, var, count, group)
@@ -268,8 +265,8 @@ class _InPlaceABN(torch.autograd.Function):
             mean, var = _cast(running_mean, stat_dtype), _cast(running_var, stat_dtype)
         if not fused:
             _ops.forward_(x, mean, var, weight, bias, eps, act, act_param)
-        if training and running_mean is not None:
-            _update_running_stats(running_mean, running_var, mean, var, count, momentum)
+        if training and not fused and running_mean is not None:
+            _python_ops.update_running_stats(running_mean, running_var, mean, var, count, momentum)
 
         if invertible:
             ctx.save_for_backward(x, var, weight, bias)
@@ -300,11 +297,11 @@ class _InPlaceABN(torch.autograd.Function):
             sums = torch.stack([sum_dz, sum_dz_xhat])
             dist.all_reduce(sums, group=group)
             dx = _ops.backward(y, dy, var, weight, bias, sums[0] / count, sums[1] / count, *args)
+            dweight, dbias = _parameter_grads(weight, bias, sum_dz, sum_dz_xhat, need_w, need_b)
         else:
-            dx, sum_dz, sum_dz_xhat = _local_backward(
-                y, dy, var, weight, bias, training and not sync, need_dx, need_w or need_b, *args
+            dx, dweight, dbias = _local_backward(
+                y, dy, var, weight, bias, training and not sync, need_dx, need_w, need_b, *args
             )
-        dweight, dbias = _parameter_grads(weight, bias, sum_dz, sum_dz_xhat, need_w, need_b)
         return dx, dweight, dbias, None, None, None, None, None, None, None, None, None
 
 

@@ -159,4 +159,22 @@ C10_HOST_DEVICE inline T invert_element(T y, AffineParams<T> a, ActivationParams
   return affine_invert(z, a);
 }
 
+// ------------------------------------------------------------------------------------------------
+// Per-channel epilogues (C values per call, not elements), kept here for the same reason: every
+// backend must update running statistics and form the weight gradient with the same arithmetic.
+
+// nn.BatchNorm's running update, running + momentum * (batch - running); the caller passes the
+// unbiased batch variance (biased var * count / (count - 1)) for running_var.
+template <typename T>
+C10_HOST_DEVICE inline T running_update(T running, T batch, T momentum) {
+  return running + momentum * (batch - running);
+}
+
+// dL/dweight = sign(weight) * sum(dz * x_hat), since gamma = |weight| + eps; sign(0) = +1 so that a
+// zero weight (e.g. a zero-initialised last layer of a residual block) still learns.
+template <typename T>
+C10_HOST_DEVICE inline T weight_grad(T sum_dz_xhat, T weight) {
+  return weight < T(0) ? -sum_dz_xhat : sum_dz_xhat;
+}
+
 }  // namespace inplace_abn

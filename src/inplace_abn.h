@@ -232,4 +232,32 @@ inline Activation check_invert_args(
   return parse_activation(activation, activation_param);
 }
 
+// Running statistics updated by forward_train_: both or neither, (C,) floating vectors on x's device
+// (any float dtype: module buffers often stay float32 under a float16 input); momentum in [0, 1].
+// Returns whether they are present.
+inline bool check_running_stats(
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var, double momentum,
+    const at::Tensor& x) {
+  const bool has_mean = running_mean.has_value() && running_mean->defined();
+  const bool has_var = running_var.has_value() && running_var->defined();
+  TORCH_CHECK(has_mean == has_var, "running_mean and running_var must be both tensors or both None");
+  if (!has_mean) return false;
+  const int64_t channels = x.size(1);
+  for (const auto& [v, name] : {std::pair(&*running_mean, "running_mean"), std::pair(&*running_var, "running_var")}) {
+    TORCH_CHECK(
+        v->dim() == 1 && v->size(0) == channels, name, " must be a 1-D tensor with one entry per channel (",
+        channels, "), got shape ", v->sizes());
+    TORCH_CHECK(v->device() == x.device(), name, " must be on the input's device (", x.device(), "), got ", v->device());
+    TORCH_CHECK(at::isFloatingType(v->scalar_type()), name, " must be a floating-point tensor, got ", v->scalar_type());
+  }
+  TORCH_CHECK(
+      momentum >= 0.0 && momentum <= 1.0, "momentum must be in [0, 1] (the weight of the batch statistics), got ",
+      momentum);
+  const int64_t count = channels == 0 ? 0 : x.numel() / channels;
+  TORCH_CHECK(
+      count > 1, "running_var: the unbiased batch variance needs more than 1 value per channel, got input size ",
+      x.sizes());
+  return true;
+}
+
 }  // namespace inplace_abn

@@ -8,13 +8,17 @@
 //                                     recovered from the OUTPUT y, opmath dtype.
 //   backward(y, dy, var, ...)      -> dx (math.md step 4); mean_dz/mean_dz_xhat absent = eval mode.
 //   invert(y, ...)                 -> x_hat recovered from y (diagnostics: inversion accuracy).
-//   forward_train_(x, ...)         -> statistics + forward_ in one call (local statistics).
+//   forward_train_(x, ..., running_mean, running_var, momentum, ...)
+//                                  -> statistics + forward_ in one call (local statistics), and the
+//                                     running statistics updated as nn.BatchNorm does (when given).
 //   backward_train(y, dy, var, ...)-> backward_reduce + training backward on local statistics:
-//                                     (dx, sum_dz, sum_dz_xhat).
-// The *_train ops save the per-op Python glue of the common single-process case; the split ops serve
-// the synchronised layer, which all-reduces between them. Only forward_ and forward_train_ mutate, and
-// only their first argument; running statistics are updated by the Python layer, outside every op, so
-// every schema is honest about what it writes.
+//                                     (dx, grad_weight = sign(w) * sum_dz_xhat, grad_bias = sum_dz),
+//                                     gradients in the parameters' dtypes.
+// The *_train ops exist for the common single-process case: every small ATen op they absorb (the
+// running-statistics update, the means, the weight-gradient sign) costs microseconds of dispatch on
+// small layers. The split ops serve the synchronised layer, which all-reduces between them. Each
+// schema declares exactly what it writes: forward_ its first argument, forward_train_ its first
+// argument and the optional running statistics.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -50,9 +54,10 @@ TORCH_LIBRARY(inplace_abn, m) {
       "Tensor? mean_dz_xhat, float eps, str activation, float activation_param) -> Tensor");
   m.def("invert(Tensor y, Tensor? weight, Tensor? bias, float eps, str activation, float activation_param) -> Tensor");
   m.def(
-      "forward_train_(Tensor(a!) x, Tensor? weight, Tensor? bias, float eps, str activation, "
-      "float activation_param) -> (Tensor mean, Tensor var)");
+      "forward_train_(Tensor(a!) x, Tensor? weight, Tensor? bias, Tensor(b!)? running_mean, "
+      "Tensor(c!)? running_var, float momentum, float eps, str activation, float activation_param) "
+      "-> (Tensor mean, Tensor var)");
   m.def(
       "backward_train(Tensor y, Tensor dy, Tensor var, Tensor? weight, Tensor? bias, float eps, str activation, "
-      "float activation_param) -> (Tensor dx, Tensor sum_dz, Tensor sum_dz_xhat)");
+      "float activation_param) -> (Tensor dx, Tensor grad_weight, Tensor grad_bias)");
 }

@@ -322,3 +322,31 @@ def test_memory_growth_naive_quadratic_efficient_linear():
     assert quad[("naive", "bn")][0] > 0.01, quad  # ~0.017 MiB / layer^2 at batch 8, 32x32
     assert quad[("naive", "iabn")][0] > 0.005, quad  # In-Place ABN halves the quadratic term...
     assert abs(quad[("efficient", "iabn")][0]) < 1e-3, quad  # ...the efficient mode removes it
+
+
+def test_efficient_concatenation_uses_one_shared_storage_per_block():
+    """memory="efficient": every layer of a dense block concatenates into the block's one SharedBuffer
+    (forward and the backward rebuild), which ends up exactly as large as the block's widest concatenation;
+    blocks do not share, and copies of the model get their own."""
+    import copy
+
+    model = densenet_bc(16, growth_rate=4, norm="iabn", memory="efficient")
+    blocks = [m for m in model.modules() if type(m).__name__ == "_DenseBlock"]
+    assert len(blocks) == 3
+    shared = [{id(layer.shared) for layer in block.values()} for block in blocks]
+    assert all(len(ids) == 1 for ids in shared), "one buffer per block"
+    assert len(set.union(*shared)) == 3, "blocks do not share"
+    x = torch.randn(2, 3, 16, 16)
+    model(x).sum().backward()
+    for block in blocks:
+        layers = list(block.values())
+        storage = layers[0].shared._storage
+        assert list(storage) == [(x.device, x.dtype)]
+        widest = layers[-1].norm1.num_features  # channels of the last (widest) concatenation
+        (flat,) = storage.values()
+        assert flat.numel() in {2 * widest * hw for hw in (16 * 16, 8 * 8, 4 * 4)}
+    clone = copy.deepcopy(model)
+    clone_blocks = [m for m in clone.modules() if type(m).__name__ == "_DenseBlock"]
+    assert all(len({id(layer.shared) for layer in b.values()}) == 1 for b in clone_blocks)
+    assert not any(layer.shared._storage for b in clone_blocks for layer in b.values())
+    assert clone_blocks[0]["denselayer1"].shared is not blocks[0]["denselayer1"].shared

@@ -502,7 +502,37 @@ def _job_fail(rank: int, world: int, port: int, payload: dict) -> dict:
         return {"error": (type(e).__name__, str(e)[:500]), "elapsed": time.monotonic() - start}
 
 
-JOBS = {"layer_suite": _job_layer_suite, "ddp": _job_ddp, "fail": _job_fail}
+def _densenet(memory: str) -> nn.Module:
+    """A small float64 DenseNet-BC with In-Place ABN; the same initial weights for every memory mode."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from densenet import densenet_bc
+
+    torch.manual_seed(11)
+    return densenet_bc(10, growth_rate=4, num_classes=3, norm="iabn", memory=memory).double()
+
+
+def _job_densenet_ddp(rank: int, world: int, port: int, payload: dict) -> dict:
+    """h) the memory-efficient DenseNet inside DistributedDataParallel: a few SGD steps."""
+    _init(rank, world, port, GLOO_TIMEOUT_S)
+    inplace_abn.set_backend(payload["backend"])
+    net = _densenet("efficient")
+    ddp = nn.parallel.DistributedDataParallel(net)  # find_unused_parameters=False: every parameter must get a grad
+    opt = torch.optim.SGD(ddp.parameters(), lr=DDP_LR, momentum=0.9)
+    losses = []
+    for step in range(DDP_STEPS):
+        x, t = payload["batches"][step][rank]
+        global_batch = sum(b[0].size(0) for b in payload["batches"][step])
+        opt.zero_grad()
+        loss = _ddp_loss(ddp, x, t, global_batch, world)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return {"state": {k: v.clone() for k, v in net.state_dict().items()}, "losses": losses}
+
+
+JOBS = {"layer_suite": _job_layer_suite, "ddp": _job_ddp, "fail": _job_fail, "densenet_ddp": _job_densenet_ddp}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -666,6 +696,48 @@ def test_ddp_training_steps(tmp_path, backend):
             torch.testing.assert_close(got[k], want[k], **TOL, msg=lambda m: f"rank {r} {k}: {m}")
         assert results[r]["losses"] == pytest.approx(losses, abs=1e-12)
     print(f"\n[ddp {backend}] losses {['%.6f' % v for v in losses]}, max |param/buffer diff| {worst:.1e}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_densenet_efficient_under_ddp(tmp_path, backend):
+    """h) DenseNet memory="efficient" in DDP (2 ranks, 3 and 5 samples, 3 SGD steps) equals the NAIVE model
+    trained by one process the way DDP computes: per-rank batch statistics, gradients averaged over
+    ranks, buffers broadcast from rank 0 before every forward. Parameters on every rank and rank 0's
+    running statistics agree to 1e-10 (float64)."""
+    world = 2
+    payload = _ddp_payload(world, backend)
+    results = _require_success(_spawn("densenet_ddp", world, str(tmp_path), payload), "densenet_ddp")
+    previous = inplace_abn.get_backend()
+    inplace_abn.set_backend(backend)
+    try:
+        net = _densenet("naive")
+        opt = torch.optim.SGD(net.parameters(), lr=DDP_LR, momentum=0.9)
+        losses: Dict[int, List[float]] = {r: [] for r in range(world)}
+        for step in range(DDP_STEPS):
+            global_batch = sum(b[0].size(0) for b in payload["batches"][step])
+            opt.zero_grad()
+            start = {k: v.clone() for k, v in net.named_buffers()}
+            for r in reversed(range(world)):  # rank 0 last: its buffer updates are the ones DDP keeps
+                with torch.no_grad():
+                    for k, v in net.named_buffers():
+                        v.copy_(start[k])
+                x, t = payload["batches"][step][r]
+                loss = F.cross_entropy(net(x), t, reduction="sum") / global_batch
+                loss.backward()  # the gradients add up over ranks: DDP's average of world * loss
+                losses[r].append(loss.item() * world)
+            opt.step()
+    finally:
+        inplace_abn.set_backend(previous)
+    want = net.state_dict()
+    buffers = {k for k, _ in net.named_buffers()}
+    for r in range(world):
+        got = results[r]["state"]
+        assert got.keys() == want.keys()
+        for k in want:
+            if k in buffers and r != 0:
+                continue  # rank 1's buffers hold its own last update; rank 0's are broadcast each step
+            torch.testing.assert_close(got[k], want[k], **TOL, msg=lambda m: f"rank {r} {k}: {m}")
+        assert results[r]["losses"] == pytest.approx(losses[r], abs=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -61,7 +61,10 @@ def _samples(op, dtype):
             yield (y, weight, bias, 1e-5, act, p)
         elif op == "forward_train_":
             if x.numel() > 0:
-                yield (x, weight, bias, 1e-5, act, p)
+                yield (x, weight, bias, None, None, 0.1, 1e-5, act, p)
+                # running statistics in the opmath dtype, and (the usual buffers) in float32
+                yield (x, weight, bias, torch.zeros(c, dtype=op_dtype), torch.ones(c, dtype=op_dtype), 0.1, 1e-5, act, p)
+                yield (x, weight, bias, torch.zeros(c), torch.ones(c), 1.0, 1e-5, act, p)
         elif op == "backward_train":
             yield (y, dy, var, weight, bias, 1e-5, act, p)
 
@@ -76,7 +79,7 @@ def test_opcheck(op, dtype):
     for args in samples:
         # the mutating ops write into x: give every opcheck run a private copy (keeping its strides)
         if op.endswith("_"):
-            args = (args[0].clone(memory_format=torch.preserve_format),) + args[1:]
+            args = tuple(a.clone(memory_format=torch.preserve_format) if isinstance(a, torch.Tensor) else a for a in args)
         result = torch.library.opcheck(overload, args)
         failed = {k: v for k, v in result.items() if v != "SUCCESS"}
         assert not failed, f"{op} {dtype} {[tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args]}: {failed}"
@@ -113,3 +116,65 @@ def test_outputs_keep_the_input_strides(layout):
     xhat = torch.ops.inplace_abn.invert(y, None, None, 1e-5, "leaky_relu", 0.1)
     assert dx.stride() == torch.empty_like(y).stride()
     assert xhat.stride() == torch.empty_like(y).stride()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_train_ops_equal_the_split_ops(dtype, layout):
+    """forward_train_ = statistics + forward_ + nn.BatchNorm's running update; backward_train =
+    backward_reduce + backward, with grad_weight = sign(w) * sum_dz_xhat (sign(0) = +1) in the
+    parameters' dtypes, on both backends."""
+    torch.manual_seed(0)
+    op_dtype = _python_ops.opmath_dtype(dtype)
+    x = _inputs((4, 5, 3, 7), dtype, layout)
+    w = torch.tensor([0.5, -1.0, 0.0, 2.0, -0.25], dtype=op_dtype)  # negative and zero weights
+    b = torch.randn(5, dtype=op_dtype)
+    count = x.numel() // 5
+    for ops in (torch.ops.inplace_abn, _python_ops):
+        y, rm, rv = x.clone(memory_format=torch.preserve_format), torch.randn(5), torch.rand(5) + 0.5
+        rm0, rv0 = rm.clone(), rv.clone()
+        mean, var = ops.forward_train_(y, w, b, rm, rv, 0.3, 1e-5, "leaky_relu", 0.05)
+        ref_mean, ref_var = torch.ops.inplace_abn.statistics(x)
+        ref_y = x.clone(memory_format=torch.preserve_format)
+        torch.ops.inplace_abn.forward_(ref_y, ref_mean, ref_var, w, b, 1e-5, "leaky_relu", 0.05)
+        tol = {"rtol": 2e-3, "atol": 2e-3} if dtype in (torch.float16, torch.bfloat16) else {}
+        torch.testing.assert_close(mean, ref_mean, **tol)
+        torch.testing.assert_close(var, ref_var, **tol)
+        torch.testing.assert_close(y, ref_y, **tol)
+        torch.testing.assert_close(rm, rm0 + 0.3 * (ref_mean.float() - rm0), **tol)
+        torch.testing.assert_close(rv, rv0 + 0.3 * (ref_var.float() * count / (count - 1) - rv0), **tol)
+
+        dy = torch.randn_like(y)
+        dx, gw, gb = ops.backward_train(y, dy, var, w, b, 1e-5, "leaky_relu", 0.05)
+        s_dz, s_dz_xhat = torch.ops.inplace_abn.backward_reduce(y, dy, w, b, 1e-5, "leaky_relu", 0.05)
+        ref_dx = torch.ops.inplace_abn.backward(y, dy, var, w, b, s_dz / count, s_dz_xhat / count, 1e-5, "leaky_relu", 0.05)
+        assert gw.dtype == w.dtype and gb.dtype == b.dtype
+        torch.testing.assert_close(dx, ref_dx, **tol)
+        torch.testing.assert_close(gb, s_dz, **tol)
+        sign = torch.tensor([1.0, -1.0, 1.0, 1.0, -1.0], dtype=op_dtype)
+        torch.testing.assert_close(gw, sign * s_dz_xhat, **tol)
+
+
+def test_backward_train_without_affine_returns_the_raw_sums():
+    y, dy, var = torch.randn(6, 3, 4), torch.randn(6, 3, 4), torch.rand(3) + 0.5
+    _, gw, gb = torch.ops.inplace_abn.backward_train(y, dy, var, None, None, 1e-5, "identity", 0.0)
+    s_dz, s_dz_xhat = torch.ops.inplace_abn.backward_reduce(y, dy, None, None, 1e-5, "identity", 0.0)
+    torch.testing.assert_close(gw, s_dz_xhat)
+    torch.testing.assert_close(gb, s_dz)
+
+
+@pytest.mark.parametrize(
+    "running_mean, running_var, momentum, x_shape, match",
+    [
+        (torch.zeros(3), None, 0.1, (4, 3), "running_mean and running_var must be both"),
+        (torch.zeros(4), torch.ones(4), 0.1, (4, 3), "running_mean must be a 1-D tensor with one entry per channel"),
+        (torch.zeros(3), torch.ones(3, dtype=torch.int64), 0.1, (4, 3), "running_var must be a floating-point"),
+        (torch.zeros(3), torch.ones(3), 1.5, (4, 3), "momentum must be in \\[0, 1\\]"),
+        (torch.zeros(3), torch.ones(3), 0.1, (1, 3), "more than 1 value per channel"),
+    ],
+)
+def test_forward_train_rejects_bad_running_stats(running_mean, running_var, momentum, x_shape, match):
+    """The op checks its running-statistics arguments (the Python layer checks first; direct callers too)."""
+    x = torch.randn(x_shape)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.inplace_abn.forward_train_(x, None, None, running_mean, running_var, momentum, 1e-5, "identity", 0.0)

@@ -93,13 +93,21 @@ inline NscRows nsc_rows(const Geometry& g, int64_t u) {
   return {first, std::min(g.per_unit, g.rows - first)};
 }
 
-// Per-channel vector as opmath values on the host (C is small; the copy is negligible).
+// Per-channel vector as opmath values on the host (C is small). Read element by element, whatever the
+// dtype and stride: a conversion through ATen (.to / .contiguous) costs an op call per vector, which
+// shows on small layers.
 template <typename opmath_t>
 std::vector<opmath_t> channel_values(const std::optional<at::Tensor>& v, int64_t C) {
   if (!v.has_value() || !v->defined()) return {};
-  const at::Tensor t = v->to(c10::CppTypeToScalarType<opmath_t>::value).contiguous();
-  const opmath_t* p = t.const_data_ptr<opmath_t>();
-  return std::vector<opmath_t>(p, p + C);
+  std::vector<opmath_t> out(C);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v->scalar_type(), "inplace_abn_channel_values", [&] {
+    const scalar_t* p = v->const_data_ptr<scalar_t>();
+    const int64_t stride = v->stride(0);
+    for (int64_t c = 0; c < C; ++c) {
+      out[c] = static_cast<opmath_t>(p[c * stride]);
+    }
+  });
+  return out;
 }
 
 template <typename T>
@@ -381,18 +389,16 @@ IABN_HOT void reduce_nsc_rows(const scalar_t* y, const scalar_t* dy, int64_t row
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> backward_reduce_cpu(
-    const at::Tensor& y_in, const at::Tensor& dy_in, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, double eps, c10::string_view activation, double activation_param) {
-  const Activation act =
-      check_backward_reduce_args(y_in, dy_in, weight, bias, eps, activation, activation_param);
-  const auto y = to_native(y_in);
-  const auto dy = to_native(dy_in, native_layout(y));
+// Per-channel sums of dz and dz * x_hat over native-layout (y, dy), merged in double on the host.
+struct ChannelSums {
+  std::vector<double> dz, dz_xhat;
+};
+
+ChannelSums reduce_sums(const at::Tensor& y, const at::Tensor& dy, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps, Activation act, double activation_param) {
   const int64_t C = y.size(1);
-  const auto op_type = at::toOpMathType(y.scalar_type());
-  auto sum_dz = at::zeros({C}, y.options().dtype(op_type));
-  auto sum_dz_xhat = at::zeros({C}, y.options().dtype(op_type));
-  if (y.numel() == 0) return {sum_dz, sum_dz_xhat};
+  ChannelSums sums{std::vector<double>(C, 0.0), std::vector<double>(C, 0.0)};
+  if (y.numel() == 0) return sums;
   const Geometry g = geometry(y);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "inplace_abn_backward_reduce", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
@@ -428,8 +434,6 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce_cpu(
         }
       });
     });
-    opmath_t* s1p = sum_dz.mutable_data_ptr<opmath_t>();
-    opmath_t* s2p = sum_dz_xhat.mutable_data_ptr<opmath_t>();
     for (int64_t c = 0; c < C; ++c) {
       double s1 = 0, s2 = 0;
       if (g.layout == Layout::NCS) {
@@ -446,11 +450,39 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce_cpu(
           s2 += part_dz_xhat[u * C + c];
         }
       }
-      s1p[c] = static_cast<opmath_t>(s1);
-      s2p[c] = static_cast<opmath_t>(s2);
+      sums.dz[c] = s1;
+      sums.dz_xhat[c] = s2;
     }
   });
-  return {sum_dz, sum_dz_xhat};
+  return sums;
+}
+
+// A (C,) tensor of `dtype` holding value(c): the per-channel results are formed on the host, so this
+// replaces a chain of small ATen ops (division, sign, cast) by one allocation.
+template <typename F>
+at::Tensor channel_tensor(int64_t C, at::ScalarType dtype, const at::Tensor& like, F&& value) {
+  auto t = at::empty({C}, like.options().dtype(dtype));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "inplace_abn_channel_tensor", [&] {
+    scalar_t* p = t.mutable_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) {
+      p[c] = static_cast<scalar_t>(value(c));
+    }
+  });
+  return t;
+}
+
+std::tuple<at::Tensor, at::Tensor> backward_reduce_cpu(
+    const at::Tensor& y_in, const at::Tensor& dy_in, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps, c10::string_view activation, double activation_param) {
+  const Activation act =
+      check_backward_reduce_args(y_in, dy_in, weight, bias, eps, activation, activation_param);
+  const auto y = to_native(y_in);
+  const auto dy = to_native(dy_in, native_layout(y));
+  const ChannelSums s = reduce_sums(y, dy, weight, bias, eps, act, activation_param);
+  const auto op_type = at::toOpMathType(y.scalar_type());
+  const int64_t C = y.size(1);
+  return {channel_tensor(C, op_type, y, [&](int64_t c) { return s.dz[c]; }),
+      channel_tensor(C, op_type, y, [&](int64_t c) { return s.dz_xhat[c]; })};
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -507,16 +539,12 @@ struct BackwardOp {
   }
 };
 
-at::Tensor backward_cpu(
-    const at::Tensor& y_in, const at::Tensor& dy_in, const at::Tensor& var, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mean_dz,
-    const std::optional<at::Tensor>& mean_dz_xhat, double eps, c10::string_view activation,
-    double activation_param) {
-  const auto [act, has_dz] = check_backward_args(
-      y_in, dy_in, var, weight, bias, mean_dz, mean_dz_xhat, eps, activation, activation_param);
-  if (y_in.numel() == 0) return at::empty_like(y_in);
-  const auto y = to_native(y_in);
-  const auto dy = to_native(dy_in, native_layout(y));
+// dx from native-layout (y, dy); `means` = (mean_dz, mean_dz_xhat) per channel, or null in eval mode
+// (the statistics are constants there, so both means are 0 and dx = gamma * rstd * dz).
+at::Tensor backward_dx(const at::Tensor& y_in, const at::Tensor& y, const at::Tensor& dy, const at::Tensor& var,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, const ChannelSums* means,
+    double eps, Activation act, double activation_param) {
+  if (y.numel() == 0) return at::empty_like(y_in);
   Output dx = make_output(y_in, y);
   const at::Tensor& out = dx.work;
   const Geometry g = geometry(y);
@@ -525,11 +553,12 @@ at::Tensor backward_cpu(
     const int64_t C = g.C;
     const auto v = channel_values<opmath_t>(var, C);
     const ChannelAffine<opmath_t> aff(weight, bias, C, eps);
-    // Eval mode: the statistics are constants, so both means are 0 and dx = gamma * rstd * dz.
-    auto m1 = has_dz ? channel_values<opmath_t>(mean_dz, C) : std::vector<opmath_t>(C, opmath_t(0));
-    auto m2 = has_dz ? channel_values<opmath_t>(mean_dz_xhat, C) : std::vector<opmath_t>(C, opmath_t(0));
-    std::vector<opmath_t> gamma_rstd(C);
+    std::vector<opmath_t> m1(C, opmath_t(0)), m2(C, opmath_t(0)), gamma_rstd(C);
     for (int64_t c = 0; c < C; ++c) {
+      if (means != nullptr) {
+        m1[c] = static_cast<opmath_t>(means->dz[c]);
+        m2[c] = static_cast<opmath_t>(means->dz_xhat[c]);
+      }
       gamma_rstd[c] = aff.gamma[c] / std::sqrt(v[c] + static_cast<opmath_t>(eps));
     }
     const auto p = activation_params<opmath_t>(act, activation_param);
@@ -546,6 +575,23 @@ at::Tensor backward_cpu(
   });
   dx.finish();
   return dx.result;
+}
+
+at::Tensor backward_cpu(
+    const at::Tensor& y_in, const at::Tensor& dy_in, const at::Tensor& var, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mean_dz,
+    const std::optional<at::Tensor>& mean_dz_xhat, double eps, c10::string_view activation,
+    double activation_param) {
+  const auto [act, has_dz] = check_backward_args(
+      y_in, dy_in, var, weight, bias, mean_dz, mean_dz_xhat, eps, activation, activation_param);
+  const auto y = to_native(y_in);
+  const auto dy = to_native(dy_in, native_layout(y));
+  if (!has_dz) return backward_dx(y_in, y, dy, var, weight, bias, nullptr, eps, act, activation_param);
+  const int64_t C = y.size(1);
+  const auto m1 = channel_values<double>(mean_dz, C);
+  const auto m2 = channel_values<double>(mean_dz_xhat, C);
+  const ChannelSums means{m1, m2};
+  return backward_dx(y_in, y, dy, var, weight, bias, &means, eps, act, activation_param);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -619,21 +665,59 @@ at::Tensor invert_cpu(
 // Single-process training: the two passes of each direction behind one dispatcher call.
 
 std::tuple<at::Tensor, at::Tensor> forward_train_cpu(
-    at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps,
-    c10::string_view activation, double activation_param) {
+    at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var, double momentum,
+    double eps, c10::string_view activation, double activation_param) {
+  const bool update = check_running_stats(running_mean, running_var, momentum, x);
   auto [mean, var] = statistics_cpu(x);
   forward_cpu(x, mean, var, weight, bias, eps, activation, activation_param);
+  if (update) {
+    // C values: a host loop instead of the three ATen ops (lerp, scale, lerp) of the Python update.
+    const int64_t C = x.size(1);
+    const double unbias = static_cast<double>(x.numel() / C) / static_cast<double>(x.numel() / C - 1);
+    const auto m = channel_values<double>(mean, C);
+    const auto v = channel_values<double>(var, C);
+    for (const auto& [running, batch, factor] :
+         {std::tuple(&*running_mean, &m, 1.0), std::tuple(&*running_var, &v, unbias)}) {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running->scalar_type(), "inplace_abn_running", [&] {
+        scalar_t* rp = running->mutable_data_ptr<scalar_t>();
+        const int64_t stride = running->stride(0);
+        for (int64_t c = 0; c < C; ++c) {
+          rp[c * stride] = static_cast<scalar_t>(
+              running_update<double>(static_cast<double>(rp[c * stride]), (*batch)[c] * factor, momentum));
+        }
+      });
+    }
+  }
   return {mean, var};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_train_cpu(
-    const at::Tensor& y, const at::Tensor& dy, const at::Tensor& var, const std::optional<at::Tensor>& weight,
+    const at::Tensor& y_in, const at::Tensor& dy_in, const at::Tensor& var, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps, c10::string_view activation, double activation_param) {
-  auto [sum_dz, sum_dz_xhat] = backward_reduce_cpu(y, dy, weight, bias, eps, activation, activation_param);
-  const double count = static_cast<double>(y.numel() / std::max<int64_t>(1, y.size(1)));
-  auto dx = backward_cpu(
-      y, dy, var, weight, bias, sum_dz / count, sum_dz_xhat / count, eps, activation, activation_param);
-  return std::make_tuple(dx, sum_dz, sum_dz_xhat);
+  const Activation act = check_backward_args(
+      y_in, dy_in, var, weight, bias, std::nullopt, std::nullopt, eps, activation, activation_param).first;
+  const auto y = to_native(y_in);
+  const auto dy = to_native(dy_in, native_layout(y));
+  const int64_t C = y.size(1);
+  const ChannelSums sums = reduce_sums(y, dy, weight, bias, eps, act, activation_param);
+  const double count = static_cast<double>(y.numel() / std::max<int64_t>(1, C));
+  ChannelSums means = sums;
+  for (int64_t c = 0; c < C; ++c) {
+    means.dz[c] /= count;
+    means.dz_xhat[c] /= count;
+  }
+  auto dx = backward_dx(y_in, y, dy, var, weight, bias, &means, eps, act, activation_param);
+  // The parameter gradients, in the parameters' dtypes (the opmath dtype without affine).
+  const auto op_type = at::toOpMathType(y.scalar_type());
+  const bool has_w = weight.has_value() && weight->defined();
+  const bool has_b = bias.has_value() && bias->defined();
+  const auto w = channel_values<double>(weight, C);
+  auto grad_weight = channel_tensor(C, has_w ? weight->scalar_type() : op_type, y, [&](int64_t c) {
+    return has_w ? weight_grad<double>(sums.dz_xhat[c], w[c]) : sums.dz_xhat[c];
+  });
+  auto grad_bias = channel_tensor(C, has_b ? bias->scalar_type() : op_type, y, [&](int64_t c) { return sums.dz[c]; });
+  return std::make_tuple(dx, grad_weight, grad_bias);
 }
 
 }  // namespace

@@ -492,11 +492,61 @@ at::Tensor invert_cuda(
   return xhat.result;
 }
 
+// ------------------------------------------------------------------------------------------------
+// Per-channel epilogues of the *_train ops: C values, one thread each, arithmetic from activation.h.
+
+constexpr int kChannelThreads = 128;
+
+unsigned channel_blocks(int64_t C) {
+  return static_cast<unsigned>(std::clamp<int64_t>((C + kChannelThreads - 1) / kChannelThreads, 1, 65535));
+}
+
+template <typename r_t, typename acc_t>
+__global__ void running_update_kernel(
+    r_t* running, int64_t stride, const acc_t* batch, acc_t factor, acc_t momentum, int64_t C) {
+  for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < C;
+       c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    running[c * stride] = static_cast<r_t>(
+        running_update<acc_t>(static_cast<acc_t>(running[c * stride]), batch[c] * factor, momentum));
+  }
+}
+
+template <typename acc_t>
+__global__ void weight_grad_kernel(acc_t* sum_dz_xhat, const acc_t* weight, int64_t C) {
+  for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < C;
+       c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    sum_dz_xhat[c] = weight_grad<acc_t>(sum_dz_xhat[c], weight[c]);
+  }
+}
+
+template <typename acc_t>
+void update_running(at::Tensor& running, const at::Tensor& batch, double factor, double momentum) {
+  const int64_t C = running.size(0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running.scalar_type(), "inplace_abn_running_cuda", [&] {
+    running_update_kernel<scalar_t, acc_t><<<channel_blocks(C), kChannelThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        running.mutable_data_ptr<scalar_t>(), running.stride(0), batch.const_data_ptr<acc_t>(),
+        static_cast<acc_t>(factor), static_cast<acc_t>(momentum), C);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> forward_train_cuda(
-    at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps,
-    c10::string_view activation, double activation_param) {
+    at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var, double momentum,
+    double eps, c10::string_view activation, double activation_param) {
+  const bool update = check_running_stats(running_mean, running_var, momentum, x);
   auto [mean, var] = statistics_cuda(x);
   forward_cuda(x, mean, var, weight, bias, eps, activation, activation_param);
+  if (update) {
+    const c10::cuda::CUDAGuard guard(x.device());
+    const double count = static_cast<double>(x.numel() / x.size(1));
+    at::Tensor rm = *running_mean, rv = *running_var;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "inplace_abn_forward_train_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      update_running<acc_t>(rm, mean, 1.0, momentum);
+      update_running<acc_t>(rv, var, count / (count - 1.0), momentum);
+    });
+  }
   return {mean, var};
 }
 
@@ -507,10 +557,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_train_cuda(
   auto [sum_dz, sum_dz_xhat] = backward_reduce_cuda(y, dy, weight, bias, eps, activation, activation_param);
   check_channel_vector(var, "var", y);
   const c10::cuda::CUDAGuard guard(y.device());
-  const double count = static_cast<double>(y.numel() / std::max<int64_t>(1, y.size(1)));
+  const int64_t C = y.size(1);
+  const double count = static_cast<double>(y.numel() / std::max<int64_t>(1, C));
   auto dx = backward_impl(y, dy, var, weight, bias, sum_dz, sum_dz_xhat, count > 0 ? 1.0 / count : 0.0, eps,
       parse_activation(activation, activation_param), activation_param);
-  return std::make_tuple(dx, sum_dz, sum_dz_xhat);
+  // Only after the dx kernel (same stream), which reads sum_dz_xhat unsigned: the sign goes in place.
+  const bool has_w = weight.has_value() && weight->defined();
+  const bool has_b = bias.has_value() && bias->defined();
+  if (has_w && C > 0) {
+    AT_DISPATCH_FLOATING_TYPES(sum_dz_xhat.scalar_type(), "inplace_abn_weight_grad_cuda", [&] {
+      const at::Tensor w = as_acc<scalar_t>(*weight);
+      weight_grad_kernel<scalar_t><<<channel_blocks(C), kChannelThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          sum_dz_xhat.mutable_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), C);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  auto grad_weight = has_w ? sum_dz_xhat.to(weight->scalar_type()) : sum_dz_xhat;
+  auto grad_bias = has_b ? sum_dz.to(bias->scalar_type()) : sum_dz;
+  return std::make_tuple(dx, grad_weight, grad_bias);
 }
 
 }  // namespace
