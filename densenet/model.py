@@ -9,11 +9,12 @@ Memory modes:
       a second time per step (``num_batches_tracked`` advances by 2).
     * ``"efficient"`` (``norm="iabn"`` only): the bottleneck ``concat -> In-Place ABN -> conv1x1`` is one
       autograd Function (:mod:`densenet.efficient`) that keeps only the input features and the per-channel
-      batch statistics; backward rebuilds the normalised concatenation from them (no reduction, no second
+      batch statistics; the concatenation lives in one storage shared by the block's layers, and backward
+      rebuilds the normalised concatenation there from the statistics (no reduction, no second
       running-stat update). Saved activations per block become linear in the number of layers.
 
-In-place safety with ``norm="iabn"``: every In-Place ABN input is a freshly allocated tensor that nothing
-else needs (a ``torch.cat`` output, or a conv output), so overwriting it is safe.
+In-place safety with ``norm="iabn"``: every In-Place ABN input is a tensor that nothing else needs (a
+``torch.cat`` output into fresh or block-shared scratch storage, or a conv output), so overwriting it is safe.
 """
 
 from __future__ import annotations
