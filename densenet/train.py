@@ -12,22 +12,30 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import json
 import math
 import os
-import random
 import sys
-import tempfile
 import time
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from inplace_abn.memory import parameters_of, saved_tensor_bytes
+from trainkit import (
+    CheckpointError,
+    atomic_save,
+    check_same_args,
+    load_checkpoint,
+    progress,
+    read_csv,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    write_csv,
+)
 
 from .data import DataError, load_cifar10_tensors, load_digits_tensors
 from .model import densenet_bc
@@ -43,7 +51,7 @@ _RESUME_MUST_MATCH = (
 )
 
 
-class ResumeError(RuntimeError):
+class ResumeError(CheckpointError):
     """A --resume checkpoint is missing, corrupt or was written by an incompatible run."""
 
 
@@ -89,59 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------------------------- helpers
 
 
-def _rng_state() -> Dict[str, Any]:
-    np_state = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "numpy": (np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])),
-        "python": random.getstate(),
-    }
-
-
-def _set_rng_state(state: Dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-
-
-def _atomic_save(obj: Any, path: str) -> None:
-    """torch.save to a temp file in the same folder, fsync, then os.replace (a crash never leaves half a file)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600: give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _load_checkpoint(path: str) -> Dict[str, Any]:
-    if not os.path.isfile(path):
-        raise ResumeError(
-            f"--resume checkpoint not found: {path!r} (expected the {CHECKPOINT_NAME} of an earlier run's --out)"
-        )
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ResumeError(
-            f"--resume checkpoint {path!r} is corrupt or not a checkpoint ({type(e).__name__}: {e}). "
-            f"Checkpoints are written atomically, so use an intact {CHECKPOINT_NAME} or start afresh without --resume."
-        ) from e
-    required = ("model", "optimizer", "scheduler", "epoch", "rng", "args")
-    missing = [k for k in required if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise ResumeError(f"--resume checkpoint {path!r} is not a densenet.train checkpoint (missing {missing}).")
-    return ckpt
+    return load_checkpoint(path, required=("model", "optimizer", "scheduler", "epoch", "rng", "args"),
+                           kind="densenet.train", error=ResumeError, checkpoint_name=CHECKPOINT_NAME)
 
 
 def _augment(x: Tensor) -> Tensor:
@@ -165,16 +123,6 @@ def _batches(n: int, batch_size: int, shuffle: bool) -> Iterator[Tensor]:
         if shuffle and idx.numel() < 2:  # a single-sample training batch breaks batch norm
             break
         yield idx
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return None
-    try:
-        from tqdm import tqdm  # optional
-    except ImportError:
-        return None
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
 @torch.no_grad()
@@ -221,20 +169,6 @@ def _load_data(args: argparse.Namespace) -> Tuple[Tensor, Tensor, Tensor, Tensor
     return xtr.to(dtype), ytr, xte.to(dtype), yte
 
 
-def _write_csv(path: str, rows: List[Dict[str, Any]]) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        w.writeheader()
-        w.writerows(rows)
-
-
-def _read_csv(path: str, upto_epoch: int) -> List[Dict[str, Any]]:
-    if not os.path.isfile(path):
-        return []
-    with open(path, newline="") as f:
-        return [r for r in csv.DictReader(f) if r.get("epoch", "").isdigit() and int(r["epoch"]) <= upto_epoch]
-
-
 # ------------------------------------------------------------------------------------------------ main
 
 
@@ -248,16 +182,9 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         raise ValueError(f"--batch-size must be >= 2 (batch norm), got {args.batch_size}")
     ckpt = _load_checkpoint(args.resume) if args.resume else None
     if ckpt is not None:
-        saved = ckpt["args"]
-        diff = [k for k in _RESUME_MUST_MATCH if saved.get(k) != getattr(args, k)]
-        if diff:
-            detail = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} (now {getattr(args, k)!r})" for k in diff)
-            raise ResumeError(f"--resume checkpoint {args.resume!r} was written with different settings: {detail}. "
-                              "Pass the same options to continue exactly.")
+        check_same_args(ckpt["args"], vars(args), _RESUME_MUST_MATCH, args.resume, error=ResumeError)
 
-    torch.manual_seed(args.seed)
-    np.random.seed(args.seed % 2**32)
-    random.seed(args.seed)
+    seed_everything(args.seed)
     xtr, ytr, xte, yte = _load_data(args)
     if len(xtr) < 2 or len(xte) < 1:
         raise DataError(f"too little data: {len(xtr)} training / {len(xte)} test images")
@@ -280,13 +207,13 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
-            _set_rng_state(ckpt["rng"])
+            set_rng_state(ckpt["rng"])
         except Exception as e:
             raise ResumeError(f"--resume checkpoint {args.resume!r} does not fit this model/optimizer "
                               f"({type(e).__name__}: {e})") from e
         start_epoch = int(ckpt["epoch"])
         elapsed = float(ckpt.get("elapsed", 0.0))
-    rows = _read_csv(csv_path, start_epoch) if ckpt is not None else []
+    rows = read_csv(csv_path, start_epoch) if ckpt is not None else []
 
     n_params = sum(p.numel() for p in model.parameters())
     mb = min(args.batch_size, len(xtr))
@@ -306,7 +233,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         lr = optimizer.param_groups[0]["lr"]
         model.train()
         loss_sum, correct, seen = 0.0, 0, 0
-        bar = _progress(n_batches, f"epoch {epoch}/{args.epochs}", not args.no_progress)
+        bar = progress(n_batches, f"epoch {epoch}/{args.epochs}", enabled=not args.no_progress)
         for idx in _batches(len(xtr), args.batch_size, shuffle=True):
             x, y = xtr[idx], ytr[idx]
             if augment:
@@ -319,11 +246,9 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             loss_sum += loss.item() * len(idx)
             correct += (logits.argmax(1) == y).sum().item()
             seen += len(idx)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
-        if bar is not None:
-            bar.close()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+        bar.close()
         scheduler.step()
         test_loss, test_acc = evaluate(model, xte, yte)
         seconds = time.perf_counter() - t0
@@ -331,9 +256,9 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         rows.append({"epoch": epoch, "train_loss": f"{loss_sum / seen:.6f}", "train_acc": f"{correct / seen:.6f}",
                      "test_loss": f"{test_loss:.6f}", "test_acc": f"{test_acc:.6f}", "lr": f"{lr:.6g}",
                      "seconds": f"{seconds:.3f}", "saved_mib": f"{saved_mib:.4f}"})
-        _write_csv(csv_path, rows)
-        _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                      "scheduler": scheduler.state_dict(), "epoch": epoch, "rng": _rng_state(),
+        write_csv(csv_path, rows, CSV_FIELDS)
+        atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                      "scheduler": scheduler.state_dict(), "epoch": epoch, "rng": rng_state(),
                       "args": vars(args).copy(), "elapsed": elapsed}, ckpt_path)
         print(f"epoch {epoch}/{args.epochs}  train loss {loss_sum / seen:.4f} acc {correct / seen:.4f}  "
               f"test loss {test_loss:.4f} acc {test_acc:.4f}  lr {lr:.4g}  {seconds:.1f}s", flush=True)

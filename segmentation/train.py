@@ -1,0 +1,617 @@
+"""Train a DeepLabV3 segmentation network (WiderResNet-38 A2 / ResNet-50/101) with In-Place ABN.
+
+    python -m segmentation.train --data DIR --arch wrn38 --norm iabn                 # one process
+    torchrun --nproc-per-node 2 -m segmentation.train --data DIR --norm iabn_sync    # DDP (gloo / NCCL)
+    python -m segmentation.train --data DIR ... --resume runs/segmentation/checkpoint.pt   # continue exactly
+
+``DIR`` has the Cityscapes layout (``leftImg8bit/{train,val}``, ``gtFine/{train,val}``); ``python -m
+segmentation.synthetic --out DIR`` writes a small generated one, and ``python -m segmentation.demo`` does
+both (generate + a short CPU run).
+
+Training: SGD (momentum, weight decay) with the poly schedule ``lr * (1 - it / max_it) ** power``
+stepped every iteration; cross-entropy ignoring label 255; optional AMP (``torch.autocast``: bfloat16
+on CPU, float16 + GradScaler on CUDA). Under ``torchrun`` (``WORLD_SIZE``/``RANK``/``LOCAL_RANK`` in the
+environment) every process joins a gloo (CPU) or NCCL (CUDA) group, the model is wrapped in
+DistributedDataParallel and ``--norm iabn_sync`` synchronises the batch statistics; ``--batch-size`` is
+per process. Only rank 0 prints, logs and writes files.
+
+Writes to ``--out``: ``log.csv`` (one row per epoch: epoch, iters, lr, train_loss, val_miou, pixel_acc,
+seconds), ``checkpoint.pt`` (atomically replaced each epoch: model, optimizer, scheduler, grad scaler,
+epoch, iteration, every rank's RNG states, arguments), ``final.json`` (mIoU, per-class IoU, memory) and
+``predictions/`` (colour PNGs of the first ``--save-predictions`` validation images and their labels).
+
+Exact resume: the data order of epoch e is a permutation seeded with ``seed`` and ``e`` (DistributedSampler),
+DataLoader workers are seeded from a generator seeded with (seed, epoch, rank), and the global RNGs that
+the transforms use with ``--workers 0`` are saved in the checkpoint and restored; a run interrupted after
+any epoch and continued with ``--resume`` produces the same losses and weights as one that was not
+(same machine, thread count and number of processes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+
+from inplace_abn.memory import parameters_of, saved_tensor_bytes
+from trainkit import (
+    CheckpointError,
+    DistInfo,
+    all_gather_objects,
+    atomic_save,
+    check_same_args,
+    cleanup_distributed,
+    format_seconds,
+    load_checkpoint,
+    progress,
+    read_csv,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    setup_distributed,
+    write_csv,
+)
+
+from .data import CITYSCAPES_CLASSES, IGNORE_INDEX, IMAGE_SUFFIX, NUM_CLASSES, CityscapesSegmentation, DataError
+from .metrics import ConfusionMatrix, colorize
+from .models import ARCHS, build_model
+from .norm import NORMS
+from .transforms import eval_transform, train_transform
+
+__all__ = [
+    "main",
+    "run",
+    "build_parser",
+    "evaluate",
+    "activation_bytes",
+    "memory_report",
+    "PolyLR",
+    "ResumeError",
+    "CSV_FIELDS",
+    "CHECKPOINT_NAME",
+]
+
+CSV_FIELDS = ("epoch", "iters", "lr", "train_loss", "val_miou", "pixel_acc", "seconds")
+CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "iteration", "rng", "args")
+# Options that must match between the run that wrote a checkpoint and the run resuming it.
+_RESUME_MUST_MATCH = (
+    "arch", "norm", "width", "output_stride", "crop", "scale_min", "scale_max", "flip_p", "batch_size", "epochs",
+    "iters", "lr", "momentum", "weight_decay", "poly_power", "amp", "seed", "workers", "train_split",
+)
+
+
+class ResumeError(CheckpointError):
+    """A --resume checkpoint is missing, corrupt or was written by an incompatible run."""
+
+
+# ------------------------------------------------------------------------------------------------ options
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line options of ``python -m segmentation.train``."""
+    p = argparse.ArgumentParser(
+        prog="python -m segmentation.train",
+        description="Train DeepLabV3 (WiderResNet-38 A2 / ResNet) with In-Place ABN on a Cityscapes-layout data set.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=True, metavar="DIR",
+                   help="folder with leftImg8bit/ and gtFine/ (python -m segmentation.synthetic --out DIR makes one)")
+    g.add_argument("--train-split", default="train")
+    g.add_argument("--val-split", default="val")
+    g.add_argument("--crop", type=int, default=512, help="side of the square training crops")
+    g.add_argument("--scale-min", type=float, default=0.5, help="random scale range of training images (low)")
+    g.add_argument("--scale-max", type=float, default=2.0, help="random scale range (high); 1 1 disables scaling")
+    g.add_argument("--flip-p", type=float, default=0.5, help="probability of a horizontal flip")
+    g.add_argument("--workers", type=int, default=0,
+                   help="DataLoader worker processes per rank (0: load in the main process)")
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", choices=ARCHS, default="wrn38")
+    g.add_argument("--norm", choices=NORMS, default="iabn",
+                   help="bn: BatchNorm2d + LeakyReLU; iabn: In-Place ABN; iabn_sync: synchronised over DDP ranks")
+    g.add_argument("--width", type=float, default=1.0, help="channel multiplier (1.0 = the real network)")
+    g.add_argument("--output-stride", type=int, choices=(8, 16), default=16)
+    g = p.add_argument_group("training")
+    length = g.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=int, default=None, help="passes over the training set (default 50)")
+    length.add_argument("--iters", type=int, default=None,
+                        help="total iterations instead of --epochs (the last epoch may be partial)")
+    g.add_argument("--batch-size", type=int, default=8, help="images per process and iteration")
+    g.add_argument("--lr", type=float, default=0.01)
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight-decay", type=float, default=1e-4)
+    g.add_argument("--poly-power", type=float, default=0.9, help="lr * (1 - iter / max_iter) ** power")
+    g.add_argument("--amp", action="store_true",
+                   help="automatic mixed precision: bfloat16 autocast on CPU, float16 + GradScaler on CUDA")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda if available")
+    g.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    g = p.add_argument_group("evaluation and output")
+    g.add_argument("--eval-every", type=int, default=1, metavar="E",
+                   help="evaluate on the val split every E epochs (0: only after the last one)")
+    g.add_argument("--save-predictions", type=int, default=4, metavar="K",
+                   help="write colour PNGs of the first K validation predictions (and labels)")
+    g.add_argument("--out", default=os.path.join("runs", "segmentation"))
+    g.add_argument("--resume", default=None, metavar="PATH", help="checkpoint.pt to continue from")
+    g.add_argument("--stop-after", type=int, default=None, metavar="N",
+                   help="stop after epoch N (as if interrupted); continue later with --resume")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar (one line per epoch only)")
+    return p
+
+
+def _check_args(args: argparse.Namespace, info: DistInfo) -> None:
+    """Option values that argparse cannot check; ValueError naming the option."""
+    if args.epochs is None and args.iters is None:
+        args.epochs = 50
+    if args.epochs is not None and args.epochs < 1:
+        raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
+    if args.iters is not None and args.iters < 1:
+        raise ValueError(f"--iters must be >= 1, got {args.iters}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    global_stats = args.batch_size * (info.world_size if args.norm == "iabn_sync" else 1)
+    if global_stats < 2:
+        raise ValueError(f"--batch-size {args.batch_size} gives batch statistics over a single image "
+                         f"(norm={args.norm}, {info.world_size} process(es)); use --batch-size >= 2")
+    if args.crop < 16:
+        raise ValueError(f"--crop must be >= 16 pixels, got {args.crop}")
+    if not 0 < args.scale_min <= args.scale_max:
+        raise ValueError(f"--scale-min/--scale-max must satisfy 0 < min <= max, got {args.scale_min}, {args.scale_max}")
+    if not 0.0 <= args.flip_p <= 1.0:
+        raise ValueError(f"--flip-p must be in [0, 1], got {args.flip_p}")
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        raise ValueError(f"--lr must be a positive number, got {args.lr}")
+    if args.poly_power < 0:
+        raise ValueError(f"--poly-power must be >= 0, got {args.poly_power}")
+    if args.workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {args.workers}")
+    if args.eval_every < 0:
+        raise ValueError(f"--eval-every must be >= 0, got {args.eval_every}")
+    if args.save_predictions < 0:
+        raise ValueError(f"--save-predictions must be >= 0, got {args.save_predictions}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if not os.path.isdir(args.data):
+        raise DataError(f"--data folder {args.data!r} does not exist. Point --data at a Cityscapes-layout folder "
+                        "(leftImg8bit/ + gtFine/) or write a small synthetic one with "
+                        f"`python -m segmentation.synthetic --out {args.data}`.")
+
+
+def resolve_device(device: str) -> str:
+    """``"auto"`` -> ``"cuda"`` when a GPU is available, else ``"cpu"``; other values unchanged."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+# --------------------------------------------------------------------------------------------- schedule
+
+
+class PolyLR(torch.optim.lr_scheduler.LRScheduler):
+    """The poly schedule ``base_lr * (1 - it / max_iters) ** power`` (0 from ``max_iters`` on); step per iteration.
+
+    Args:
+        optimizer: The optimizer whose groups' lr it sets.
+        max_iters: Iterations of the whole run (> 0).
+        power: Exponent (0.9 in DeepLab).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, max_iters: int, power: float = 0.9,
+                 last_epoch: int = -1) -> None:
+        if max_iters < 1:
+            raise ValueError(f"max_iters must be >= 1, got {max_iters}")
+        self.max_iters, self.power = int(max_iters), float(power)
+        super().__init__(optimizer, last_epoch)
+
+    def _factor(self) -> float:
+        return max(0.0, 1.0 - self.last_epoch / self.max_iters) ** self.power
+
+    def get_lr(self) -> List[float]:  # closed form: no drift, and resume only needs last_epoch
+        return [base * self._factor() for base in self.base_lrs]
+
+    def _get_closed_form_lr(self) -> List[float]:
+        return self.get_lr()
+
+
+# ------------------------------------------------------------------------------------------------ memory
+
+
+def activation_bytes(arch: str, norm: str, num_classes: int, width: float, output_stride: int,
+                     batch: int, crop: int) -> int:
+    """Bytes autograd saves for backward in one float32 training forward + loss (parameters and buffers excluded).
+
+    Counted exactly on ``device="meta"`` (nothing is allocated or computed, so any size is cheap) with a
+    fresh model; the global RNG is untouched. ``iabn_sync`` saves exactly what ``iabn`` saves, so it is
+    counted as ``iabn`` (no process group needed).
+
+    Args:
+        arch, norm, num_classes, width, output_stride: As :func:`segmentation.build_model`.
+        batch, crop: The input is (batch, 3, crop, crop), the target (batch, crop, crop).
+    """
+    local = "iabn" if norm == "iabn_sync" else norm
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        model = build_model(arch, num_classes, norm=local, output_stride=output_stride, width=width).train()
+        x = torch.empty(batch, 3, crop, crop)
+        y = torch.zeros(batch, crop, crop, dtype=torch.long)
+        total, _loss, _ = saved_tensor_bytes(lambda: F.cross_entropy(model(x), y, ignore_index=IGNORE_INDEX),
+                                             exclude=parameters_of(model))
+    return total
+
+
+def memory_report(args: argparse.Namespace, batch: int) -> Dict[str, float]:
+    """Saved-for-backward MiB of one training step with ``args.norm`` vs ``norm="bn"`` on the same input."""
+    kw = dict(arch=args.arch, num_classes=NUM_CLASSES, width=args.width, output_stride=args.output_stride,
+              batch=batch, crop=args.crop)
+    ours = activation_bytes(norm=args.norm, **kw) / 2**20
+    bn = ours if args.norm == "bn" else activation_bytes(norm="bn", **kw) / 2**20
+    return {"bn_mib": bn, "norm_mib": ours, "ratio": ours / bn if bn > 0 else math.nan}
+
+
+def _memory_line(mem: Dict[str, float], norm: str, batch: int, crop: int) -> str:
+    return (f"activation memory saved vs BatchNorm: {mem['bn_mib']:.1f} MiB -> {mem['norm_mib']:.1f} MiB "
+            f"({mem['ratio']:.2f}x) [saved for backward by one float32 training step, batch {batch} x 3 x "
+            f"{crop} x {crop}, norm=bn -> norm={norm}, parameters excluded]")
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _autocast(device: torch.device, enabled: bool):
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled)
+
+
+def _prediction_name(dataset: Dataset, index: int) -> str:
+    files = getattr(dataset, "files", None)
+    if files is not None:
+        base = os.path.basename(files[index][0])
+        return base[: -len(IMAGE_SUFFIX)] if base.endswith(IMAGE_SUFFIX) else os.path.splitext(base)[0]
+    return f"{index:05d}"
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    dataset: Dataset,
+    device: torch.device,
+    num_classes: int = NUM_CLASSES,
+    amp: bool = False,
+    save_predictions: int = 0,
+    out_dir: Optional[str] = None,
+    info: DistInfo = DistInfo(),
+    workers: int = 0,
+    show_progress: bool = True,
+) -> ConfusionMatrix:
+    """Whole-image evaluation of ``model`` (eval mode, batch 1) on ``dataset``.
+
+    Under DDP every rank evaluates a contiguous shard and the confusion matrices are summed; rank 0
+    writes ``{out_dir}/{name}_pred.png`` and ``{name}_label.png`` (Cityscapes colours) for the first
+    ``save_predictions`` images.
+
+    Args:
+        model: Maps (1, 3, H, W) -> logits (1, K, H, W); DDP-wrapped models are unwrapped.
+        dataset: Items (image FloatTensor (3, H, W), target LongTensor (H, W)).
+        device: Where to run.
+        num_classes: K.
+        amp: Run under autocast (as in training).
+        save_predictions: Number of leading images to write as PNGs.
+        out_dir: Folder of the PNGs (created by rank 0; needed when ``save_predictions > 0``).
+        info: Rank / world size (default: single process).
+        workers: DataLoader workers.
+        show_progress: Progress bar on rank 0.
+
+    Returns:
+        The (all-reduced) confusion matrix.
+    """
+    net = _unwrap(model)
+    was_training = net.training
+    net.eval()
+    n = len(dataset)  # type: ignore[arg-type]
+    chunk = math.ceil(n / info.world_size)
+    start, stop = min(info.rank * chunk, n), min((info.rank + 1) * chunk, n)
+    loader = DataLoader(Subset(dataset, range(start, stop)), batch_size=1, shuffle=False, num_workers=workers)
+    cm = ConfusionMatrix(num_classes, ignore_index=IGNORE_INDEX)
+    keep: List[Tuple[int, Any, Any]] = []
+    bar = progress(stop - start, "eval", enabled=show_progress and info.is_main)
+    for pos, (x, y) in enumerate(loader):
+        with _autocast(device, amp):
+            logits = net(x.to(device, non_blocking=True))
+        pred = logits.argmax(1).cpu()
+        cm.update(pred, y)
+        index = start + pos
+        if index < save_predictions:
+            keep.append((index, pred[0].to(torch.uint8).numpy(), y[0].clamp(0, 255).to(torch.uint8).numpy()))
+        bar.update(1)
+    bar.close()
+    cm.all_reduce()
+    if save_predictions > 0:
+        gathered = [item for part in all_gather_objects(keep) for item in part]
+        if info.is_main:
+            if out_dir is None:
+                raise ValueError("evaluate(save_predictions > 0) needs out_dir")
+            os.makedirs(out_dir, exist_ok=True)
+            for index, pred_np, label_np in sorted(gathered, key=lambda t: t[0]):
+                name = _prediction_name(dataset, index)
+                colorize(pred_np).save(os.path.join(out_dir, f"{name}_pred.png"))
+                colorize(label_np).save(os.path.join(out_dir, f"{name}_label.png"))
+    if was_training:
+        net.train()
+    return cm
+
+
+def _results(cm: ConfusionMatrix) -> Dict[str, Any]:
+    iou = cm.iou().tolist()
+    return {"miou": cm.miou(), "pixel_acc": cm.pixel_accuracy(),
+            "iou": {name: (None if math.isnan(v) else v) for name, v in zip(CITYSCAPES_CLASSES, iou)}}
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+def _say(info: DistInfo, *parts: Any) -> None:
+    if info.is_main:
+        print(*parts, flush=True)
+
+
+def _epoch_loader(dataset: Dataset, sampler: DistributedSampler, args: argparse.Namespace, epoch: int,
+                  info: DistInfo) -> DataLoader:
+    """The training loader of one epoch: a permutation seeded with (seed, epoch), workers seeded with
+    (seed, epoch, rank); fixed-size batches (the last incomplete one is dropped)."""
+    sampler.set_epoch(epoch)
+    gen = torch.Generator()
+    gen.manual_seed((args.seed * 1_000_003 + epoch * 1_009 + info.rank) % 2**63)
+    return DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
+                      drop_last=True, generator=gen, pin_memory=info.device.type == "cuda")
+
+
+def _buffer_sync_kwarg(sync: bool) -> Dict[str, bool]:
+    """DDP's per-forward buffer broadcast switch: ``forward_sync_buffers`` (newer torch) or ``broadcast_buffers``."""
+    params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers": sync}
+
+
+def _loss(logits: Tensor, target: Tensor) -> Tensor:
+    """Mean cross-entropy over non-ignored pixels (a zero that keeps the graph when every pixel is ignored)."""
+    if bool((target != IGNORE_INDEX).any()):
+        return F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX)
+    return logits.sum() * 0.0
+
+
+def run(args: argparse.Namespace, info: Optional[DistInfo] = None, return_model: bool = False) -> Dict[str, Any]:
+    """Trains according to ``args`` (joining torchrun's process group when launched by it).
+
+    Args:
+        args: Parsed options of :func:`build_parser`.
+        info: An already set-up process (None: :func:`trainkit.setup_distributed` is called here and the
+            group destroyed at the end).
+        return_model: Also return the trained (unwrapped) model under ``"model"``.
+
+    Returns:
+        The summary written to ``final.json`` (or a partial one after ``--stop-after``) plus ``"losses"``:
+        this rank's loss of every iteration run by this call.
+    """
+    own_group = info is None
+    if info is None:
+        if args.threads is not None:  # before any parallel work starts
+            torch.set_num_threads(args.threads)
+        info = setup_distributed(resolve_device(args.device))
+    try:
+        with warnings.catch_warnings():
+            if args.norm == "iabn_sync" and not info.distributed:
+                warnings.filterwarnings("ignore", message="inplace_abn_sync: torch.distributed is not initialised")
+            return _train(args, info, return_model)
+    finally:
+        if own_group:
+            cleanup_distributed()
+
+
+def _train(args: argparse.Namespace, info: DistInfo, return_model: bool) -> Dict[str, Any]:
+    _check_args(args, info)
+    device = info.device
+    ckpt = None
+    if args.resume:
+        ckpt = load_checkpoint(args.resume, required=CHECKPOINT_KEYS, kind="segmentation.train", error=ResumeError,
+                               checkpoint_name=CHECKPOINT_NAME)
+        check_same_args(ckpt["args"], vars(args), _RESUME_MUST_MATCH, args.resume, error=ResumeError)
+
+    train_set = CityscapesSegmentation(
+        args.data, args.train_split,
+        train_transform(args.crop, scale=None if args.scale_min == args.scale_max == 1.0 else
+                        (args.scale_min, args.scale_max), flip_p=args.flip_p, ignore_index=IGNORE_INDEX))
+    val_set = CityscapesSegmentation(args.data, args.val_split, eval_transform())
+    sampler = DistributedSampler(train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True,
+                                 seed=args.seed, drop_last=True)
+    iters_per_epoch = len(sampler) // args.batch_size
+    if iters_per_epoch < 1:
+        raise DataError(f"the {args.train_split!r} split of {args.data!r} has {len(train_set)} images: too few for "
+                        f"one batch of {args.batch_size} per process on {info.world_size} process(es); "
+                        "lower --batch-size or add images")
+    if args.iters is not None:
+        max_iters, epochs = args.iters, math.ceil(args.iters / iters_per_epoch)
+    else:
+        max_iters, epochs = args.epochs * iters_per_epoch, args.epochs
+
+    seed_everything(args.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
+    model = build_model(args.arch, NUM_CLASSES, norm=args.norm, output_stride=args.output_stride,
+                        width=args.width).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    scheduler = PolyLR(optimizer, max_iters, power=args.poly_power)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda")
+    seed_everything(args.seed + 7919 * info.rank)  # per-rank augmentation stream (rank 0: the seed itself)
+
+    start_epoch, iteration, elapsed = 0, 0, 0.0
+    if ckpt is not None:
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            if ckpt.get("scaler"):
+                scaler.load_state_dict(ckpt["scaler"])
+        except Exception as e:
+            raise ResumeError(f"--resume checkpoint {args.resume!r} does not fit this model/optimizer "
+                              f"({type(e).__name__}: {e})") from e
+        per_rank = ckpt.get("rng_per_rank") or []
+        if len(per_rank) == info.world_size:
+            set_rng_state(per_rank[info.rank])
+        else:
+            set_rng_state(ckpt["rng"])
+            _say(info, f"note: the checkpoint was written by {len(per_rank)} process(es), this run has "
+                       f"{info.world_size}: the data order continues, the augmentations are not bit-identical")
+        start_epoch, iteration = int(ckpt["epoch"]), int(ckpt["iteration"])
+        elapsed = float(ckpt.get("elapsed", 0.0))
+
+    ddp: nn.Module = model
+    if info.distributed:
+        # iabn_sync already makes the running statistics equal on every rank: no buffer broadcast needed.
+        ddp = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            **_buffer_sync_kwarg(args.norm != "iabn_sync"))
+
+    if info.is_main:
+        os.makedirs(args.out, exist_ok=True)
+    csv_path = os.path.join(args.out, "log.csv")
+    ckpt_path = os.path.join(args.out, CHECKPOINT_NAME)
+    pred_dir = os.path.join(args.out, "predictions")
+    rows: List[Dict[str, Any]] = read_csv(csv_path, start_epoch) if (ckpt is not None and info.is_main) else []
+
+    n_params = sum(p.numel() for p in model.parameters())
+    mem = memory_report(args, args.batch_size)
+    _say(info, f"{args.arch} + DeepLabV3, norm={args.norm}, width={args.width:g}, output stride {args.output_stride}: "
+               f"{n_params:,} parameters; {len(train_set)} train / {len(val_set)} val images; {info.world_size} "
+               f"process(es) on {device} ({info.backend or 'no process group'}), batch {args.batch_size} per process, "
+               f"crop {args.crop}; {max_iters} iterations ({iters_per_epoch} per epoch, {epochs} epoch(s))"
+               + (f"; AMP {'float16' if device.type == 'cuda' else 'bfloat16'}" if args.amp else "")
+               + (f"; resuming after epoch {start_epoch} (iteration {iteration})" if ckpt is not None else ""))
+    if args.norm == "iabn_sync" and not info.distributed:
+        _say(info, "note: norm=iabn_sync in a single process (no torchrun): statistics are local, as iabn")
+    _say(info, _memory_line(mem, args.norm, args.batch_size, args.crop))
+
+    losses: List[float] = []
+    results: Optional[Dict[str, Any]] = None
+    if rows and rows[-1].get("val_miou"):
+        results = {"miou": float(rows[-1]["val_miou"]), "pixel_acc": float(rows[-1]["pixel_acc"])}
+    last_epoch = start_epoch
+    stopped = False
+    for epoch in range(start_epoch + 1, epochs + 1):
+        t0 = time.perf_counter()
+        ddp.train()
+        loader = _epoch_loader(train_set, sampler, args, epoch, info)
+        n_this = min(iters_per_epoch, max_iters - iteration)
+        bar = progress(n_this, f"epoch {epoch}/{epochs}", enabled=info.is_main and not args.no_progress)
+        loss_sum, count = 0.0, 0
+        for x, y in loader:
+            if iteration >= max_iters:
+                break
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with _autocast(device, args.amp):
+                logits = ddp(x)
+            loss = _loss(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            iteration += 1
+            value = float(loss.detach())
+            if not math.isfinite(value) and not args.amp:
+                raise FloatingPointError(f"training diverged: loss {value} at iteration {iteration}; lower --lr")
+            losses.append(value)
+            loss_sum, count = loss_sum + value, count + 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum / count:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+        bar.close()
+        stats = torch.tensor([loss_sum, float(count)], dtype=torch.float64)
+        if info.distributed:
+            stats_dev = stats.to(device)
+            torch.distributed.all_reduce(stats_dev)
+            stats = stats_dev.cpu()
+        train_loss = float(stats[0] / stats[1]) if stats[1] > 0 else math.nan
+
+        evaluated = epoch == epochs or (args.eval_every > 0 and epoch % args.eval_every == 0)
+        if evaluated:
+            cm = evaluate(ddp, val_set, device, NUM_CLASSES, amp=args.amp,
+                          save_predictions=args.save_predictions if epoch == epochs else 0, out_dir=pred_dir,
+                          info=info, workers=args.workers, show_progress=not args.no_progress)
+            results = _results(cm)
+            results["table"] = cm.table(CITYSCAPES_CLASSES)
+        seconds = time.perf_counter() - t0
+        elapsed += seconds
+        rngs = all_gather_objects(rng_state())  # every rank's augmentation RNGs (collective)
+        lr_now = optimizer.param_groups[0]["lr"]
+        if info.is_main:
+            rows.append({"epoch": epoch, "iters": iteration, "lr": f"{lr_now:.6g}", "train_loss": repr(train_loss),
+                         "val_miou": f"{results['miou']:.6f}" if evaluated and results else "",
+                         "pixel_acc": f"{results['pixel_acc']:.6f}" if evaluated and results else "",
+                         "seconds": f"{seconds:.3f}"})
+            write_csv(csv_path, rows, CSV_FIELDS)
+            atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+                         "iteration": iteration, "rng": rngs[0], "rng_per_rank": rngs, "args": vars(args).copy(),
+                         "elapsed": elapsed, "num_classes": NUM_CLASSES}, ckpt_path)
+            msg = f"epoch {epoch}/{epochs}  iter {iteration}/{max_iters}  train loss {train_loss:.4f}  lr {lr_now:.3g}"
+            if evaluated and results:
+                msg += f"  val mIoU {results['miou']:.4f} pixel acc {results['pixel_acc']:.4f}"
+            print(f"{msg}  {seconds:.1f}s", flush=True)
+        last_epoch = epoch
+        if args.stop_after is not None and epoch >= args.stop_after and epoch < epochs:
+            _say(info, f"stopped after epoch {epoch}; continue with --resume {ckpt_path}")
+            stopped = True
+            break
+
+    summary: Dict[str, Any] = {"epochs": last_epoch, "iterations": iteration, "train_seconds": elapsed,
+                               "params": n_params, "memory": mem, "world_size": info.world_size,
+                               "args": vars(args).copy()}
+    if results is not None:
+        summary.update({k: v for k, v in results.items() if k != "table"})
+    if stopped:
+        summary["stopped_after"] = last_epoch
+    elif info.is_main:
+        with open(os.path.join(args.out, "final.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        if results is not None and "table" in results:
+            print(f"\nvalidation ({args.val_split}, {len(val_set)} images):\n{results['table']}\n", flush=True)
+        print(f"final val mIoU: {summary.get('miou', math.nan):.4f} ({100 * summary.get('miou', math.nan):.2f}%), "
+              f"pixel accuracy {summary.get('pixel_acc', math.nan):.4f}, after {iteration} iterations "
+              f"({last_epoch} epochs, {format_seconds(elapsed)} of training)", flush=True)
+        print(_memory_line(mem, args.norm, args.batch_size, args.crop), flush=True)
+    summary["losses"] = losses
+    if return_model:
+        summary["model"] = model
+    return summary
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """CLI entry point; returns the exit status (0 ok, 2 bad data/checkpoint/option)."""
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except (DataError, CheckpointError, ValueError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:  # e.g. --device cuda without a GPU
+        if "CUDA" not in str(e):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""Checkpoints written atomically and loaded with errors that say what is wrong and what to do."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any, Dict, Iterable, Mapping, Type
+
+import torch
+
+__all__ = ["CheckpointError", "atomic_save", "load_checkpoint", "check_same_args"]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt, not of the expected kind, or was written by an incompatible run."""
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """``torch.save(obj)`` to a temp file in the target's folder, fsync, then ``os.replace`` onto ``path``.
+
+    A crash (or Ctrl-C) at any moment leaves either the previous file or the new one, never half a file;
+    the temp file is removed on failure. The result gets the usual permissions (0666 minus the umask).
+
+    Args:
+        obj: Anything ``torch.save`` accepts.
+        path: Destination; its folder must exist.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600: give the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_checkpoint(
+    path: str,
+    required: Iterable[str] = (),
+    kind: str = "training",
+    option: str = "--resume",
+    error: Type[Exception] = CheckpointError,
+    checkpoint_name: str = "checkpoint.pt",
+) -> Dict[str, Any]:
+    """Loads a checkpoint on the CPU with ``weights_only=True`` and checks that it has the ``required`` keys.
+
+    Args:
+        path: The file.
+        required: Top-level keys the checkpoint must have.
+        kind: What wrote it, for messages (e.g. ``"densenet.train"``).
+        option: The command-line option that named the file, for messages.
+        error: Exception class raised (a subclass of :class:`CheckpointError` is typical).
+        checkpoint_name: The usual file name, for messages.
+
+    Returns:
+        The checkpoint dict.
+
+    Raises:
+        error: file not found ("not found"), unreadable ("corrupt"), or keys missing ("not a ... checkpoint").
+    """
+    if not os.path.isfile(path):
+        raise error(
+            f"{option} checkpoint not found: {path!r} (expected the {checkpoint_name} of an earlier run's --out)"
+        )
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise error(
+            f"{option} checkpoint {path!r} is corrupt or not a checkpoint ({type(e).__name__}: {e}). "
+            f"Checkpoints are written atomically, so use an intact {checkpoint_name} or start afresh without {option}."
+        ) from e
+    missing = [k for k in required if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise error(f"{option} checkpoint {path!r} is not a {kind} checkpoint (missing {missing}).")
+    return ckpt
+
+
+def check_same_args(
+    saved: Mapping[str, Any],
+    current: Mapping[str, Any],
+    keys: Iterable[str],
+    path: str,
+    error: Type[Exception] = CheckpointError,
+) -> None:
+    """Refuses to resume when options that shape the run differ from those stored in the checkpoint.
+
+    Args:
+        saved: The arguments stored in the checkpoint (``vars(args)`` of the run that wrote it).
+        current: The arguments of this run.
+        keys: Option names (argparse ``dest``) that must be equal.
+        path: The checkpoint file, for the message.
+        error: Exception class raised.
+
+    Raises:
+        error: naming every differing option as ``--name saved (now current)``.
+    """
+    diff = [k for k in keys if saved.get(k) != current.get(k)]
+    if diff:
+        detail = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} (now {current.get(k)!r})" for k in diff)
+        raise error(
+            f"--resume checkpoint {path!r} was written with different settings: {detail}. "
+            "Pass the same options to continue exactly."
+        )
