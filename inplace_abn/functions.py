@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import _ops, _python_ops
-from ._python_ops import opmath_dtype
+from ._python_ops import _cast, opmath_dtype
 
 __all__ = [
     "inplace_abn",
@@ -170,10 +170,6 @@ def _sync_enabled(group: Any) -> bool:
         stacklevel=4,
     )
     return False
-
-
-def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
-    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _check_count(count: int, shape: Any) -> None:
