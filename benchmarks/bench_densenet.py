@@ -16,12 +16,7 @@ Writes ``benchmarks/results/densenet_memory.csv``, ``densenet_time.csv`` and ``d
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime as _dt
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,6 +29,8 @@ import torch  # noqa: E402
 
 from densenet import densenet121, densenet169, densenet201, densenet264, densenet_bc  # noqa: E402
 from inplace_abn.memory import parameters_of, saved_tensor_bytes  # noqa: E402
+
+from _provenance import append_csv, provenance  # noqa: E402  (benchmarks/, on sys.path as the script's folder)
 
 CONFIGS: Tuple[Tuple[str, str], ...] = (
     ("naive", "bn"),
@@ -94,26 +91,9 @@ def time_compare(depth: int, batch: int, rounds: int, threads: int) -> Dict[str,
 
 
 def _provenance() -> Dict[str, str]:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
-    except OSError:
-        rev = ""
-    return {
-        "machine": platform.processor() or platform.machine(),
-        "torch": torch.__version__,
-        "git_rev": rev.strip(),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
-def _write_csv(path: Path, rows: List[Dict[str, object]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
+    """This file's CSV columns (machine, torch, git_rev, date) from the shared provenance."""
+    p = provenance()
+    return {"machine": p["machine"], "torch": p["torch_version"], "git_rev": p["git_rev"], "date": p["date"]}
 
 
 def _plot(depths: Sequence[int], sweep: Dict[Tuple[str, str], List[float]], path: Path) -> bool:
@@ -177,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for c, v in values.items():
             rows.append({"model": name, "memory": c[0], "norm": c[1], "batch": 64, "size": 224,
                          "saved_mib": round(v * 1024, 3), **prov})  # fmt: skip
-    _write_csv(args.out / "densenet_memory.csv", rows)
+    append_csv(args.out / "densenet_memory.csv", rows)
     if _plot(depths, sweep, args.out / "densenet_memory.png"):
         print(f"[densenet] plot: {args.out / 'densenet_memory.png'}")
 
@@ -195,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for k, v in med.items():
                 time_rows.append({"model": f"densenet_bc{args.time_depth}", "config": k, "threads": threads,
                                   "batch": 16, "median_ms": round(v * 1e3, 3), **prov})  # fmt: skip
-        _write_csv(args.out / "densenet_time.csv", time_rows)
+        append_csv(args.out / "densenet_time.csv", time_rows)
     return 0
 
 

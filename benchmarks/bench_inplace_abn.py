@@ -47,23 +47,21 @@ own ``run_id``.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as _dt
 import gc
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
 import inplace_abn
+
+from _provenance import append_csv, git_rev, machine_name  # benchmarks/, on sys.path as the script's folder
 
 try:  # progress bar is optional
     from tqdm import tqdm as _tqdm  # type: ignore
@@ -171,29 +169,6 @@ def parse_shape(text: str) -> Tuple[int, ...]:
 
 def shape_str(shape: Sequence[int]) -> str:
     return "x".join(str(d) for d in shape)
-
-
-def machine_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def git_rev() -> str:
-    """Short HEAD hash, with "-dirty" when tracked files differ from HEAD (read-only git calls)."""
-    try:
-        rev = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], cwd=REPO_ROOT, capture_output=True)
-    return rev + ("-dirty" if dirty.returncode != 0 else "")
 
 
 def quantiles(samples: List[float]) -> Tuple[float, float, float]:
@@ -382,18 +357,7 @@ def run_block(
 
 
 def write_rows(out: Path, rows: List[Dict[str, object]]) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    new = not out.exists() or out.stat().st_size == 0
-    if not new:
-        with out.open(newline="") as fh:
-            header = next(csv.reader(fh), [])
-        if header != CSV_COLUMNS:
-            raise SystemExit(f"{out} has a different header ({header}); use --out to write a new file")
-    with out.open("a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
+    append_csv(out, rows, CSV_COLUMNS)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

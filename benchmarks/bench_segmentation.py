@@ -27,11 +27,7 @@ Writes ``benchmarks/results/segmentation_memory.csv``, ``segmentation_batch.csv`
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime as _dt
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -47,6 +43,8 @@ from inplace_abn.memory import parameters_of, saved_tensor_bytes  # noqa: E402
 from segmentation import build_model  # noqa: E402
 from segmentation.models import MaxPool2d  # noqa: E402
 
+from _provenance import append_csv, provenance  # noqa: E402  (benchmarks/, on sys.path as the script's folder)
+
 ARCHS: Tuple[str, ...] = ("wrn38", "resnet50")
 NORMS: Tuple[str, ...] = ("bn", "iabn")
 CROPS: Tuple[Tuple[int, int], ...] = ((2, 512), (1, 1024))  # (batch, square crop size)
@@ -56,52 +54,6 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 # ------------------------------------------------------------------------------------------- provenance
-
-
-def machine_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def git_rev() -> str:
-    """Short HEAD hash, with "-dirty" when tracked files differ from HEAD (read-only git calls)."""
-    try:
-        rev = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], cwd=ROOT, capture_output=True)
-    return rev + ("-dirty" if dirty.returncode != 0 else "")
-
-
-def provenance() -> Dict[str, str]:
-    now = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0)
-    rev = git_rev()
-    return {
-        "run_id": now.strftime("%Y%m%dT%H%M%SZ") + "-" + rev,
-        "machine": machine_name(),
-        "torch_version": torch.__version__,
-        "git_rev": rev,
-        "date": now.isoformat(),
-    }
-
-
-def write_csv(path: Path, rows: List[Dict[str, object]]) -> None:
-    """Appends ``rows`` (header written when the file is new)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
 
 
 # ---------------------------------------------------------------------------------------------- memory
@@ -309,8 +261,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 f"    {arch} OS{s} {b}x3x{c}x{c}: bn {bn / GIB:.2f} GiB, iabn {ia / GIB:.2f} GiB, ratio {ia / bn:.3f}"
             )
 
-    write_csv(args.out / "segmentation_memory.csv", mem_rows)
-    write_csv(args.out / "segmentation_batch.csv", fit_rows)
+    append_csv(args.out / "segmentation_memory.csv", mem_rows)
+    append_csv(args.out / "segmentation_batch.csv", fit_rows)
     if plot(mem, strides, args.out / "segmentation_memory.png"):
         print(f"\n[segmentation] plot: {args.out / 'segmentation_memory.png'}")
 
@@ -338,7 +290,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "backend": inplace_abn.get_backend(),
                         **{k: prov[k] for k in ("machine", "torch_version", "git_rev", "date")},
                     })  # fmt: skip
-        write_csv(args.out / "segmentation_time.csv", time_rows)
+        append_csv(args.out / "segmentation_time.csv", time_rows)
     print(f"\n[segmentation] results appended under {args.out} (run_id {prov['run_id']})")
     return 0
 

@@ -27,7 +27,6 @@ from torch.autograd.function import once_differentiable
 from inplace_abn import InPlaceABN, _ops
 from inplace_abn._python_ops import opmath_dtype
 from inplace_abn.functions import (
-    _cast,
     _check_count,
     _local_backward,
     check_activation,

@@ -28,7 +28,7 @@ from inplace_abn.reference import batch_norm_act
 
 # Shared helpers and tolerances of the CPU suites (tests/ is on sys.path under pytest's default
 # "prepend" import mode, as for conftest).
-from test_equivalence import ELU_HALF_TOL, EPS, TOL, layout_input, make_weight, set_module_state
+from test_equivalence import ELU_HALF_TOL, EPS, TOL, layout_input, set_module_state
 from test_memory import ACT_BYTES, SHAPE, VEC_BYTES, _saved, _stack
 from test_ops import OPS, _samples
 

@@ -1,0 +1,78 @@
+"""What every benchmark row records (machine, torch version, git revision, date) and how rows are appended.
+
+Shared by the benchmark scripts of this folder (run as ``python benchmarks/<script>.py``, which puts this
+folder on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import platform
+import subprocess
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+__all__ = ["machine_name", "git_rev", "provenance", "append_csv"]
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def machine_name() -> str:
+    """The CPU model from /proc/cpuinfo, else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_rev() -> str:
+    """Short HEAD hash, with "-dirty" when tracked files differ from HEAD (read-only git calls)."""
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], cwd=ROOT, capture_output=True)
+    return rev + ("-dirty" if dirty.returncode != 0 else "")
+
+
+def provenance() -> Dict[str, str]:
+    """run_id (UTC time + revision), machine, torch_version, git_rev and ISO date of this run."""
+    now = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0)
+    rev = git_rev()
+    return {
+        "run_id": now.strftime("%Y%m%dT%H%M%SZ") + "-" + rev,
+        "machine": machine_name(),
+        "torch_version": torch.__version__,
+        "git_rev": rev,
+        "date": now.isoformat(),
+    }
+
+
+def append_csv(path: Path, rows: List[Dict[str, object]], columns: Optional[Sequence[str]] = None) -> None:
+    """Appends ``rows`` to ``path``, writing the header when the file is new.
+
+    Raises:
+        SystemExit: the existing file has another header (rows would land under the wrong columns).
+    """
+    columns = list(columns or rows[0])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists() or path.stat().st_size == 0
+    if not new:
+        with path.open(newline="") as fh:
+            header = next(csv.reader(fh), [])
+        if header != columns:
+            raise SystemExit(f"{path} has a different header ({header}); write to a new file (--out)")
+    with path.open("a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
