@@ -458,7 +458,18 @@ def _job_ddp(rank: int, world: int, port: int, payload: dict) -> dict:
     assert all(type(m) is not InPlaceABN for m in net.modules())
     # reload the exact float64 init: convert_sync alone is checked by test_convert_round_trip_keeps_state
     net.load_state_dict(init.state_dict())
-    ddp = nn.parallel.DistributedDataParallel(net)
+    losses = _ddp_sgd_steps(net, payload, rank, world)
+    totals = []
+    for loss in losses:  # the loss of the global batch
+        total = torch.tensor(loss / world, dtype=torch.float64)
+        dist.all_reduce(total)
+        totals.append(total.item())
+    return {"state": {k: v.clone() for k, v in net.state_dict().items()}, "losses": totals}
+
+
+def _ddp_sgd_steps(net: nn.Module, payload: dict, rank: int, world: int) -> List[float]:
+    """DDP_STEPS SGD(momentum) steps of ``net`` inside DistributedDataParallel; this rank's losses."""
+    ddp = nn.parallel.DistributedDataParallel(net)  # find_unused_parameters=False: every parameter needs a grad
     opt = torch.optim.SGD(ddp.parameters(), lr=DDP_LR, momentum=0.9)
     losses = []
     for step in range(DDP_STEPS):
@@ -468,10 +479,8 @@ def _job_ddp(rank: int, world: int, port: int, payload: dict) -> dict:
         loss = _ddp_loss(ddp, x, t, global_batch, world)
         loss.backward()
         opt.step()
-        total = loss.detach() / world
-        dist.all_reduce(total)
-        losses.append(total.item())
-    return {"state": {k: v.clone() for k, v in net.state_dict().items()}, "losses": losses}
+        losses.append(loss.item())
+    return losses
 
 
 def _job_fail(rank: int, world: int, port: int, payload: dict) -> dict:
@@ -518,17 +527,7 @@ def _job_densenet_ddp(rank: int, world: int, port: int, payload: dict) -> dict:
     _init(rank, world, port, GLOO_TIMEOUT_S)
     inplace_abn.set_backend(payload["backend"])
     net = _densenet("efficient")
-    ddp = nn.parallel.DistributedDataParallel(net)  # find_unused_parameters=False: every parameter must get a grad
-    opt = torch.optim.SGD(ddp.parameters(), lr=DDP_LR, momentum=0.9)
-    losses = []
-    for step in range(DDP_STEPS):
-        x, t = payload["batches"][step][rank]
-        global_batch = sum(b[0].size(0) for b in payload["batches"][step])
-        opt.zero_grad()
-        loss = _ddp_loss(ddp, x, t, global_batch, world)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = _ddp_sgd_steps(net, payload, rank, world)
     return {"state": {k: v.clone() for k, v in net.state_dict().items()}, "losses": losses}
 
 
