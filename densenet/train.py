@@ -25,13 +25,14 @@ from torch import Tensor, nn
 
 from inplace_abn.memory import parameters_of, saved_tensor_bytes
 from trainkit import (
-    CheckpointError,
+    ResumeError,
     atomic_save,
     check_same_args,
     load_checkpoint,
     progress,
     read_csv,
     rng_state,
+    run_cli,
     seed_everything,
     set_rng_state,
     write_csv,
@@ -49,10 +50,6 @@ _RESUME_MUST_MATCH = (
     "data", "image_size", "depth", "growth_rate", "norm", "memory", "drop_rate", "dtype", "batch_size",
     "epochs", "schedule", "lr", "weight_decay", "limit_train", "limit_test", "augment", "seed",
 )
-
-
-class ResumeError(CheckpointError):
-    """A --resume checkpoint is missing, corrupt or was written by an incompatible run."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -278,13 +275,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """CLI entry point; returns the exit status (0 ok, 2 bad data/checkpoint/option)."""
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (DataError, ResumeError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(build_parser(), run, argv, (DataError, ResumeError, ValueError))
 
 
 if __name__ == "__main__":

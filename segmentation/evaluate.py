@@ -20,7 +20,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from trainkit import CheckpointError, DistInfo, cleanup_distributed, load_checkpoint, setup_distributed
+from trainkit import CheckpointError, DistInfo, cleanup_distributed, load_checkpoint, run_cli, setup_distributed
 
 from .data import CITYSCAPES_CLASSES, NUM_CLASSES, CityscapesSegmentation, DataError
 from .models import build_model
@@ -123,13 +123,7 @@ def run(args: argparse.Namespace, info: Optional[DistInfo] = None) -> Dict[str, 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """CLI entry point; returns the exit status (0 ok, 2 bad data/checkpoint/option)."""
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (DataError, CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(build_parser(), run, argv, (DataError, CheckpointError, ValueError))
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ from inplace_abn.memory import parameters_of, saved_tensor_bytes
 from trainkit import (
     CheckpointError,
     DistInfo,
+    ResumeError,
     all_gather_objects,
     atomic_save,
     check_same_args,
@@ -57,6 +58,7 @@ from trainkit import (
     progress,
     read_csv,
     rng_state,
+    run_cli,
     seed_everything,
     set_rng_state,
     setup_distributed,
@@ -90,10 +92,6 @@ _RESUME_MUST_MATCH = (
     "arch", "norm", "width", "output_stride", "crop", "scale_min", "scale_max", "flip_p", "batch_size", "epochs",
     "iters", "lr", "momentum", "weight_decay", "poly_power", "amp", "seed", "workers", "train_split",
 )
-
-
-class ResumeError(CheckpointError):
-    """A --resume checkpoint is missing, corrupt or was written by an incompatible run."""
 
 
 # ------------------------------------------------------------------------------------------------ options
@@ -599,18 +597,10 @@ def _train(args: argparse.Namespace, info: DistInfo, return_model: bool) -> Dict
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """CLI entry point; returns the exit status (0 ok, 2 bad data/checkpoint/option)."""
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (DataError, CheckpointError, ValueError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except RuntimeError as e:  # e.g. --device cuda without a GPU
-        if "CUDA" not in str(e):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(
+        build_parser(), run, argv, (DataError, CheckpointError, ValueError, FloatingPointError),
+        is_user_error=lambda e: isinstance(e, RuntimeError) and "CUDA" in str(e),  # e.g. --device cuda, no GPU
+    )
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from trainkit import (  # noqa: E402
     load_checkpoint,
     read_csv,
     rng_state,
+    run_cli,
     seed_everything,
     set_rng_state,
     write_csv,
@@ -155,3 +156,29 @@ def test_progress_uses_tqdm_on_terminals_when_installed():
 def test_format_seconds():
     assert trainkit.format_seconds(75.3) == "1:15" and trainkit.format_seconds(3725) == "1:02:05"
     assert trainkit.format_seconds(float("inf")) == "?"
+
+
+def test_run_cli_exit_codes(capsys):
+    """User errors print one line and give 2; anything else propagates with its traceback."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--fail", default="")
+
+    def run(args):
+        if args.fail == "user":
+            raise ValueError("bad --fail value")
+        if args.fail == "cuda":
+            raise RuntimeError("CUDA is not available")
+        if args.fail == "bug":
+            raise KeyError("bug")
+
+    assert run_cli(parser, run, [], (ValueError,)) == 0
+    assert run_cli(parser, run, ["--fail", "user"], (ValueError,)) == 2
+    assert capsys.readouterr().err == "error: bad --fail value\n"
+    is_cuda = lambda e: "CUDA" in str(e)  # noqa: E731
+    assert run_cli(parser, run, ["--fail", "cuda"], (ValueError,), is_user_error=is_cuda) == 2
+    with pytest.raises(RuntimeError, match="CUDA"):
+        run_cli(parser, run, ["--fail", "cuda"], (ValueError,))
+    with pytest.raises(KeyError):
+        run_cli(parser, run, ["--fail", "bug"], (ValueError,), is_user_error=is_cuda)

@@ -8,11 +8,15 @@ from typing import Any, Dict, Iterable, Mapping, Type
 
 import torch
 
-__all__ = ["CheckpointError", "atomic_save", "load_checkpoint", "check_same_args"]
+__all__ = ["CheckpointError", "ResumeError", "atomic_save", "load_checkpoint", "check_same_args"]
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt, not of the expected kind, or was written by an incompatible run."""
+
+
+class ResumeError(CheckpointError):
+    """A --resume checkpoint is missing, corrupt or was written by an incompatible run."""
 
 
 def atomic_save(obj: Any, path: str) -> None:
