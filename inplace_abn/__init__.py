@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from . import _backend  # first: loads the extension so the ops exist before anything registers on them
 from . import _ops, reference
-from ._backend import extension_loaded, get_backend, set_backend
+from ._backend import extension_loaded, get_backend, set_backend, use_backend
 from ._version import __version__
 from .abn import ABN, InPlaceABN, InPlaceABNSync
 from .convert import (
@@ -42,6 +42,7 @@ __all__ = [
     "ConversionReport",
     "get_backend",
     "set_backend",
+    "use_backend",
     "extension_loaded",
     "reference",
     "__version__",

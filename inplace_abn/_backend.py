@@ -6,10 +6,11 @@ The extension is loaded once, at import. ``INPLACE_ABN_BACKEND=python`` forces t
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import warnings
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -82,6 +83,21 @@ def set_backend(name: str) -> None:
     if name == "cpp" and not extension_loaded():
         raise RuntimeError(f"backend 'cpp' needs the compiled extension, which failed to load: {_extension_error}")
     _backend = name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[str]:
+    """Context manager: ``set_backend(name)`` for the ``with`` block, then the previous backend again.
+
+    Args:
+        name: ``"cpp"`` or ``"python"`` (errors as :func:`set_backend`).
+    """
+    previous = _backend
+    set_backend(name)
+    try:
+        yield name
+    finally:
+        set_backend(previous)
 
 
 def has_kernel(device_type: str) -> bool:

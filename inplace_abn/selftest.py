@@ -167,12 +167,8 @@ class _Step:
 
 
 def _with_backend(name: str, fn: Callable[[], object]) -> object:
-    previous = _backend.get_backend()
-    _backend.set_backend(name)
-    try:
+    with _backend.use_backend(name):
         return fn()
-    finally:
-        _backend.set_backend(previous)
 
 
 def _compare(

@@ -19,10 +19,8 @@ def _seed():
 @pytest.fixture(params=BACKENDS)
 def backend(request):
     """Runs the test once per available backend and restores the previous one afterwards."""
-    previous = inplace_abn.get_backend()
-    inplace_abn.set_backend(request.param)
-    yield request.param
-    inplace_abn.set_backend(previous)
+    with inplace_abn.use_backend(request.param):
+        yield request.param
 
 
 def pytest_collection_modifyitems(config, items):

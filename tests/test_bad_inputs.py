@@ -319,3 +319,19 @@ def test_bad_activation_after_construction_leaves_module_state(backend):
         with pytest.raises(ValueError, match="swish"):
             m(_x())
         assert int(m.num_batches_tracked) == 0, f"{cls.__name__}: num_batches_tracked advanced by a rejected call"
+
+
+def test_use_backend_restores_the_previous_backend_even_on_error(backend):
+    """``inplace_abn.use_backend`` selects a backend for a block and restores the previous one afterwards,
+    also when the block raises; an unknown name is refused before anything changes."""
+    with inplace_abn.use_backend("python") as name:
+        assert name == "python" and inplace_abn.get_backend() == "python"
+    assert inplace_abn.get_backend() == backend
+    with pytest.raises(KeyError):
+        with inplace_abn.use_backend("python"):
+            raise KeyError("inside")
+    assert inplace_abn.get_backend() == backend
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with inplace_abn.use_backend("fortran"):
+            pass
+    assert inplace_abn.get_backend() == backend

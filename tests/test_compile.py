@@ -337,16 +337,12 @@ def test_inductor_runs_layer_in_place_without_layout_optimization():
 
     if not inplace_abn.extension_loaded():
         pytest.skip("compiled extension not loaded")
-    previous = inplace_abn.get_backend()
-    inplace_abn.set_backend("cpp")
-    try:
+    with inplace_abn.use_backend("cpp"):
         torch._dynamo.reset()
         with inductor_config.patch(layout_optimization=False):
             compiled = torch.compile(make_model(), fullgraph=True)
             x = torch.randn(SHAPE, requires_grad=True)
             _, codes = run_and_get_code(lambda: compiled(x).sum().backward())
-    finally:
-        inplace_abn.set_backend(previous)
     forward_code = codes[0]
     calls = [line for line in forward_code.splitlines() if "inplace_abn.forward_train_.default(" in line]
     assert len(calls) == 3

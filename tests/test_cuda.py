@@ -44,10 +44,8 @@ HALF = (torch.float16, torch.bfloat16)
 @pytest.fixture(autouse=True)
 def _cpp_backend():
     """Every test runs the compiled ops ("cpp"); a GPU machine without the extension fails here."""
-    previous = inplace_abn.get_backend()
-    inplace_abn.set_backend("cpp")
-    yield
-    inplace_abn.set_backend(previous)
+    with inplace_abn.use_backend("cpp"):
+        yield
 
 
 def check(actual, expected, dtype, tol=None, msg="", min_scale=1.0, mask=None):

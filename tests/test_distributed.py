@@ -258,9 +258,7 @@ def _reference(data: List[List[dict]], ranks: List[int], activation: str, param:
     Per-rank chunks are laid side by side per channel as one (1, C, M) input, which is exactly one batch
     of all their values (batch norm reduces over everything but C), so unequal spatial sizes work too.
     """
-    previous = inplace_abn.get_backend()
-    inplace_abn.set_backend(backend)
-    try:
+    with inplace_abn.use_backend(backend):
         layer = _make_layer(InPlaceABN, activation, param)
         ref_layer_stats = (layer.running_mean.clone(), layer.running_var.clone())
         out = []
@@ -284,8 +282,6 @@ def _reference(data: List[List[dict]], ranks: List[int], activation: str, param:
                 per_rank[r] = {"y": y_r.reshape(shape).transpose(0, 1), "dx": dx_r.reshape(shape).transpose(0, 1)}
             out.append({**res, "per_rank": per_rank})
         return out
-    finally:
-        inplace_abn.set_backend(previous)
 
 
 def _compare_layer_case(results: Dict[int, list], ref: list, ranks: List[int], what: str) -> Dict[str, float]:
@@ -668,9 +664,7 @@ def test_ddp_training_steps(tmp_path, backend):
     world = 2
     payload = _ddp_payload(world, backend)
     results = _require_success(_spawn("ddp", world, str(tmp_path), payload), "ddp")
-    previous = inplace_abn.get_backend()
-    inplace_abn.set_backend(backend)
-    try:
+    with inplace_abn.use_backend(backend):
         net = _make_net()
         opt = torch.optim.SGD(net.parameters(), lr=DDP_LR, momentum=0.9)
         losses = []
@@ -682,8 +676,6 @@ def test_ddp_training_steps(tmp_path, backend):
             loss.backward()
             opt.step()
             losses.append(loss.item())
-    finally:
-        inplace_abn.set_backend(previous)
     want = net.state_dict()
     worst = 0.0
     for r in range(world):
@@ -706,9 +698,7 @@ def test_densenet_efficient_under_ddp(tmp_path, backend):
     world = 2
     payload = _ddp_payload(world, backend)
     results = _require_success(_spawn("densenet_ddp", world, str(tmp_path), payload), "densenet_ddp")
-    previous = inplace_abn.get_backend()
-    inplace_abn.set_backend(backend)
-    try:
+    with inplace_abn.use_backend(backend):
         net = _densenet("naive")
         opt = torch.optim.SGD(net.parameters(), lr=DDP_LR, momentum=0.9)
         losses: Dict[int, List[float]] = {r: [] for r in range(world)}
@@ -725,8 +715,6 @@ def test_densenet_efficient_under_ddp(tmp_path, backend):
                 loss.backward()  # the gradients add up over ranks: DDP's average of world * loss
                 losses[r].append(loss.item() * world)
             opt.step()
-    finally:
-        inplace_abn.set_backend(previous)
     want = net.state_dict()
     buffers = {k for k, _ in net.named_buffers()}
     for r in range(world):

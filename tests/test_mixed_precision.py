@@ -178,12 +178,8 @@ def test_cpu_autocast_bf16(backend):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_cuda_autocast(dtype):
-    previous = inplace_abn.get_backend()
-    inplace_abn.set_backend("cpp")
-    try:
+    with inplace_abn.use_backend("cpp"):
         _autocast_case("cuda", dtype, "cpp")
-    finally:
-        inplace_abn.set_backend(previous)
 
 
 # ---------------------------------------------------------------------------------- (b) cast modules
@@ -219,12 +215,8 @@ def test_cast_module_cpu(backend, dtype):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_cast_module_cuda(dtype):
-    previous = inplace_abn.get_backend()
-    inplace_abn.set_backend("cpp")
-    try:
+    with inplace_abn.use_backend("cpp"):
         _cast_case("cuda", dtype)
-    finally:
-        inplace_abn.set_backend(previous)
 
 
 # ------------------------------------------------------------------------------------- (c) channels_last
@@ -270,17 +262,13 @@ def test_channels_last_forward_no_full_copy(shape, fmt, train):
         pytest.skip("compiled extension not loaded")
     from torch.profiler import ProfilerActivity, profile
 
-    previous = inplace_abn.get_backend()
-    inplace_abn.set_backend("cpp")
-    try:
+    with inplace_abn.use_backend("cpp"):
         layer = InPlaceABN(C).train(train)
         x = torch.randn(shape).contiguous(memory_format=fmt).requires_grad_().clone()
         layer(x.detach().clone())  # warm-up
         full_bytes = x.numel() * x.element_size()
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True) as prof:
             y = layer(x)
-    finally:
-        inplace_abn.set_backend(previous)
     assert y.data_ptr() == x.data_ptr()
     offenders = []
     allocated = 0

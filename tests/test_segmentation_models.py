@@ -122,12 +122,8 @@ def test_bn_and_iabn_match_in_float64(arch: str, output_stride: int) -> None:
 @pytest.mark.parametrize("arch", ["wrn38", "resnet50"])
 def test_bn_and_iabn_match_on_the_python_backend(arch: str) -> None:
     """The same with the pure-PyTorch path (what runs where the C++ extension is not built)."""
-    previous = inplace_abn.get_backend()
-    inplace_abn.set_backend("python")
-    try:
+    with inplace_abn.use_backend("python"):
         _check_bn_equals_iabn(arch, 16)
-    finally:
-        inplace_abn.set_backend(previous)
 
 
 def _check_bn_equals_iabn(arch: str, output_stride: int) -> None:
