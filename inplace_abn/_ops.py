@@ -13,7 +13,17 @@ from torch import Tensor
 
 from . import _backend, _python_ops
 
-__all__ = ["statistics", "forward_", "forward_train_", "backward_reduce", "backward", "backward_train", "invert"]
+__all__ = [
+    "statistics",
+    "forward_",
+    "forward_train_",
+    "backward_reduce",
+    "backward",
+    "backward_train",
+    "invert",
+    "forward_train_saving_",
+    "backward_train_saved",
+]
 
 
 # device type -> has compiled kernels. Registrations are fixed once _C is loaded, so this is filled at
@@ -150,6 +160,49 @@ def invert(
     ops = _native(y)
     args = (y, weight, bias, eps, activation, activation_param)
     return ops.invert(*args) if ops else _python_ops.invert(*args)
+
+
+# The layer's training step: the ops above plus the per-channel state each backend keeps for backward.
+# The compiled backward needs var; the pure-PyTorch one takes two (C,) vectors its forward has at hand
+# instead, so that its backward makes no per-channel ATen calls (each costs microseconds).
+def forward_train_saving_(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    momentum: float,
+    eps: float,
+    activation: str,
+    activation_param: float,
+) -> Tuple[Tensor, Tensor, Tuple[Tensor, ...]]:
+    """``forward_train_`` returning (mean (C,), var (C,), saved): ``saved`` is what to keep for
+    ``backward_train_saved``, ``(var,)`` or the pure-PyTorch path's two (C,) constants."""
+    ops = _native(x)
+    args = (x, weight, bias, running_mean, running_var, momentum, eps, activation, activation_param)
+    if ops:
+        mean, var = ops.forward_train_(*args)
+        return mean, var, (var,)
+    return _python_ops.forward_train_saving_(*args)
+
+
+def backward_train_saved(
+    y: Tensor,
+    dy: Tensor,
+    saved: Tuple[Tensor, ...],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: float,
+    activation: str,
+    activation_param: float,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """``backward_train`` given the ``saved`` state of ``forward_train_saving_``. The compiled op takes
+    ``(var,)``; the pure-PyTorch path takes either form, so a state stays usable if the backend changes
+    between forward and backward."""
+    ops = _native(y) if len(saved) == 1 else None
+    if ops:
+        return ops.backward_train(y, dy, saved[0], weight, bias, eps, activation, activation_param)
+    return _python_ops.backward_train_saved(y, dy, saved, weight, bias, eps, activation, activation_param)
 
 
 # Fake (meta) kernels: shapes, dtypes and strides only, for torch.compile, export and meta-device

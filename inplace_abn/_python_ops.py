@@ -20,6 +20,8 @@ __all__ = [
     "backward_reduce",
     "backward",
     "backward_train",
+    "forward_train_saving_",
+    "backward_train_saved",
     "invert",
     "opmath_dtype",
     "update_running_stats",
@@ -52,19 +54,6 @@ def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
 def _is_ncs(t: Tensor) -> bool:
     """Contiguous (N, C, *) with a non-empty spatial part: every (n, c) row is one run of memory."""
     return t.is_contiguous() and t.dim() > 2 and t.numel() > 0
-
-
-def _sum_of_squares(x: Tensor) -> Tensor:
-    """Per-channel ``sum(x * x)`` of a contiguous (N, C, *) tensor, without a full-size temporary.
-
-    One batched dot product of the (N*C, 1, S) rows: a fresh full-size buffer costs more on CPU (its
-    first-touch page faults) than the pass itself.
-    """
-    n, c = x.shape[:2]
-    rows = x.view(n * c, 1, -1)
-    # The columns as transposed rows: MKL's batched gemm takes its fast path only for these strides
-    # (a (N*C, S, 1) view with unit strides is ~15x slower).
-    return torch.bmm(rows, rows.transpose(1, 2)).view(n, c).sum(0)
 
 
 def statistics(x: Tensor) -> Tuple[Tensor, Tensor]:
@@ -156,6 +145,79 @@ def weight_grad(weight: Tensor, sum_dz_xhat: Tensor) -> Tensor:
     return _cast(torch.addcmul(sum_dz_xhat, sum_dz_xhat, weight < 0, value=-2.0), weight.dtype)
 
 
+def _signed(gamma: Tensor, weight: Tensor) -> Tensor:
+    """``sign(weight) * gamma`` with sign(0) = +1 (exact: gamma - 2 * gamma == -gamma)."""
+    return torch.addcmul(gamma, gamma, weight < 0, value=-2.0)
+
+
+def _forward_train_rows(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: float,
+    activation: str,
+    activation_param: float,
+) -> Tuple[Tensor, Tensor, Tuple[Tensor, Tensor]]:
+    """Training forward of a contiguous float32/float64 (N, C, *) ``x``, in place and without any
+    full-size temporary; returns (mean, biased var, backward constants).
+
+    Every full-size pass works on the (N * C) rows of S = prod(*) elements: row sums, centring, one
+    batched dot product per row, the affine map, the activation. On CPU the rows split over threads the
+    same way in every pass (a reduction over dims (0, 2, ...) splits differently, and the next pass then
+    reads half its data from the other core's cache), and each pass is one ATen call: on small layers the
+    number of calls, not the bytes, is what costs.
+    """
+    n, c = x.shape[:2]
+    count = x.numel() // c
+    rows = x.view(n, c, -1)
+    mean = rows.mean(2).mean(0)
+    rows.sub_(mean.view(-1, 1))
+    flat = x.view(n * c, 1, -1)
+    # The columns as transposed rows: MKL's batched gemm takes its fast path only for these strides
+    # (a (N*C, S, 1) view with unit strides is ~15x slower).
+    var = torch.bmm(flat, flat.transpose(1, 2)).view(n, c).sum(0).div_(count)
+    scale = var.add(eps).rsqrt_()
+    if weight is not None:
+        gamma = _cast(weight, x.dtype).abs().add_(eps)
+        scale.mul_(gamma)
+    rows.mul_(scale.view(-1, 1))
+    if bias is not None:
+        rows.add_(_cast(bias, x.dtype).view(-1, 1))
+    _activation_into(x, x, activation, activation_param)
+    if weight is None:
+        return mean, var, (scale, torch.ones_like(scale))
+    signed = _signed(gamma, weight)
+    return mean, var, (scale.mul_(signed), signed.reciprocal())
+
+
+def forward_train_saving_(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    momentum: float,
+    eps: float,
+    activation: str,
+    activation_param: float,
+) -> Tuple[Tensor, Tensor, Tuple[Tensor, ...]]:
+    """``forward_train_`` that also returns what ``backward_train_saved`` needs: (mean, var, saved).
+
+    ``saved`` holds the two (C,) constants of ``_batch_norm_backward_constants`` (kept instead of var,
+    so that backward makes no per-channel ATen calls of its own), or ``(var,)`` when the input takes the
+    general path.
+    """
+    if x.dtype in (torch.float32, torch.float64) and _is_ncs(x):
+        mean, var, saved = _forward_train_rows(x, weight, bias, eps, activation, activation_param)
+    else:
+        mean, var = statistics(x)
+        forward_(x, mean, var, weight, bias, eps, activation, activation_param)
+        saved = (var,)
+    if running_mean is not None:
+        update_running_stats(running_mean, running_var, mean, var, x.numel() // x.size(1), momentum)
+    return mean, var, saved
+
+
 def forward_train_(
     x: Tensor,
     weight: Optional[Tensor],
@@ -169,26 +231,12 @@ def forward_train_(
 ) -> Tuple[Tensor, Tensor]:
     """``statistics`` then ``forward_``, and the running statistics updated; returns (mean, biased var).
 
-    A contiguous float32/float64 input is processed without any full-size temporary: the mean, then
-    ``x`` centred in place, the centred sum of squares as a batched dot product, then the affine map and
-    the activation in place.
+    A contiguous float32/float64 input is processed without any full-size temporary (see
+    ``_forward_train_rows``).
     """
-    if x.dtype in (torch.float32, torch.float64) and _is_ncs(x):
-        count = x.numel() // x.size(1)
-        shape = _channel_shape(x)
-        mean = x.mean(_reduce_dims(x), keepdim=True)
-        x.sub_(mean)
-        var = _sum_of_squares(x).div_(count)
-        gamma, beta = _gamma_beta(weight, bias, x, eps, x.dtype)
-        scale = (var + eps).rsqrt_().mul_(gamma)
-        torch.addcmul(beta.view(shape), x, scale.view(shape), out=x)  # exact aliasing: elementwise, safe
-        _activation_into(x, x, activation, activation_param)
-        mean = mean.view(-1)
-    else:
-        mean, var = statistics(x)
-        forward_(x, mean, var, weight, bias, eps, activation, activation_param)
-    if running_mean is not None:
-        update_running_stats(running_mean, running_var, mean, var, x.numel() // x.size(1), momentum)
+    mean, var, _ = forward_train_saving_(
+        x, weight, bias, running_mean, running_var, momentum, eps, activation, activation_param
+    )
     return mean, var
 
 
@@ -273,6 +321,61 @@ def backward(
     return torch.empty_like(y).copy_(dz * gamma_rstd)
 
 
+def _batch_norm_backward_constants(
+    var: Tensor, weight: Optional[Tensor], eps: float, dtype: torch.dtype
+) -> Tuple[Tensor, Tensor]:
+    """The (weight, invstd) that make ATen's batch-norm backward compute this layer's backward from z.
+
+    Fed z as its "input", mean beta and invstd 1 / g with g = sign(w) * gamma, ATen recovers
+    x_hat' = (z - beta) / g = sign(w) * x_hat, so its weight gradient sum(dz * x_hat') is already
+    sign(w) * sum(dz * x_hat); its dx term x_hat' * mean(dz * x_hat') is sign-free. A weight of
+    g * gamma * rstd turns its ``weight * invstd`` factor into the gamma * rstd that dx needs.
+    """
+    rstd = _cast(var, dtype).add(eps).rsqrt_()
+    if weight is None:
+        return rstd, torch.ones_like(rstd)
+    gamma = _cast(weight, dtype).abs().add_(eps)
+    signed = _signed(gamma, weight)
+    return rstd.mul_(gamma).mul_(signed), signed.reciprocal()
+
+
+def backward_train_saved(
+    y: Tensor,
+    dy: Tensor,
+    saved: Tuple[Tensor, ...],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: float,
+    activation: str,
+    activation_param: float,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """``backward_train`` from the state ``forward_train_saving_`` returned: its two constants, or ``(var,)``.
+
+    z and dz are formed in the opmath dtype, as the fused kernels do: rounding z to half would lose the
+    recovered pre-activation (badly so for ELU near saturation). Then ONE ATen batch-norm backward gives
+    dx and both parameter gradients (see ``_batch_norm_backward_constants``). (Measured against forming
+    dx in place in the buffers of z and dz: one allocation less, but eight more ATen calls, and on small
+    layers the calls cost more than the allocation.)
+    """
+    dtype = opmath_dtype(y.dtype)
+    z, dz = _invert_z(y, dy, activation, activation_param, dtype)
+    if len(saved) == 1:
+        nb_weight, nb_invstd = _batch_norm_backward_constants(saved[0], weight, eps, dtype)
+    else:
+        nb_weight, nb_invstd = saved
+    beta = torch.zeros_like(nb_invstd) if bias is None else _cast(bias, dtype)
+    dx, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+        dz, z, nb_weight, None, None, beta, nb_invstd, True, eps, [True, True, True]
+    )
+    if dx.dtype != y.dtype or dx.stride() != y.stride():
+        dx = torch.empty_like(y).copy_(dx)
+    if weight is not None:
+        grad_weight = _cast(grad_weight, weight.dtype)
+    if bias is not None:
+        grad_bias = _cast(grad_bias, bias.dtype)
+    return dx, grad_weight, grad_bias
+
+
 def backward_train(
     y: Tensor,
     dy: Tensor,
@@ -283,28 +386,8 @@ def backward_train(
     activation: str,
     activation_param: float,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """``backward_reduce`` then training ``backward`` on local statistics; returns (dx, grad_weight, grad_bias).
-
-    One ATen batch-norm backward does both: fed z as its "input" with mean beta and invstd 1 / gamma,
-    it recovers x_hat = (z - beta) / gamma itself, and a weight of gamma^2 * rstd turns its
-    ``weight * invstd`` factor into the gamma * rstd that dx needs. (Measured against forming dx in
-    place in the buffers of z and dz: one allocation less, but eight more ATen calls, and on small
-    layers the calls cost more than the allocation.)
-    """
-    dtype = opmath_dtype(y.dtype)
-    # z and dz in the opmath dtype, as the fused kernels do: rounding z to half would lose the
-    # recovered pre-activation (badly so for ELU near saturation).
-    z, dz = _invert_z(y, dy, activation, activation_param, dtype)
-    gamma, beta = _gamma_beta(weight, bias, y, eps, dtype)
-    rstd = (_cast(var, dtype) + eps).rsqrt_()
-    dx, sum_dz_xhat, sum_dz = torch.ops.aten.native_batch_norm_backward(
-        dz, z, rstd.mul_(gamma).mul_(gamma), None, None, beta, gamma.reciprocal(), True, eps, [True, True, True]
-    )
-    if dx.dtype != y.dtype or dx.stride() != y.stride():
-        dx = torch.empty_like(y).copy_(dx)
-    grad_weight = sum_dz_xhat if weight is None else weight_grad(weight, sum_dz_xhat)
-    grad_bias = sum_dz if bias is None else _cast(sum_dz, bias.dtype)
-    return dx, grad_weight, grad_bias
+    """``backward_reduce`` then training ``backward`` on local statistics; returns (dx, grad_weight, grad_bias)."""
+    return backward_train_saved(y, dy, (var,), weight, bias, eps, activation, activation_param)
 
 
 def invert(

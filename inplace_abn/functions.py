@@ -191,11 +191,13 @@ def _local_backward(
     eps: float,
     activation: str,
     activation_param: float,
+    saved: Tuple[Tensor, ...] = (),
 ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-    """(dx, dweight, dbias) of a layer on local statistics; None for what is not needed."""
+    """(dx, dweight, dbias) of a layer on local statistics; None for what is not needed. ``saved``: the
+    state ``_ops.forward_train_saving_`` returned (training only; empty means ``(var,)``)."""
     args = (eps, activation, activation_param)
     if training and need_dx:
-        dx, dweight, dbias = _ops.backward_train(y, dy, var, weight, bias, *args)
+        dx, dweight, dbias = _ops.backward_train_saved(y, dy, saved or (var,), weight, bias, *args)
         return dx, dweight if need_w else None, dbias if need_b else None
     dweight = dbias = None
     if need_w or need_b:
@@ -223,7 +225,8 @@ def _parameter_grads(
 class _InPlaceABN(torch.autograd.Function):
     # NB: an autograd.Function (not torch.library.register_autograd): register_autograd refuses ops that
     # mutate an input ("Cannot register autograd formula for non-functional operator"), and the whole
-    # point of this layer is that forward_ writes y over x.
+    # point of this layer is that forward_ writes y over x. The non-tensor arguments travel as one tuple:
+    # Function.apply inspects every argument, and on small layers that per-call cost shows.
 
     @staticmethod
     def forward(
@@ -233,72 +236,79 @@ class _InPlaceABN(torch.autograd.Function):
         bias: Optional[Tensor],
         running_mean: Optional[Tensor],
         running_var: Optional[Tensor],
-        training: bool,
-        momentum: float,
-        eps: float,
-        activation: str,
-        activation_param: float,
-        group: Any,
-        sync: bool,
+        config: Tuple[bool, float, float, str, float, Any, bool],
     ) -> Tensor:
-        stat_dtype = opmath_dtype(x.dtype)
+        training, momentum, eps, activation, activation_param, group, sync = config
         count = x.numel() // x.size(1)
         invertible = not (activation == "leaky_relu" and activation_param == 0.0)
         # ReLU loses the negative half: such a layer computes z, keeps a copy, then applies the ReLU.
         act, act_param = (activation, activation_param) if invertible else ("identity", 0.0)
-        if training and not sync:
-            _check_count(count, x.shape)
         fused = training and not sync
         if fused:  # the op also updates the running statistics
-            mean, var = _ops.forward_train_(
+            _check_count(count, x.shape)
+            mean, var, state = _ops.forward_train_saving_(
                 x, weight, bias, running_mean, running_var, momentum, eps, act, act_param
             )
-        elif training:
-            mean, var = _ops.statistics(x)
-            mean, var, count = _sync_statistics(mean, var, count, group)
-            _check_count(count, x.shape)  # the GLOBAL count
         else:
-            mean, var = _cast(running_mean, stat_dtype), _cast(running_var, stat_dtype)
-        if not fused:
+            if training:
+                mean, var = _ops.statistics(x)
+                mean, var, count = _sync_statistics(mean, var, count, group)
+                _check_count(count, x.shape)  # the GLOBAL count
+            else:
+                stat_dtype = opmath_dtype(x.dtype)
+                mean, var = _cast(running_mean, stat_dtype), _cast(running_var, stat_dtype)
             _ops.forward_(x, mean, var, weight, bias, eps, act, act_param)
-        if training and not fused and running_mean is not None:
-            _python_ops.update_running_stats(running_mean, running_var, mean, var, count, momentum)
+            if training and running_mean is not None:
+                _python_ops.update_running_stats(running_mean, running_var, mean, var, count, momentum)
+            state = (var,)
 
         if invertible:
-            ctx.save_for_backward(x, var, weight, bias)
+            ctx.save_for_backward(x, weight, bias, *state)
         else:
             z = x.clone()
             x.relu_()
-            ctx.save_for_backward(x, var, weight, bias, z)
+            ctx.save_for_backward(x, weight, bias, *state, z)
         ctx.mark_dirty(x)
         ctx.config = (training, eps, activation, activation_param, group, sync, count, invertible)
         return x
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, dy: Tensor):
-        training, eps, activation, activation_param, group, sync, count, invertible = ctx.config
-        if invertible:
-            y, var, weight, bias = ctx.saved_tensors
-        else:
-            _, var, weight, bias, z = ctx.saved_tensors
-            # ReLU's own backward (0 where z <= 0, PyTorch's convention); then the layer is BN + identity on z.
-            dy = torch.ops.aten.threshold_backward(dy, z, 0)
-            y, activation, activation_param = z, "identity", 0.0
-        need_dx, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        args = (eps, activation, activation_param)
-        if sync and training and need_dx:
-            sum_dz, sum_dz_xhat = _ops.backward_reduce(y, dy, weight, bias, *args)
-            # Parameter gradients stay local (DDP averages them); dx needs the global sums.
-            sums = torch.stack([sum_dz, sum_dz_xhat])
-            dist.all_reduce(sums, group=group)
-            dx = _ops.backward(y, dy, var, weight, bias, sums[0] / count, sums[1] / count, *args)
-            dweight, dbias = _parameter_grads(weight, bias, sum_dz, sum_dz_xhat, need_w, need_b)
-        else:
-            dx, dweight, dbias = _local_backward(
-                y, dy, var, weight, bias, training and not sync, need_dx, need_w, need_b, *args
-            )
-        return dx, dweight, dbias, None, None, None, None, None, None, None, None, None
+        if torch.is_grad_enabled():
+            # create_graph=True: the backward is not itself differentiable. once_differentiable lets the
+            # graph be built and raises only if something differentiates through it (it costs
+            # microseconds per call, so the usual grad-free backward skips it).
+            return _backward_once(ctx, dy)
+        return _backward(ctx, dy)
+
+
+def _backward(ctx: Any, dy: Tensor) -> Tuple[Optional[Tensor], ...]:
+    training, eps, activation, activation_param, group, sync, count, invertible = ctx.config
+    y, weight, bias, *state = ctx.saved_tensors
+    if not invertible:
+        # ReLU's own backward (0 where z <= 0, PyTorch's convention); then the layer is BN + identity on z.
+        y = state.pop()
+        dy = torch.ops.aten.threshold_backward(dy, y, 0)
+        activation, activation_param = "identity", 0.0
+    need_dx, need_w, need_b = ctx.needs_input_grad[:3]
+    args = (eps, activation, activation_param)
+    # (var,), or in fused training whatever state the backend's forward returned
+    var = state[0] if len(state) == 1 else None
+    if sync and training and need_dx:
+        sum_dz, sum_dz_xhat = _ops.backward_reduce(y, dy, weight, bias, *args)
+        # Parameter gradients stay local (DDP averages them); dx needs the global sums.
+        sums = torch.stack([sum_dz, sum_dz_xhat])
+        dist.all_reduce(sums, group=group)
+        dx = _ops.backward(y, dy, var, weight, bias, sums[0] / count, sums[1] / count, *args)
+        dweight, dbias = _parameter_grads(weight, bias, sum_dz, sum_dz_xhat, need_w, need_b)
+    else:
+        dx, dweight, dbias = _local_backward(
+            y, dy, var, weight, bias, training and not sync, need_dx, need_w, need_b, *args, saved=tuple(state)
+        )
+    return dx, dweight, dbias, None, None, None
+
+
+_backward_once = once_differentiable(_backward)
 
 
 def _exporting() -> bool:
@@ -367,10 +377,8 @@ def _apply(
     if sync:
         # Eval mode uses the running statistics: no collective, and nothing to warn about.
         sync = bool(training) and _sync_enabled(group)
-    return _InPlaceABN.apply(
-        x, weight, bias, running_mean, running_var, bool(training), float(momentum), float(eps),
-        activation, activation_param, group, sync,
-    )  # fmt: skip
+    config = (bool(training), float(momentum), float(eps), activation, activation_param, group, sync)
+    return _InPlaceABN.apply(x, weight, bias, running_mean, running_var, config)
 
 
 def inplace_abn(

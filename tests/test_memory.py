@@ -14,6 +14,10 @@ from inplace_abn.memory import parameters_of, saved_tensor_bytes
 SHAPE = (4, 16, 12, 10)
 ACT_BYTES = 4 * 16 * 12 * 10 * 4  # one float32 activation
 VEC_BYTES = 16 * 4  # one float32 per-channel vector
+# Per-channel vectors a training layer keeps besides y: the compiled backward needs the variance; the
+# pure-PyTorch one keeps the two constants of its ATen batch-norm backward instead (computed in forward,
+# where they cost no extra ATen calls; see _python_ops._batch_norm_backward_constants).
+STATE_VECTORS = {"cpp": 1, "python": 2}
 
 
 def _saved(layer: nn.Module, device: str = "cpu") -> int:
@@ -26,8 +30,9 @@ def _saved(layer: nn.Module, device: str = "cpu") -> int:
 
 @pytest.mark.parametrize("activation,param", [("leaky_relu", 0.01), ("elu", 1.0), ("identity", 0.0)])
 def test_inplace_abn_saves_one_activation(backend, activation, param):
-    """Exactly y plus one per-channel vector (the variance); weight/bias are parameters."""
-    assert _saved(InPlaceABN(16, activation=activation, activation_param=param)) == ACT_BYTES + VEC_BYTES
+    """Exactly y plus the backend's per-channel vectors (STATE_VECTORS); weight/bias are parameters."""
+    expected = ACT_BYTES + STATE_VECTORS[backend] * VEC_BYTES
+    assert _saved(InPlaceABN(16, activation=activation, activation_param=param)) == expected
 
 
 def test_batchnorm_leaky_relu_inplace_saves_two_activations():
@@ -49,7 +54,7 @@ def test_relu_layer_keeps_pre_activation(backend):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         layer = InPlaceABN(16, activation="relu")
-    assert _saved(layer) == 2 * ACT_BYTES + VEC_BYTES
+    assert _saved(layer) == 2 * ACT_BYTES + STATE_VECTORS[backend] * VEC_BYTES
 
 
 def test_eval_mode_saves_one_activation(backend):
@@ -85,5 +90,5 @@ def test_conv_stack_saving(backend, device):
         x = torch.randn(SHAPE, device=device)
         saved[norm], _, _ = saved_tensor_bytes(lambda: model(x), exclude=parameters_of(model))
     # the input x (saved by conv_0) + per layer: activations and per-channel vectors
-    assert saved["iabn"] == ACT_BYTES + depth * (ACT_BYTES + VEC_BYTES)
+    assert saved["iabn"] == ACT_BYTES + depth * (ACT_BYTES + STATE_VECTORS[backend] * VEC_BYTES)
     assert saved["bn"] == ACT_BYTES + depth * (2 * ACT_BYTES + 2 * VEC_BYTES)
