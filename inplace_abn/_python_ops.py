@@ -161,21 +161,20 @@ def _forward_train_rows(
     """Training forward of a contiguous float32/float64 (N, C, *) ``x``, in place and without any
     full-size temporary; returns (mean, biased var, backward constants).
 
-    Every full-size pass works on the (N * C) rows of S = prod(*) elements: row sums, centring, one
-    batched dot product per row, the affine map, the activation. On CPU the rows split over threads the
-    same way in every pass (a reduction over dims (0, 2, ...) splits differently, and the next pass then
-    reads half its data from the other core's cache), and each pass is one ATen call: on small layers the
-    number of calls, not the bytes, is what costs.
+    Every full-size pass works on the (N * C) rows of S = prod(*) elements: row means, centring, row
+    norms, the affine map, the activation. On CPU the rows split over threads the same way in every pass
+    (a reduction over dims (0, 2, ...) splits differently, and the next pass then reads half its data
+    from the other core's cache), and each pass is one ATen call: on small layers the number of calls,
+    not the bytes, is what costs.
     """
     n, c = x.shape[:2]
     count = x.numel() // c
     rows = x.view(n, c, -1)
     mean = rows.mean(2).mean(0)
     rows.sub_(mean.view(-1, 1))
-    flat = x.view(n * c, 1, -1)
-    # The columns as transposed rows: MKL's batched gemm takes its fast path only for these strides
-    # (a (N*C, S, 1) view with unit strides is ~15x slower).
-    var = torch.bmm(flat, flat.transpose(1, 2)).view(n, c).sum(0).div_(count)
+    # Row norms, squared: one vectorised pass (faster here than MKL's batched row dot products), and
+    # accurate to a few ulp of the sum of squares.
+    var = torch.linalg.vector_norm(rows, 2, 2).square_().sum(0).div_(count)
     scale = var.add(eps).rsqrt_()
     if weight is not None:
         gamma = _cast(weight, x.dtype).abs().add_(eps)
