@@ -161,7 +161,7 @@ def _forward_train_rows(
     """Training forward of a contiguous float32/float64 (N, C, *) ``x``, in place and without any
     full-size temporary; returns (mean, biased var, backward constants).
 
-    Every full-size pass works on the (N * C) rows of S = prod(*) elements: row means, centring, row
+    Every full-size pass works on the (N * C) rows of S = prod(*) elements: row sums, centring, row
     norms, the affine map, the activation. On CPU the rows split over threads the same way in every pass
     (a reduction over dims (0, 2, ...) splits differently, and the next pass then reads half its data
     from the other core's cache), and each pass is one ATen call: on small layers the number of calls,
@@ -170,7 +170,7 @@ def _forward_train_rows(
     n, c = x.shape[:2]
     count = x.numel() // c
     rows = x.view(n, c, -1)
-    mean = rows.mean(2).mean(0)
+    mean = rows.sum(2).sum(0).div_(count)
     rows.sub_(mean.view(-1, 1))
     # Row norms, squared: one vectorised pass (faster here than MKL's batched row dot products), and
     # accurate to a few ulp of the sum of squares.
