@@ -14,9 +14,9 @@ so the CSV schema is unchanged); ``--no-channels-last`` drops them. The untimed 
 fresh input with ``clone(memory_format=...)``; the agreement check also verifies that the in-place layer
 returns its input's storage in the input's memory format.
 
-Method (see shared/spec/measuring.md): every variant runs in ONE process, interleaved (A B C D, then
-D C B A, ...) after a warm-up, with ``torch.set_num_threads`` fixed per block; one sample is one step
-timed with ``time.perf_counter`` (CUDA: events) around exactly the measured region:
+Method (see shared/spec/measuring.md): every variant runs in ONE process, interleaved after a warm-up,
+with ``torch.set_num_threads`` fixed per block; one sample is one step timed with ``time.perf_counter``
+(CUDA: events) around exactly the measured region:
 
 * ``fwd``  : ``y = layer(inp)``
 * ``bwd``  : forward untimed, then ``y.backward(dy)`` timed
@@ -25,6 +25,14 @@ timed with ``time.perf_counter`` (CUDA: events) around exactly the measured regi
 Every variant gets the same untimed preparation: a fresh non-leaf input ``inp = x_leaf.clone()`` (the
 in-place layer overwrites it), ``x_leaf.grad = None`` and parameter grads set to None. The reported
 figures are the median and quartiles over rounds, and the ratio of medians to variant 2.
+
+Order within a round (``--order``, recorded in the ``order`` column): ``shuffle`` (default) runs the
+variants of each round in a fresh random permutation (seeded, so runs repeat); ``flip`` alternates
+A B C D / D C B A. With more than two variants a fixed order gives every variant the same neighbours in
+every round, and a step's time depends on its neighbour: what ran just before leaves its code paths,
+data and allocator state warm. Under ``flip`` the baseline always runs right after (or before) its
+non-inplace twin, which executes the very same ATen kernels; the shuffled order gives every variant
+every neighbour equally often, as the two-variant A B / B A of measuring.md does.
 
 Saved-for-backward bytes come from ``torch.autograd.graph.saved_tensors_hooks``: storages de-duplicated
 by data pointer, parameter storages excluded (buffers and per-channel statistics included);
@@ -49,6 +57,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import gc
+import random
 import statistics
 import sys
 import time
@@ -86,6 +95,7 @@ CSV_COLUMNS = [
     "device",
     "threads",
     "rounds",
+    "order",
     "median_ms",
     "p25_ms",
     "p75_ms",
@@ -323,8 +333,13 @@ def run_block(
     modes: Sequence[str],
     rounds: int,
     warmup: int,
+    order: str = "shuffle",
 ) -> Dict[Tuple[str, str], List[float]]:
-    """All samples of one (shape, threads) block: {(variant, mode): [seconds, ...]}."""
+    """All samples of one (shape, threads) block: {(variant, mode): [seconds, ...]}.
+
+    ``order``: "shuffle" (a seeded random permutation of the variants per round) or "flip"
+    (A B C D, then D C B A, ...).
+    """
     torch.manual_seed(0)
     c = shape[1]
     layers = {v.name: v.make(c).to(device=device, dtype=dtype).train() for v in variants}
@@ -343,10 +358,15 @@ def run_block(
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
+        rng = random.Random(f"{shape}-{threads}")  # a fixed seed per block: a rerun sees the same orders
         for r in range(rounds):
-            order = variants if r % 2 == 0 else variants[::-1]
+            if order == "shuffle":
+                sequence = list(variants)
+                rng.shuffle(sequence)
+            else:
+                sequence = variants if r % 2 == 0 else variants[::-1]
             for m in modes:
-                for v in order:
+                for v in sequence:
                     samples[(v.name, m)].append(stepper.step(m, v, layers[v.name], x_leaf, dy))
             progress.update()
     finally:
@@ -374,6 +394,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--quick", action="store_true", help="short smoke run (few rounds)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="CSV to append to (default %(default)s)")
     parser.add_argument("--no-csv", action="store_true", help="print only, write nothing")
+    parser.add_argument("--order", default="shuffle", choices=("shuffle", "flip"),
+                        help="order of the variants within a round (default %(default)s; see the module docstring)")
     parser.add_argument("--no-channels-last", action="store_true",
                         help="skip the channels_last variants (contiguous inputs only)")
     args = parser.parse_args(argv)
@@ -402,7 +424,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     run_id = now.strftime("%Y%m%dT%H%M%SZ") + "-" + rev
     meta = dict(machine=machine, torch_version=torch.__version__, git_rev=rev, date=now.isoformat(), run_id=run_id)
     print(f"[bench] run {run_id}  device={device} ({machine})  torch {torch.__version__}  "
-          f"variants={[v.name for v in variants]}  modes={modes}", flush=True)  # fmt: skip
+          f"variants={[v.name for v in variants]}  modes={modes}  order={args.order}", flush=True)  # fmt: skip
 
     rows: List[Dict[str, object]] = []
     previous_threads = torch.get_num_threads()
@@ -434,7 +456,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 if device.type == "cpu":
                     torch.set_num_threads(threads)
                 t0 = time.perf_counter()
-                samples = run_block(variants, shape, dtype, device, threads, modes, rounds, warmup)
+                samples = run_block(variants, shape, dtype, device, threads, modes, rounds, warmup, args.order)
                 print(f"[bench] {shape_str(shape)} threads={threads}: {rounds} rounds in "
                       f"{time.perf_counter() - t0:.1f}s", flush=True)  # fmt: skip
                 for m in modes:
@@ -451,6 +473,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                 device=device.type,
                                 threads=threads,
                                 rounds=rounds,
+                                order=args.order,
                                 median_ms=f"{med * 1e3:.4f}",
                                 p25_ms=f"{p25 * 1e3:.4f}",
                                 p75_ms=f"{p75 * 1e3:.4f}",

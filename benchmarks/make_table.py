@@ -67,8 +67,9 @@ def render(rows: List[Row]) -> str:
         index = {(r["variant"], r["threads"], r["mode"]): r for r in grp}
         variants = list(OrderedDict.fromkeys(r["variant"] for r in grp))
         threads = sorted({r["threads"] for r in grp}, key=int)
+        order = grp[0].get("order") or "flip"
         out.append(
-            f"**{shape}, {dtype}, {device}, training step, {grp[0]['rounds']} interleaved rounds** - "
+            f"**{shape}, {dtype}, {device}, training step, {grp[0]['rounds']} interleaved rounds ({order} order)** - "
             f"median ms (ratio of medians vs {BASELINE})"
         )
         out.append("")
