@@ -398,6 +398,45 @@ def test_leaf_requiring_grad_is_refused(backend):
         InPlaceABN(4)(x)
 
 
+def test_create_graph_gives_first_order_grads_and_refuses_second_order(backend):
+    """backward(create_graph=True) (e.g. for a gradient penalty elsewhere in the model) gives the same
+    first-order gradients; differentiating through the layer's own backward raises instead of being wrong."""
+    torch.manual_seed(0)
+    base = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for create_graph in (False, True):
+        layer = InPlaceABN(3).double()
+        with torch.no_grad():
+            layer.weight.copy_(torch.tensor([0.5, -2.0, 0.0]))
+        y = layer(base * 1.0)
+        grads.append(torch.autograd.grad(y.square().sum(), [base, layer.weight], create_graph=create_graph))
+    for plain, graphed in zip(*grads):
+        assert_close(graphed, plain)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        grads[1][0].sum().backward()
+
+
+@pytest.mark.skipif(not inplace_abn.extension_loaded(), reason="needs both backends")
+@pytest.mark.parametrize("forward_backend,backward_backend", [("python", "cpp"), ("cpp", "python")])
+def test_backend_may_change_between_forward_and_backward(forward_backend, backward_backend):
+    """The per-channel state a layer keeps for backward differs by backend ((var,) or the pure path's two
+    constants); either backward accepts either state and gives the same gradients."""
+    torch.manual_seed(0)
+    base = torch.randn(4, 3, 6, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.tensor([0.5, -2.0, 0.0], dtype=torch.float64)
+    grads = []
+    for backends in ((forward_backend, forward_backend), (forward_backend, backward_backend)):
+        layer = InPlaceABN(3).double()
+        with torch.no_grad():
+            layer.weight.copy_(weight)
+        with inplace_abn.use_backend(backends[0]):
+            y = layer(base * 1.0)
+        with inplace_abn.use_backend(backends[1]):
+            grads.append(torch.autograd.grad(y.square().sum(), [base, layer.weight, layer.bias]))
+    for same, switched in zip(*grads):
+        assert_close(switched, same)
+
+
 @pytest.mark.parametrize("spelling", [("relu", 0.01), ("leaky_relu", 0.0)], ids=["relu", "leaky0"])
 def test_relu_mode_warns_once_and_is_correct(backend, spelling, fresh_relu_warning):
     activation, param = spelling
