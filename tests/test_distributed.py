@@ -96,7 +96,29 @@ def _spawn(job: str, world: int, outdir: str, payload: Any = None, limit_s: floa
     """Runs ``job`` on ``world`` processes; returns {"results", "errors", "exitcodes", "elapsed"}.
 
     Never blocks longer than ``limit_s``: stragglers are terminated (then killed) and reported as None.
+    The port comes from ``_free_port``, which cannot reserve it: if another process takes it before
+    rank 0 binds, the job is run once more on a new port (only for that error, never for others).
     """
+    run = _spawn_once(job, world, os.path.join(outdir, "try0"), payload, limit_s)
+    if _port_was_taken(os.path.join(outdir, "try0"), world):
+        run = _spawn_once(job, world, os.path.join(outdir, "try1"), payload, limit_s)
+    return run
+
+
+_PORT_TAKEN = "address already in use"  # c10d's EADDRINUSE message, lower-cased
+
+
+def _port_was_taken(outdir: str, world: int) -> bool:
+    for r in range(world):
+        path = os.path.join(outdir, f"rank{r}.err")
+        if os.path.exists(path):
+            with open(path) as f:
+                if _PORT_TAKEN in f.read().lower():
+                    return True
+    return False
+
+
+def _spawn_once(job: str, world: int, outdir: str, payload: Any, limit_s: float) -> Dict[str, Any]:
     os.makedirs(outdir, exist_ok=True)
     ctx = mp.get_context("spawn")
     port = _free_port()
@@ -105,8 +127,11 @@ def _spawn(job: str, world: int, outdir: str, payload: Any = None, limit_s: floa
     for p in procs:
         p.start()
     deadline = start + limit_s
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
+    while time.monotonic() < deadline:
+        alive = [p for p in procs if p.is_alive()]
+        if not alive or _port_was_taken(outdir, world):
+            break  # on a taken port the other ranks would wait for rank 0 until their timeout
+        alive[0].join(0.05)
     hung = [r for r, p in enumerate(procs) if p.is_alive()]
     for r in hung:
         procs[r].terminate()
@@ -655,6 +680,20 @@ def _ddp_payload(world: int, backend: str) -> dict:
             per_rank.append((x, t))
         batches.append(per_rank)
     return {"batches": batches, "backend": backend}
+
+
+def test_spawn_retries_once_when_the_port_is_taken(tmp_path, monkeypatch):
+    """The harness: a port taken between _free_port and rank 0's bind reruns the job on a new port."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        ports = iter([taken.getsockname()[1], _free_port()])
+        monkeypatch.setattr(sys.modules[__name__], "_free_port", lambda: next(ports))
+        start = time.monotonic()
+        run = _spawn("ddp", 2, str(tmp_path), _ddp_payload(2, "python"))
+    assert _port_was_taken(str(tmp_path / "try0"), 2)  # the first attempt met the taken port
+    assert sorted(run["results"]) == [0, 1] and not run["errors"], run["errors"]  # the second one ran
+    assert time.monotonic() - start < GLOO_TIMEOUT_S  # without waiting for rank 1's timeout
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
