@@ -174,8 +174,7 @@ def efficient_bottleneck(
             f"efficient_bottleneck: the features have {sum(f.size(1) for f in features)} channels in all, "
             f"norm has num_features={norm.num_features}"
         )
-    momentum, training = norm._momentum_and_training()  # advances num_batches_tracked once
-    running_mean, running_var = norm._running_stats()
+    training, momentum, running_mean, running_var = norm._training_args()  # advances num_batches_tracked once
     if not training and running_mean is None:
         raise ValueError("running_mean and running_var are required in eval mode")
     config = (bool(training), float(momentum), float(norm.eps), act, float(slope), shared or SharedBuffer())
