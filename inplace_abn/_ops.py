@@ -179,11 +179,13 @@ def forward_train_saving_(
     """``forward_train_`` returning (mean (C,), var (C,), saved): ``saved`` is what to keep for
     ``backward_train_saved``, ``(var,)`` or the pure-PyTorch path's two (C,) constants."""
     ops = _native(x)
-    args = (x, weight, bias, running_mean, running_var, momentum, eps, activation, activation_param)
     if ops:
-        mean, var = ops.forward_train_(*args)
+        mean, var = ops.forward_train_(x, weight, bias, running_mean, running_var, momentum, eps, activation,
+                                       activation_param)  # fmt: skip
         return mean, var, (var,)
-    return _python_ops.forward_train_saving_(*args)
+    return _python_ops.forward_train_saving_(
+        x, weight, bias, running_mean, running_var, momentum, eps, activation, activation_param
+    )
 
 
 def backward_train_saved(

@@ -51,11 +51,6 @@ def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def _is_ncs(t: Tensor) -> bool:
-    """Contiguous (N, C, *) with a non-empty spatial part: every (n, c) row is one run of memory."""
-    return t.is_contiguous() and t.dim() > 2 and t.numel() > 0
-
-
 def statistics(x: Tensor) -> Tuple[Tensor, Tensor]:
     """Per-channel mean and biased variance of ``x`` (N, C, *), in the opmath dtype.
 
@@ -150,46 +145,6 @@ def _signed(gamma: Tensor, weight: Tensor) -> Tensor:
     return torch.addcmul(gamma, gamma, weight < 0, value=-2.0)
 
 
-def _forward_train_rows(
-    x: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    eps: float,
-    activation: str,
-    activation_param: float,
-) -> Tuple[Tensor, Tensor, Tuple[Tensor, Tensor]]:
-    """Training forward of a contiguous float32/float64 (N, C, *) ``x``, in place and without any
-    full-size temporary; returns (mean, biased var, backward constants).
-
-    Every full-size pass works on the (N * C) rows of S = prod(*) elements: row sums, centring, row
-    norms, the affine map, the activation. On CPU the rows split over threads the same way in every pass
-    (a reduction over dims (0, 2, ...) splits differently, and the next pass then reads half its data
-    from the other core's cache), and each pass is one ATen call: on small layers the number of calls,
-    not the bytes, is what costs.
-    """
-    n, c = x.shape[:2]
-    count = x.numel() // c
-    rows = x.view(n, c, -1)
-    mean = rows.sum(2).sum(0).div_(count)
-    rows.sub_(mean.view(-1, 1))
-    # Row norms: one vectorised pass (faster here than MKL's batched row dot products), accurate to a
-    # few ulp of the sum of squares; then their squares summed over N in one call.
-    norms = torch.linalg.vector_norm(rows, 2, 2)
-    var = torch.linalg.vecdot(norms, norms, dim=0).div_(count)
-    scale = var.add(eps).rsqrt_()
-    if weight is not None:
-        gamma = _cast(weight, x.dtype).abs().add_(eps)
-        scale.mul_(gamma)
-    rows.mul_(scale.view(-1, 1))
-    if bias is not None:
-        rows.add_(_cast(bias, x.dtype).view(-1, 1))
-    _activation_into(x, x, activation, activation_param)
-    if weight is None:
-        return mean, var, (scale, torch.ones_like(scale))
-    signed = _signed(gamma, weight)
-    return mean, var, (scale.mul_(signed), signed.reciprocal())
-
-
 def forward_train_saving_(
     x: Tensor,
     weight: Optional[Tensor],
@@ -207,8 +162,42 @@ def forward_train_saving_(
     so that backward makes no per-channel ATen calls of its own), or ``(var,)`` when the input takes the
     general path.
     """
-    if x.dtype in (torch.float32, torch.float64) and _is_ncs(x):
-        mean, var, saved = _forward_train_rows(x, weight, bias, eps, activation, activation_param)
+    dtype = x.dtype
+    if (
+        dtype in _ROWS_DTYPES and x.is_contiguous() and x.dim() > 2 and x.numel() > 0
+        and (weight is None or weight.dtype == dtype) and (bias is None or bias.dtype == dtype)
+    ):  # fmt: skip
+        # Contiguous float32/float64 with parameters of its dtype: in place, no full-size temporary.
+        # Every full-size pass works on the (N * C) rows of S = prod(*) elements: row sums, centring,
+        # row norms, the affine map, the activation. On CPU the rows split over threads the same way in
+        # every pass (a reduction over dims (0, 2, ...) splits differently, and the next pass then reads
+        # half its data from the other core's cache), and each pass is one ATen call: on small layers
+        # the number of calls, not the bytes, is what costs (Python glue included, hence inline here).
+        n, c = x.shape[:2]
+        count = x.numel() // c
+        rows = x.view(n, c, -1)
+        mean = rows.sum(2).sum(0).div_(count)
+        rows.sub_(mean.view(-1, 1))
+        # Row norms: one vectorised pass (faster here than MKL's batched row dot products), accurate
+        # to a few ulp of the sum of squares; then their squares summed over N in one call.
+        norms = torch.linalg.vector_norm(rows, 2, 2)
+        var = torch.linalg.vecdot(norms, norms, dim=0).div_(count)
+        scale = var.add(eps).rsqrt_()
+        if weight is not None:
+            gamma = weight.abs().add_(eps)
+            scale.mul_(gamma)
+        rows.mul_(scale.view(-1, 1))
+        if bias is not None:
+            rows.add_(bias.view(-1, 1))
+        if activation == "leaky_relu":
+            torch.nn.functional.leaky_relu_(x, activation_param)
+        elif activation != "identity":
+            _activation_into(x, x, activation, activation_param)
+        if weight is None:
+            saved = (scale, torch.ones_like(scale))
+        else:
+            signed = _signed(gamma, weight)
+            saved = (scale.mul_(signed), signed.reciprocal())
     else:
         mean, var = statistics(x)
         forward_(x, mean, var, weight, bias, eps, activation, activation_param)
@@ -216,6 +205,9 @@ def forward_train_saving_(
     if running_mean is not None:
         update_running_stats(running_mean, running_var, mean, var, x.numel() // x.size(1), momentum)
     return mean, var, saved
+
+
+_ROWS_DTYPES = (torch.float32, torch.float64)
 
 
 def forward_train_(
@@ -232,7 +224,7 @@ def forward_train_(
     """``statistics`` then ``forward_``, and the running statistics updated; returns (mean, biased var).
 
     A contiguous float32/float64 input is processed without any full-size temporary (see
-    ``_forward_train_rows``).
+    ``forward_train_saving_``).
     """
     mean, var, _ = forward_train_saving_(
         x, weight, bias, running_mean, running_var, momentum, eps, activation, activation_param
@@ -357,6 +349,15 @@ def backward_train_saved(
     dx in place in the buffers of z and dz: one allocation less, but eight more ATen calls, and on small
     layers the calls cost more than the allocation.)
     """
+    if len(saved) == 2 and activation == "leaky_relu" and y.dtype == dy.dtype and y.is_contiguous():
+        # The state of forward_train_saving_'s fast path (float32/float64, parameters of y's dtype):
+        # the common case, without the general path's dtype and layout glue.
+        z = torch.nn.functional.leaky_relu(y, 1.0 / activation_param)
+        dz = torch.ops.aten.leaky_relu_backward(dy, y, activation_param, True)
+        beta = torch.zeros_like(saved[1]) if bias is None else bias
+        return torch.ops.aten.native_batch_norm_backward(
+            dz, z, saved[0], None, None, beta, saved[1], True, eps, [True, True, True]
+        )
     dtype = opmath_dtype(y.dtype)
     z, dz = _invert_z(y, dy, activation, activation_param, dtype)
     if len(saved) == 1:

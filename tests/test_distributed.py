@@ -89,7 +89,12 @@ def _entry(rank: int, world: int, port: int, job: str, outdir: str, payload: Any
                 dist.destroy_process_group()
             except Exception:
                 pass
-    sys.exit(code)
+    # Leave without the interpreter's teardown: a c10d / gloo background thread that is still joinable
+    # then makes std::terminate abort the process ("terminate called without an active exception",
+    # exit code -6) after the job has succeeded and written its result. Seen in full-suite runs.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _spawn(job: str, world: int, outdir: str, payload: Any = None, limit_s: float = JOB_TIMEOUT_S) -> Dict[str, Any]:
