@@ -95,9 +95,20 @@ def _gamma_beta(
 ) -> Tuple[Tensor, Tensor]:
     """(C,) vectors ``|w| + eps`` and ``b`` (ones / zeros without affine), in ``dtype``."""
     channels = x.size(1)
-    gamma = torch.ones(channels, dtype=dtype, device=x.device) if weight is None else _cast(weight, dtype).abs().add_(eps)
+    gamma = torch.ones(channels, dtype=dtype, device=x.device) if weight is None else _gamma(weight, eps, dtype)
     beta = torch.zeros(channels, dtype=dtype, device=x.device) if bias is None else _cast(bias, dtype)
     return gamma, beta
+
+
+def _gamma(weight: Tensor, eps: float, dtype: torch.dtype) -> Tensor:
+    """The layer's scale ``|weight| + eps`` (C,), in ``dtype``."""
+    return _cast(weight, dtype).abs().add_(eps)
+
+
+def _scale(var: Tensor, gamma: Optional[Tensor], eps: float, dtype: torch.dtype) -> Tensor:
+    """The normalisation's per-channel factor ``gamma / sqrt(var + eps)`` (C,), in ``dtype`` (gamma None: 1)."""
+    scale = _cast(var, dtype).add(eps).rsqrt_()
+    return scale if gamma is None else scale.mul_(gamma)
 
 
 def forward_(
@@ -113,7 +124,7 @@ def forward_(
     """Writes ``act(gamma * (x - mean) / sqrt(var + eps) + beta)`` over ``x`` (N, C, *)."""
     dtype = opmath_dtype(x.dtype)
     gamma, beta = _gamma_beta(weight, bias, x, eps, dtype)
-    scale = gamma * (var.to(dtype) + eps).rsqrt()
+    scale = _scale(var, gamma, eps, dtype)
     shift = beta - mean.to(dtype) * scale
     shape = _channel_shape(x)
     if x.dtype == dtype:
@@ -137,12 +148,29 @@ def update_running_stats(
 
 def weight_grad(weight: Tensor, sum_dz_xhat: Tensor) -> Tensor:
     """``sign(weight) * sum(dz * x_hat)`` with sign(0) = +1 (gamma = |w| + eps), in ``weight``'s dtype."""
-    return _cast(torch.addcmul(sum_dz_xhat, sum_dz_xhat, weight < 0, value=-2.0), weight.dtype)
+    return _cast(_signed(sum_dz_xhat, weight), weight.dtype)
 
 
-def _signed(gamma: Tensor, weight: Tensor) -> Tensor:
-    """``sign(weight) * gamma`` with sign(0) = +1 (exact: gamma - 2 * gamma == -gamma)."""
-    return torch.addcmul(gamma, gamma, weight < 0, value=-2.0)
+def _signed(values: Tensor, weight: Tensor) -> Tensor:
+    """``sign(weight) * values`` with sign(0) = +1 (exact: v - 2 * v == -v)."""
+    return torch.addcmul(values, values, weight < 0, value=-2.0)
+
+
+def _batch_norm_backward_weights(
+    scale: Tensor, gamma: Optional[Tensor], weight: Optional[Tensor]
+) -> Tuple[Tensor, Tensor]:
+    """The (weight, invstd) that make ATen's batch-norm backward compute this layer's backward from z,
+    given ``scale`` = gamma * rstd (reused in place) and gamma = |w| + eps (None without affine).
+
+    Fed z as its "input", mean beta and invstd 1 / g with g = sign(w) * gamma, ATen recovers
+    x_hat' = (z - beta) / g = sign(w) * x_hat, so its weight gradient sum(dz * x_hat') is already
+    sign(w) * sum(dz * x_hat); its dx term x_hat' * mean(dz * x_hat') is sign-free. A weight of
+    g * gamma * rstd turns its ``weight * invstd`` factor into the gamma * rstd that dx needs.
+    """
+    if weight is None:
+        return scale, torch.ones_like(scale)
+    signed = _signed(gamma, weight)
+    return scale.mul_(signed), signed.reciprocal()
 
 
 def forward_train_saving_(
@@ -158,7 +186,7 @@ def forward_train_saving_(
 ) -> Tuple[Tensor, Tensor, Tuple[Tensor, ...]]:
     """``forward_train_`` that also returns what ``backward_train_saved`` needs: (mean, var, saved).
 
-    ``saved`` holds the two (C,) constants of ``_batch_norm_backward_constants`` (kept instead of var,
+    ``saved`` holds the two (C,) constants of ``_batch_norm_backward_weights`` (kept instead of var,
     so that backward makes no per-channel ATen calls of its own), or ``(var,)`` when the input takes the
     general path.
     """
@@ -182,10 +210,8 @@ def forward_train_saving_(
         # to a few ulp of the sum of squares; then their squares summed over N in one call.
         norms = torch.linalg.vector_norm(rows, 2, 2)
         var = torch.linalg.vecdot(norms, norms, dim=0).div_(count)
-        scale = var.add(eps).rsqrt_()
-        if weight is not None:
-            gamma = weight.abs().add_(eps)
-            scale.mul_(gamma)
+        gamma = None if weight is None else _gamma(weight, eps, dtype)
+        scale = _scale(var, gamma, eps, dtype)
         rows.mul_(scale.view(-1, 1))
         if bias is not None:
             rows.add_(bias.view(-1, 1))
@@ -193,11 +219,7 @@ def forward_train_saving_(
             torch.nn.functional.leaky_relu_(x, activation_param)
         elif activation != "identity":
             _activation_into(x, x, activation, activation_param)
-        if weight is None:
-            saved = (scale, torch.ones_like(scale))
-        else:
-            signed = _signed(gamma, weight)
-            saved = (scale.mul_(signed), signed.reciprocal())
+        saved = _batch_norm_backward_weights(scale, gamma, weight)
     else:
         mean, var = statistics(x)
         forward_(x, mean, var, weight, bias, eps, activation, activation_param)
@@ -307,28 +329,10 @@ def backward(
     dtype = opmath_dtype(y.dtype)
     xhat, dz = _invert(y, dy, weight, bias, eps, activation, activation_param)
     gamma, _ = _gamma_beta(weight, bias, y, eps, dtype)
-    gamma_rstd = gamma.view(_channel_shape(y)) * (_per_channel(var, y, dtype) + eps).rsqrt()
+    gamma_rstd = _scale(var, gamma, eps, dtype).view(_channel_shape(y))
     if mean_dz is not None:
         dz = dz - _per_channel(mean_dz, y, dtype) - xhat * _per_channel(mean_dz_xhat, y, dtype)
     return torch.empty_like(y).copy_(dz * gamma_rstd)
-
-
-def _batch_norm_backward_constants(
-    var: Tensor, weight: Optional[Tensor], eps: float, dtype: torch.dtype
-) -> Tuple[Tensor, Tensor]:
-    """The (weight, invstd) that make ATen's batch-norm backward compute this layer's backward from z.
-
-    Fed z as its "input", mean beta and invstd 1 / g with g = sign(w) * gamma, ATen recovers
-    x_hat' = (z - beta) / g = sign(w) * x_hat, so its weight gradient sum(dz * x_hat') is already
-    sign(w) * sum(dz * x_hat); its dx term x_hat' * mean(dz * x_hat') is sign-free. A weight of
-    g * gamma * rstd turns its ``weight * invstd`` factor into the gamma * rstd that dx needs.
-    """
-    rstd = _cast(var, dtype).add(eps).rsqrt_()
-    if weight is None:
-        return rstd, torch.ones_like(rstd)
-    gamma = _cast(weight, dtype).abs().add_(eps)
-    signed = _signed(gamma, weight)
-    return rstd.mul_(gamma).mul_(signed), signed.reciprocal()
 
 
 def backward_train_saved(
@@ -345,23 +349,15 @@ def backward_train_saved(
 
     z and dz are formed in the opmath dtype, as the fused kernels do: rounding z to half would lose the
     recovered pre-activation (badly so for ELU near saturation). Then ONE ATen batch-norm backward gives
-    dx and both parameter gradients (see ``_batch_norm_backward_constants``). (Measured against forming
+    dx and both parameter gradients (see ``_batch_norm_backward_weights``). (Measured against forming
     dx in place in the buffers of z and dz: one allocation less, but eight more ATen calls, and on small
     layers the calls cost more than the allocation.)
     """
-    if len(saved) == 2 and activation == "leaky_relu" and y.dtype == dy.dtype and y.is_contiguous():
-        # The state of forward_train_saving_'s fast path (float32/float64, parameters of y's dtype):
-        # the common case, without the general path's dtype and layout glue.
-        z = torch.nn.functional.leaky_relu(y, 1.0 / activation_param)
-        dz = torch.ops.aten.leaky_relu_backward(dy, y, activation_param, True)
-        beta = torch.zeros_like(saved[1]) if bias is None else bias
-        return torch.ops.aten.native_batch_norm_backward(
-            dz, z, saved[0], None, None, beta, saved[1], True, eps, [True, True, True]
-        )
     dtype = opmath_dtype(y.dtype)
     z, dz = _invert_z(y, dy, activation, activation_param, dtype)
     if len(saved) == 1:
-        nb_weight, nb_invstd = _batch_norm_backward_constants(saved[0], weight, eps, dtype)
+        gamma = None if weight is None else _gamma(weight, eps, dtype)
+        nb_weight, nb_invstd = _batch_norm_backward_weights(_scale(saved[0], gamma, eps, dtype), gamma, weight)
     else:
         nb_weight, nb_invstd = saved
     beta = torch.zeros_like(nb_invstd) if bias is None else _cast(bias, dtype)

@@ -92,25 +92,6 @@ def _check_inputs(
     eps: float,
 ) -> None:
     """Validates the functional arguments; errors name the argument, the value and the fix."""
-    if isinstance(x, Tensor) and x.dim() >= 2 and x.dtype in _FLOAT_TYPES:
-        # The common, valid call in few attribute reads (each costs ~0.1 us); any doubt takes the
-        # detailed checks below, which name what is wrong.
-        shape, device, dtype = x.shape[1:2], x.device, x.dtype
-        params = (dtype, opmath_dtype(dtype))
-        if (
-            (weight is None or (isinstance(weight, Tensor) and weight.shape == shape and weight.device == device
-                                and weight.dtype in params))
-            and (bias is None or (isinstance(bias, Tensor) and bias.shape == shape and bias.device == device
-                                  and bias.dtype in params))
-            and (running_mean is None) == (running_var is None)
-            and (running_mean is None or (
-                isinstance(running_mean, Tensor) and isinstance(running_var, Tensor)
-                and running_mean.shape == shape and running_var.shape == shape
-                and running_mean.device == device and running_var.device == device
-                and running_mean.dtype in _FLOAT_TYPES and running_var.dtype in _FLOAT_TYPES))
-            and eps > 0
-        ):  # fmt: skip
-            return
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() < 2:
