@@ -175,17 +175,16 @@ def forward_train_saving_(
     eps: float,
     activation: str,
     activation_param: float,
-) -> Tuple[Tensor, Tensor, Tuple[Tensor, ...]]:
-    """``forward_train_`` returning (mean (C,), var (C,), saved): ``saved`` is what to keep for
-    ``backward_train_saved``, ``(var,)`` or the pure-PyTorch path's two (C,) constants."""
+) -> Tuple[Tensor, ...]:
+    """``forward_train_`` returning only what to keep for ``backward_train_saved``: ``(var,)``, or the
+    pure-PyTorch path's two (C,) constants."""
     ops = _native(x)
     if ops:
-        mean, var = ops.forward_train_(x, weight, bias, running_mean, running_var, momentum, eps, activation,
-                                       activation_param)  # fmt: skip
-        return mean, var, (var,)
+        return ops.forward_train_(x, weight, bias, running_mean, running_var, momentum, eps, activation,
+                                  activation_param)[1:]  # fmt: skip
     return _python_ops.forward_train_saving_(
-        x, weight, bias, running_mean, running_var, momentum, eps, activation, activation_param
-    )
+        x, weight, bias, running_mean, running_var, momentum, eps, activation, activation_param, False
+    )[2]
 
 
 def backward_train_saved(

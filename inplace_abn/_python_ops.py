@@ -8,6 +8,7 @@ the backward functions here materialise full-size temporaries; the autograd grap
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -44,6 +45,25 @@ def _reduce_dims(x: Tensor) -> Tuple[int, ...]:
 
 def _per_channel(v: Optional[Tensor], x: Tensor, dtype: torch.dtype) -> Optional[Tensor]:
     return None if v is None else v.to(dtype).view(_channel_shape(x))
+
+
+@functools.lru_cache(maxsize=256)
+def _constant(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``value`` as a 0-dim tensor. As an operand of an elementwise op it acts as a Python number would,
+    without the new wrapped-number tensor ATen makes from a Python number on every call."""
+    return torch.tensor(value, dtype=dtype, device=device)
+
+
+@functools.lru_cache(maxsize=64)
+def _mean_weights(n: int, count: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(n, 1) of 1 / count: ``vecdot(row_sums, this, dim=0)`` is the per-channel mean in one call."""
+    return torch.full((n, 1), 1.0 / count, dtype=dtype, device=device)
+
+
+@functools.lru_cache(maxsize=None)
+def _spatial_dims(dim: int) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    """The dims after (N, C) of a ``dim``-D input, and the view shape of a (C,) vector broadcast over it."""
+    return tuple(range(2, dim)), (-1,) + (1,) * (dim - 2)
 
 
 def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -183,12 +203,13 @@ def forward_train_saving_(
     eps: float,
     activation: str,
     activation_param: float,
-) -> Tuple[Tensor, Tensor, Tuple[Tensor, ...]]:
+    with_var: bool = True,
+) -> Tuple[Tensor, Optional[Tensor], Tuple[Tensor, ...]]:
     """``forward_train_`` that also returns what ``backward_train_saved`` needs: (mean, var, saved).
 
     ``saved`` holds the two (C,) constants of ``_batch_norm_backward_weights`` (kept instead of var,
     so that backward makes no per-channel ATen calls of its own), or ``(var,)`` when the input takes the
-    general path.
+    general path. ``with_var=False``: the caller needs no var, and the fast path returns None for it.
     """
     dtype = x.dtype
     if (
@@ -196,37 +217,59 @@ def forward_train_saving_(
         and (weight is None or weight.dtype == dtype) and (bias is None or bias.dtype == dtype)
     ):  # fmt: skip
         # Contiguous float32/float64 with parameters of its dtype: in place, no full-size temporary.
-        # Every full-size pass works on the (N * C) rows of S = prod(*) elements: row sums, centring,
-        # row norms, the affine map, the activation. On CPU the rows split over threads the same way in
-        # every pass (a reduction over dims (0, 2, ...) splits differently, and the next pass then reads
-        # half its data from the other core's cache), and each pass is one ATen call: on small layers
-        # the number of calls, not the bytes, is what costs (Python glue included, hence inline here).
+        # Every full-size pass is one ATen call over the rows of S = prod(*) elements (dims 2, ...):
+        # row sums, centring, row norms, the affine map, the activation. On CPU the rows split over
+        # threads the same way in every pass (a reduction over dims (0, 2, ...) splits differently, and
+        # the next pass then reads half its data from the other core's cache). On small layers the
+        # number of ATen calls, not the bytes, is what costs: in a training step, with the caches full
+        # of activations, each per-channel call takes several microseconds. Hence the (C,) math below
+        # in as few calls as it takes, with cached 0-dim constants instead of Python numbers, and all
+        # of it inline here.
         n, c = x.shape[:2]
         count = x.numel() // c
-        rows = x.view(n, c, -1)
-        mean = rows.sum(2).sum(0).div_(count)
-        rows.sub_(mean.view(-1, 1))
-        # Row norms: one vectorised pass (faster here than MKL's batched row dot products), accurate
-        # to a few ulp of the sum of squares; then their squares summed over N in one call.
-        norms = torch.linalg.vector_norm(rows, 2, 2)
-        var = torch.linalg.vecdot(norms, norms, dim=0).div_(count)
-        gamma = None if weight is None else _gamma(weight, eps, dtype)
-        scale = _scale(var, gamma, eps, dtype)
-        rows.mul_(scale.view(-1, 1))
+        spatial, column = _spatial_dims(x.dim())
+        device = x.device
+        mean = torch.linalg.vecdot(x.sum(spatial), _mean_weights(n, count, dtype, device), dim=0)
+        x.sub_(mean.view(column))
+        norms = torch.linalg.vector_norm(x, 2, spatial)
+        sumsq = torch.linalg.vecdot(norms, norms, dim=0)
+        count_t, eps_t = _constant(count, dtype, device), _constant(eps, dtype, device)
+        if with_var:
+            var = sumsq.div(count_t)
+            scale = var.add(eps_t).rsqrt_()
+        else:
+            var = None
+            scale = torch.addcdiv(eps_t, sumsq, count_t).rsqrt_()
+        if weight is None:
+            saved = (scale, torch.ones_like(scale))
+        else:
+            wabs = weight.abs()
+            gamma = wabs.add(eps_t)
+            scale.mul_(gamma)
+            # weight < |weight| is weight < 0 (-0.0 included: it is not negative) without a wrapped scalar
+            signed = torch.addcmul(gamma, gamma, weight < wabs, value=-2.0)
+            saved = (scale.mul(signed), signed.reciprocal_())
+        if running_mean is not None:
+            unbiased = sumsq.div_(_constant(count - 1, dtype, device))
+            if running_mean.dtype == dtype and running_var.dtype == dtype:
+                torch._foreach_lerp_([running_mean, running_var], [mean, unbiased], momentum)
+            else:
+                running_mean.lerp_(_cast(mean, running_mean.dtype), momentum)
+                running_var.lerp_(_cast(unbiased, running_var.dtype), momentum)
+        # The full-size passes last: the per-channel calls above run back to back, in warm caches.
+        x.mul_(scale.view(column))
         if bias is not None:
-            rows.add_(bias.view(-1, 1))
+            x.add_(bias.view(column))
         if activation == "leaky_relu":
             torch.nn.functional.leaky_relu_(x, activation_param)
         elif activation != "identity":
             _activation_into(x, x, activation, activation_param)
-        saved = _batch_norm_backward_weights(scale, gamma, weight)
-    else:
-        mean, var = statistics(x)
-        forward_(x, mean, var, weight, bias, eps, activation, activation_param)
-        saved = (var,)
+        return mean, var, saved
+    mean, var = statistics(x)
+    forward_(x, mean, var, weight, bias, eps, activation, activation_param)
     if running_mean is not None:
         update_running_stats(running_mean, running_var, mean, var, x.numel() // x.size(1), momentum)
-    return mean, var, saved
+    return mean, var, (var,)
 
 
 _ROWS_DTYPES = (torch.float32, torch.float64)

@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._python_ops import _constant
 from .functions import _warn_non_invertible, check_activation, inplace_abn, inplace_abn_sync
 
 __all__ = ["ABN", "InPlaceABN", "InPlaceABNSync"]
@@ -113,7 +114,7 @@ class ABN(nn.Module):
         if training and self.track_running_stats:
             tracked = self.num_batches_tracked
             if tracked is not None:
-                tracked.add_(1)
+                tracked.add_(_constant(1, tracked.dtype, tracked.device))  # no wrapped number per step
                 if momentum is None:
                     momentum = 1.0 / float(tracked)
         elif training:

@@ -191,13 +191,11 @@ def _local_backward(
     eps: float,
     activation: str,
     activation_param: float,
-    saved: Tuple[Tensor, ...] = (),
 ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-    """(dx, dweight, dbias) of a layer on local statistics; None for what is not needed. ``saved``: the
-    state ``_ops.forward_train_saving_`` returned (training only; empty means ``(var,)``)."""
+    """(dx, dweight, dbias) of a layer on local statistics; None for what is not needed."""
     args = (eps, activation, activation_param)
     if training and need_dx:
-        dx, dweight, dbias = _ops.backward_train_saved(y, dy, saved or (var,), weight, bias, *args)
+        dx, dweight, dbias = _ops.backward_train_saved(y, dy, (var,), weight, bias, *args)
         return dx, dweight if need_w else None, dbias if need_b else None
     dweight = dbias = None
     if need_w or need_b:
@@ -246,7 +244,7 @@ class _InPlaceABN(torch.autograd.Function):
         fused = training and not sync
         if fused:  # the op also updates the running statistics
             _check_count(count, x.shape)
-            mean, var, state = _ops.forward_train_saving_(
+            state = _ops.forward_train_saving_(
                 x, weight, bias, running_mean, running_var, momentum, eps, act, act_param
             )
         else:
@@ -291,9 +289,11 @@ def _backward(ctx: Any, dy: Tensor) -> Tuple[Optional[Tensor], ...]:
         dy = torch.ops.aten.threshold_backward(dy, y, 0)
         activation, activation_param = "identity", 0.0
     need_dx, need_w, need_b = ctx.needs_input_grad[:3]
+    if training and not sync and need_dx:  # the usual training step: whatever state the forward kept
+        dx, dweight, dbias = _ops.backward_train_saved(y, dy, state, weight, bias, eps, activation, activation_param)
+        return dx, dweight if need_w else None, dbias if need_b else None, None, None, None
     args = (eps, activation, activation_param)
-    # (var,), or in fused training whatever state the backend's forward returned
-    var = state[0] if len(state) == 1 else None
+    var = state[0] if len(state) == 1 else None  # (var,) everywhere but in fused training
     if sync and training and need_dx:
         sum_dz, sum_dz_xhat = _ops.backward_reduce(y, dy, weight, bias, *args)
         # Parameter gradients stay local (DDP averages them); dx needs the global sums.
@@ -303,7 +303,7 @@ def _backward(ctx: Any, dy: Tensor) -> Tuple[Optional[Tensor], ...]:
         dweight, dbias = _parameter_grads(weight, bias, sum_dz, sum_dz_xhat, need_w, need_b)
     else:
         dx, dweight, dbias = _local_backward(
-            y, dy, var, weight, bias, training and not sync, need_dx, need_w, need_b, *args, saved=tuple(state)
+            y, dy, var, weight, bias, training and not sync, need_dx, need_w, need_b, *args
         )
     return dx, dweight, dbias, None, None, None
 
