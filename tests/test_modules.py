@@ -416,6 +416,35 @@ def test_create_graph_gives_first_order_grads_and_refuses_second_order(backend):
         grads[1][0].sum().backward()
 
 
+def test_torch_func_transforms_get_pytorchs_refusal(backend):
+    """Under torch.func transforms the layer goes through autograd.Function's Python apply (not the direct
+    C++ apply used otherwise), so vmap raises PyTorch's own error instead of running unbatched."""
+    x = torch.randn(3, 2, 4, 5)
+    weight, bias = torch.ones(4), torch.zeros(4)
+    with pytest.raises(RuntimeError, match="setup_context"):
+        torch.func.vmap(lambda t: inplace_abn.functions.inplace_abn(t.clone(), weight, bias, None, None))(x)
+
+
+def test_direct_apply_builds_the_same_graph(monkeypatch):
+    """The direct C++ apply (outside transforms and torch.compile) is the same call as Function.apply:
+    same gradients, and the same grad_fn node type."""
+    from inplace_abn import functions
+
+    assert functions._direct_apply is not None, "this torch lays out autograd.Function differently: update"
+    torch.manual_seed(0)
+    base = torch.randn(4, 3, 6, 5, dtype=torch.float64, requires_grad=True)
+    results = []
+    for direct in (True, False):
+        if not direct:
+            monkeypatch.setattr(functions, "_direct_apply", None)
+        layer = InPlaceABN(3).double()
+        y = layer(base * 1.0)
+        results.append((type(y.grad_fn).__name__, torch.autograd.grad(y.square().sum(), [base, layer.weight])))
+    assert results[0][0] == results[1][0] == "_InPlaceABNBackward"
+    for a, b in zip(results[0][1], results[1][1]):
+        assert_close(a, b, rtol=0, atol=0)
+
+
 @pytest.mark.skipif(not inplace_abn.extension_loaded(), reason="needs both backends")
 @pytest.mark.parametrize("forward_backend,backward_backend", [("python", "cpp"), ("cpp", "python")])
 def test_backend_may_change_between_forward_and_backward(forward_backend, backward_backend):
