@@ -297,6 +297,13 @@ def forward_train_(
     return mean, var
 
 
+# The ATen kernels of the backward, resolved once: each lookup through torch.ops / torch.nn.functional is
+# a Python call of its own, and the pure backward of a small layer makes only three kernel calls.
+_leaky_relu = torch._C._nn.leaky_relu
+_leaky_relu_backward = torch.ops.aten.leaky_relu_backward.default
+_batch_norm_backward = torch.ops.aten.native_batch_norm_backward.default
+
+
 def _invert_z(
     y: Tensor, dy: Optional[Tensor], activation: str, activation_param: float, dtype: torch.dtype
 ) -> Tuple[Tensor, Optional[Tensor]]:
@@ -304,13 +311,12 @@ def _invert_z(
 
     The positive branch is y > 0, as in src/activation.h and PyTorch's own activation backwards.
     """
-    F = torch.nn.functional
     y = _cast(y, dtype)
     dy = None if dy is None else _cast(dy, dtype)
     if activation == "leaky_relu":
         # leaky_relu is inverted by leaky_relu with the reciprocal slope.
-        z = F.leaky_relu(y, 1.0 / activation_param)
-        dz = None if dy is None else torch.ops.aten.leaky_relu_backward(dy, y, activation_param, True)
+        z = _leaky_relu(y, 1.0 / activation_param)
+        dz = None if dy is None else _leaky_relu_backward(dy, y, activation_param, True)
     elif activation == "elu":
         # z = y for y > 0, log1p(y / alpha) otherwise, written without torch.where (slow on CPU). The
         # clamp above -1 keeps a saturated output finite (see src/activation.h).
@@ -404,7 +410,7 @@ def backward_train_saved(
     else:
         nb_weight, nb_invstd = saved
     beta = torch.zeros_like(nb_invstd) if bias is None else _cast(bias, dtype)
-    dx, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+    dx, grad_weight, grad_bias = _batch_norm_backward(
         dz, z, nb_weight, None, None, beta, nb_invstd, True, eps, [True, True, True]
     )
     if dx.dtype != y.dtype or dx.stride() != y.stride():
