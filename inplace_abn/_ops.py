@@ -48,7 +48,7 @@ _overloads: Optional[_Overloads] = _Overloads() if _backend.extension_loaded() e
 
 def _native(t: Tensor) -> Optional[_Overloads]:
     """The compiled ops when they serve ``t`` (backend "cpp" with kernels for its device), else None."""
-    if _backend.get_backend() != "cpp" or not _KERNELS.get(t.device.type, False):
+    if _backend._backend != "cpp" or not _KERNELS.get(t.device.type, False):  # the variable: no call
         return None
     return _overloads
 

@@ -243,7 +243,8 @@ class _InPlaceABN(torch.autograd.Function):
         act, act_param = (activation, activation_param) if invertible else ("identity", 0.0)
         fused = training and not sync
         if fused:  # the op also updates the running statistics
-            _check_count(count, x.shape)
+            if count <= 1:
+                _check_count(count, x.shape)
             state = _ops.forward_train_saving_(
                 x, weight, bias, running_mean, running_var, momentum, eps, act, act_param
             )
