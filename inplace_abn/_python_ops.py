@@ -243,11 +243,11 @@ def forward_train_saving_(
         if weight is None:
             saved = (scale, torch.ones_like(scale))
         else:
-            wabs = weight.abs()
-            gamma = wabs.add(eps_t)
-            scale.mul_(gamma)
+            gamma = weight.abs()
             # weight < |weight| is weight < 0 (-0.0 included: it is not negative) without a wrapped scalar
-            signed = torch.addcmul(gamma, gamma, weight < wabs, value=-2.0)
+            negative = weight < gamma
+            scale.mul_(gamma.add_(eps_t))
+            signed = torch.addcmul(gamma, gamma, negative, value=-2.0)
             saved = (scale.mul(signed), signed.reciprocal_())
         if running_mean is not None:
             unbiased = sumsq.div_(_constant(count - 1, dtype, device))
