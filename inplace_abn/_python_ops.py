@@ -158,12 +158,15 @@ def update_running_stats(
     running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, count: int, momentum: float
 ) -> None:
     """nn.BatchNorm's update, ``running += momentum * (batch - running)``, with the unbiased variance."""
-    unbiased = var * (count / (count - 1))
-    if running_mean.dtype == mean.dtype and running_var.dtype == var.dtype:
-        torch._foreach_lerp_([running_mean, running_var], [mean, unbiased], momentum)  # one call for both
-    else:
-        running_mean.lerp_(_cast(mean, running_mean.dtype), momentum)
-        running_var.lerp_(_cast(unbiased, running_var.dtype), momentum)
+    _lerp_running_stats(running_mean, running_var, mean, var * (count / (count - 1)), momentum)
+
+
+def _lerp_running_stats(
+    running_mean: Tensor, running_var: Tensor, mean: Tensor, unbiased: Tensor, momentum: float
+) -> None:
+    # Two lerp_ calls: measured faster in a training step than one _foreach_lerp_ over both.
+    running_mean.lerp_(_cast(mean, running_mean.dtype), momentum)
+    running_var.lerp_(_cast(unbiased, running_var.dtype), momentum)
 
 
 def weight_grad(weight: Tensor, sum_dz_xhat: Tensor) -> Tensor:
@@ -251,12 +254,8 @@ def forward_train_saving_(
             saved = (scale.mul(signed), signed.reciprocal_())
         if running_mean is not None:
             unbiased = sumsq.div_(_constant(count - 1, dtype, device))
-            if running_mean.dtype == dtype and running_var.dtype == dtype:
-                torch._foreach_lerp_([running_mean, running_var], [mean, unbiased], momentum)
-            else:
-                running_mean.lerp_(_cast(mean, running_mean.dtype), momentum)
-                running_var.lerp_(_cast(unbiased, running_var.dtype), momentum)
-        # The full-size passes last: the per-channel calls above run back to back, in warm caches.
+            _lerp_running_stats(running_mean, running_var, mean, unbiased, momentum)
+        # The full-size passes last, after all the per-channel calls.
         x.mul_(scale.view(column))
         if bias is not None:
             x.add_(bias.view(column))
