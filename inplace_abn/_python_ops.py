@@ -310,8 +310,10 @@ def _invert_z(
 
     The positive branch is y > 0, as in src/activation.h and PyTorch's own activation backwards.
     """
-    y = _cast(y, dtype)
-    dy = None if dy is None else _cast(dy, dtype)
+    if y.dtype != dtype:
+        y = y.to(dtype)
+    if dy is not None and dy.dtype != dtype:
+        dy = dy.to(dtype)
     if activation == "leaky_relu":
         # leaky_relu is inverted by leaky_relu with the reciprocal slope.
         z = _leaky_relu(y, 1.0 / activation_param)
@@ -401,13 +403,17 @@ def backward_train_saved(
     dx in place in the buffers of z and dz: one allocation less, but eight more ATen calls, and on small
     layers the calls cost more than the allocation.)
     """
+    if len(saved) == 2:
+        # The state of the forward's fast path: y is contiguous float32/float64 and the parameters share its
+        # dtype, so nothing below needs a cast or a copy to y's layout.
+        nb_weight, nb_invstd = saved
+        z, dz = _invert_z(y, dy, activation, activation_param, y.dtype)
+        beta = torch.zeros_like(nb_invstd) if bias is None else bias
+        return _batch_norm_backward(dz, z, nb_weight, None, None, beta, nb_invstd, True, eps, [True, True, True])
     dtype = opmath_dtype(y.dtype)
     z, dz = _invert_z(y, dy, activation, activation_param, dtype)
-    if len(saved) == 1:
-        gamma = None if weight is None else _gamma(weight, eps, dtype)
-        nb_weight, nb_invstd = _batch_norm_backward_weights(_scale(saved[0], gamma, eps, dtype), gamma, weight)
-    else:
-        nb_weight, nb_invstd = saved
+    gamma = None if weight is None else _gamma(weight, eps, dtype)
+    nb_weight, nb_invstd = _batch_norm_backward_weights(_scale(saved[0], gamma, eps, dtype), gamma, weight)
     beta = torch.zeros_like(nb_invstd) if bias is None else _cast(bias, dtype)
     dx, grad_weight, grad_bias = _batch_norm_backward(
         dz, z, nb_weight, None, None, beta, nb_invstd, True, eps, [True, True, True]
