@@ -251,7 +251,7 @@ def forward_train_saving_(
             negative = weight < gamma
             scale.mul_(gamma.add_(eps_t))
             signed = torch.addcmul(gamma, gamma, negative, value=-2.0)
-            saved = (scale.mul(signed), signed.reciprocal_())
+            saved = (scale.mul(signed), signed.reciprocal_())  # _batch_norm_backward_weights, inline
         if running_mean is not None:
             unbiased = sumsq.div_(_constant(count - 1, dtype, device))
             _lerp_running_stats(running_mean, running_var, mean, unbiased, momentum)
