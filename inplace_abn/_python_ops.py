@@ -214,6 +214,11 @@ def forward_train_saving_(
     so that backward makes no per-channel ATen calls of its own), or ``(var,)`` when the input takes the
     general path. ``with_var=False``: the caller needs no var, and the fast path returns None for it.
     """
+    if running_mean is not None and x.numel() <= max(x.size(1), 1):  # count <= 1, as the compiled op checks
+        raise RuntimeError(
+            "running_var: the unbiased batch variance needs more than 1 value per channel, got input size "
+            f"{list(x.shape)}"
+        )
     dtype = x.dtype
     if (
         dtype in _ROWS_DTYPES and x.is_contiguous() and x.dim() > 2 and x.numel() > 0

@@ -178,3 +178,15 @@ def test_forward_train_rejects_bad_running_stats(running_mean, running_var, mome
     x = torch.randn(x_shape)
     with pytest.raises(RuntimeError, match=match):
         torch.ops.inplace_abn.forward_train_(x, None, None, running_mean, running_var, momentum, 1e-5, "identity", 0.0)
+
+
+@pytest.mark.parametrize("x_shape", [(1, 3), (1, 3, 1, 1), (0, 3, 4)])
+def test_pure_forward_train_rejects_one_value_per_channel_like_the_op(x_shape):
+    """The pure twin refuses what the compiled op refuses (the unbiased variance of <= 1 value), with the
+    same message, before it writes anything; it neither divides by zero nor leaves NaN running stats."""
+    x = torch.randn(x_shape)
+    before, running_mean, running_var = x.clone(), torch.zeros(3), torch.ones(3)
+    with pytest.raises(RuntimeError, match="running_var: the unbiased batch variance needs more than 1 value"):
+        _python_ops.forward_train_(x, None, None, running_mean, running_var, 0.1, 1e-5, "identity", 0.0)
+    assert torch.equal(x, before)
+    assert torch.equal(running_mean, torch.zeros(3)) and torch.equal(running_var, torch.ones(3))
