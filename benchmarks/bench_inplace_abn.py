@@ -14,7 +14,7 @@ so the CSV schema is unchanged); ``--no-channels-last`` drops them. The untimed 
 fresh input with ``clone(memory_format=...)``; the agreement check also verifies that the in-place layer
 returns its input's storage in the input's memory format.
 
-Method (see shared/spec/measuring.md): every variant runs in ONE process, interleaved after a warm-up,
+Method (see docs/measuring.md): every variant runs in ONE process, interleaved after a warm-up,
 with ``torch.set_num_threads`` fixed per block; one sample is one step timed with ``time.perf_counter``
 (CUDA: events) around exactly the measured region:
 
@@ -32,12 +32,12 @@ A B C D / D C B A. With more than two variants a fixed order gives every variant
 every round, and a step's time depends on its neighbour: what ran just before leaves its code paths,
 data and allocator state warm. Under ``flip`` the baseline always runs right after (or before) its
 non-inplace twin, which executes the very same ATen kernels; the shuffled order gives every variant
-every neighbour equally often, as the two-variant A B / B A of measuring.md does.
+every neighbour equally often, as the two-variant A B / B A of docs/measuring.md does.
 
 Saved-for-backward bytes come from ``torch.autograd.graph.saved_tensors_hooks``: storages de-duplicated
 by data pointer, parameter storages excluded (buffers and per-channel statistics included);
 ``saved_activations`` = bytes / (numel * element_size) of the input. ``gbps_8pass`` (full rows only) is
-the 8-pass minimum traffic of a fused training step (8 * numel * element_size, math.md) divided by the
+the 8-pass minimum traffic of a fused training step (8 * numel * element_size, docs/math.md) divided by the
 median full-step time.
 
 Run (from the repository root)::

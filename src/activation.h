@@ -9,7 +9,7 @@
 // and is handled outside the fused kernels (the Python layer keeps z itself for such layers).
 //
 // Notation (per channel): gamma = |weight| + eps (1 without affine), beta = bias (0 without affine),
-// z = gamma * x_hat + beta, y = act(z). See shared spec math.md / Rota Bulo et al., CVPR 2018, Sec. 3.
+// z = gamma * x_hat + beta, y = act(z). See docs/math.md / Rota Bulo et al., CVPR 2018, Sec. 3.
 #pragma once
 
 #include <c10/macros/Macros.h>
@@ -130,7 +130,7 @@ C10_HOST_DEVICE inline T forward_element(T x, T scale, T shift, ActivationParams
   return ActivationOp<A>::forward(x * scale + shift, p);
 }
 
-// Backward accumulation of one element: adds dz to s_dz and dz * x_hat to s_dz_xhat (math.md step 3).
+// Backward accumulation of one element: adds dz to s_dz and dz * x_hat to s_dz_xhat (docs/math.md step 3).
 template <Activation A, typename T>
 C10_HOST_DEVICE inline void backward_reduce_element(
     T y, T dy, AffineParams<T> a, ActivationParams<T> p, T& s_dz, T& s_dz_xhat) {
@@ -140,7 +140,7 @@ C10_HOST_DEVICE inline void backward_reduce_element(
   s_dz_xhat += dz * affine_invert(z, a);
 }
 
-// dx of one element: gamma * rstd * (dz - mean(dz) - x_hat * mean(dz * x_hat)) in training (math.md
+// dx of one element: gamma * rstd * (dz - mean(dz) - x_hat * mean(dz * x_hat)) in training (docs/math.md
 // step 4); the caller passes mean_dz = mean_dz_xhat = 0 in eval mode, where the statistics are constants.
 template <Activation A, typename T>
 C10_HOST_DEVICE inline T backward_element(

@@ -4,9 +4,9 @@
 // Op set (C = channels; "opmath" = float64 for float64 inputs, float32 otherwise):
 //   statistics(x)                  -> per-channel mean and biased variance, opmath dtype.
 //   forward_(x, mean, var, ...)    -> writes y = act(gamma * (x - mean) * rstd + beta) over x.
-//   backward_reduce(y, dy, ...)    -> per-channel sums of dz and dz * x_hat (math.md steps 1-3),
+//   backward_reduce(y, dy, ...)    -> per-channel sums of dz and dz * x_hat (docs/math.md steps 1-3),
 //                                     recovered from the OUTPUT y, opmath dtype.
-//   backward(y, dy, var, ...)      -> dx (math.md step 4); mean_dz/mean_dz_xhat absent = eval mode.
+//   backward(y, dy, var, ...)      -> dx (docs/math.md step 4); mean_dz/mean_dz_xhat absent = eval mode.
 //   invert(y, ...)                 -> x_hat recovered from y (diagnostics: inversion accuracy).
 //   forward_train_(x, ..., running_mean, running_var, momentum, ...)
 //                                  -> statistics + forward_ in one call (local statistics), and the

@@ -2,8 +2,7 @@
 
 ``BAD_INPUTS`` is a table of rows ``(id, make_call, exception type, message fragments)``: ``make_call()``
 builds fresh tensors / modules and performs the bad call; each fragment (a string or a tuple of strings)
-must appear in the message. The fragments were checked against the real messages; rows marked
-"EXPECTED TO FAIL" assert what a clear message / check should be where the package falls short.
+must appear in the message. The fragments were checked against the real messages.
 """
 
 from __future__ import annotations
@@ -177,8 +176,8 @@ OP_BAD_INPUTS = [
      RuntimeError, ("activation_param (negative slope) must be > 0", "got 0")),
     ("op-forward_-elu-alpha-0", lambda: _op("forward_")(_X(), *_MV(), _v(), _v(), EPS, "elu", 0.0),
      RuntimeError, ("activation_param (ELU alpha) must be > 0",)),
-    # EXPECTED TO FAIL: the op accepts eps = 0 ("eps must be >= 0"), but gamma = |w| + eps is then 0 for
-    # w = 0 and the backward / invert of that output divide by 0. The Python layer requires eps > 0.
+    # eps = 0 is rejected by the op itself (check_eps in src/inplace_abn.h): gamma = |w| + eps would be 0
+    # for w = 0 and the backward / invert of that output would divide by 0.
     ("op-forward_-eps-zero", lambda: _op("forward_")(_X(), *_MV(), _v(), _v(), 0.0, "leaky_relu", 0.01),
      RuntimeError, ("eps must be > 0",)),
     ("op-statistics-x-1d", lambda: _op("statistics")(torch.randn(5)), RuntimeError,
@@ -204,8 +203,8 @@ OP_BAD_INPUTS = [
                                                                           torch.zeros(C), None, EPS, "leaky_relu",
                                                                           0.01),
      RuntimeError, ("mean_dz and mean_dz_xhat must be given together",)),
-    # EXPECTED TO FAIL: backward / backward_reduce / invert do not validate eps at all; eps = -1 with
-    # var = 1 gives rstd = 1 / sqrt(0) = inf and a non-finite dx without any error.
+    # backward / backward_reduce / invert validate eps like forward_ (check_eps): eps = -1 with var = 1
+    # would give rstd = 1 / sqrt(0) = inf and a non-finite dx.
     ("op-backward-eps-negative", lambda: _op("backward")(_X(), _X(), torch.ones(C), _v(), _v(), None, None, -1.0,
                                                           "leaky_relu", 0.01),
      RuntimeError, ("eps must be > 0",)),

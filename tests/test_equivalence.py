@@ -39,12 +39,12 @@ TOL = {
 }
 
 # float64 with a zero weight: x_hat is recovered by dividing by g = eps = 1e-5, which amplifies the
-# rounding of y (~1e-16 relative to the bias) by 1e5 (math.md, "Accuracy").
+# rounding of y (~1e-16 relative to the bias) by 1e5 (docs/math.md, "Accuracy").
 ZERO_WEIGHT_F64_TOL = (1e-9, 1e-9)
 
 # ELU in half precision: the backward recovers z = log1p(y / alpha) from the rounded y; near saturation
 # (z ~ -5, y ~ -0.996 alpha) 1 + y / alpha keeps only a few significant bits, so the rounding of y is
-# amplified by ~e^-z (~150) in x_hat (an inherent limit of inverting ELU, math.md "Accuracy").
+# amplified by ~e^-z (~150) in x_hat (an inherent limit of inverting ELU, docs/math.md "Accuracy").
 ELU_HALF_TOL = (1.5e-1, 1e-1)
 
 EPS = 1e-5

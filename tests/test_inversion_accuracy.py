@@ -1,4 +1,4 @@
-"""Accuracy of the inversion that In-Place ABN's backward relies on (shared spec math.md, "Accuracy").
+"""Accuracy of the inversion that In-Place ABN's backward relies on (docs/math.md, "Accuracy").
 
 The layer keeps only its output y; backward recovers z = act^-1(y) and x_hat = (z - b) / g with
 g = |w| + eps. Every rounding error of y is therefore amplified by 1/g in x_hat. This file measures,
@@ -59,7 +59,7 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 #   z ~ 4500 make dx and db of float64 a few times worse than the g ~ 1 rows).
 # - "zero", "tiny" (g = eps = 1e-5 / 1.1e-5): z = b + g * x_hat ~ b, so y carries only ~u * |b| absolute
 #   information on g * x_hat; dividing by g gives an x_hat error of ~u * |b| / g = 3e4 u absolute, i.e.
-#   ~1e-3 relative to max|x_hat| ~ 3 in float32 (~5e-12 float64): the ~1e5 growth predicted by math.md,
+#   ~1e-3 relative to max|x_hat| ~ 3 in float32 (~5e-12 float64): the ~1e5 growth predicted by docs/math.md,
 #   inherent in recovering the input from a rounded output, not a bug. It reaches dw (= sum dz * x_hat,
 #   which cancels within a channel and so shows the largest relative error, up to 1.1e-2) and, damped
 #   by the small mean(dz * x_hat), dx. db = sum(dz) never touches x_hat: it stays at the ~u level.
