@@ -1,0 +1,85 @@
+"""Loading checkpoints written by the original inplace-abn (1.1.0 or earlier) into this package's models.
+
+The tensors load unchanged; :func:`load_inplace_abn_v1_state_dict` handles the containers, the
+``"module."`` prefix of ``nn.DataParallel`` / DDP checkpoints and the ``_metadata`` versions. Re-exported
+by :mod:`inplace_abn.convert`, where 1.1.0-era and user code imports it from.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Mapping, Union
+
+import torch
+from torch import nn
+
+__all__ = ["load_inplace_abn_v1_state_dict"]
+
+#: Keys under which training scripts commonly wrap the weights, in the order they are looked up.
+_CONTAINER_KEYS = ("state_dict", "model_state_dict", "model")
+
+
+def _rename(state: Mapping[str, Any], old: str, new: str) -> Dict[str, Any]:
+    """A copy of ``state`` with the key prefix ``old`` replaced by ``new``, ``_metadata`` versions included."""
+    out = type(state)() if isinstance(state, dict) else {}
+    for k, v in state.items():
+        out[new + k[len(old):] if k.startswith(old) else k] = v
+    metadata = getattr(state, "_metadata", None)
+    if metadata is not None:
+        renamed = type(metadata)()
+        for k, v in metadata.items():
+            if k == old.rstrip("."):
+                renamed[new.rstrip(".")] = v
+            elif k.startswith(old):
+                renamed[new + k[len(old):]] = v
+            else:
+                renamed[k] = v
+        out._metadata = renamed  # type: ignore[attr-defined]
+    return out
+
+
+def load_inplace_abn_v1_state_dict(
+    model: nn.Module,
+    state_dict_or_path: Union[Mapping[str, Any], str, os.PathLike, Any],
+    strict: bool = True,
+    *,
+    weights_only: bool = True,
+) -> Any:
+    """Loads a checkpoint written with the original inplace-abn (1.1.0 or earlier) into ``model``.
+
+    The layers of 1.1.0 have the parameters / buffers of ``nn.BatchNorm2d`` (weight, bias, running_mean,
+    running_var, num_batches_tracked) with the same meaning (``|w| + eps`` for the in-place layers, raw
+    weight for ``ABN``), so the tensors load unchanged. This helper handles what differs in practice:
+
+    * a path or file object (read with ``torch.load(map_location="cpu", weights_only=weights_only)``; pass
+      ``weights_only=False`` only for trusted files that pickle other objects, e.g. an argparse Namespace);
+    * a dict wrapping the weights under ``"state_dict"``, ``"model_state_dict"`` or ``"model"`` (the first
+      one present that is a mapping);
+    * the ``"module."`` prefix of checkpoints saved from ``nn.DataParallel`` / DDP (stripped, repeatedly, when
+      every key has it and the model's keys do not; added when the model is the wrapped one);
+    * checkpoints without ``num_batches_tracked`` (pre-1.0 layers, or metadata lost in renaming): our
+      layers and ``nn.BatchNorm`` start the count at 0 (version-based backfill); the prefix renaming keeps
+      the ``_metadata`` versions consistent.
+
+    Returns:
+        What ``model.load_state_dict`` returns (missing and unexpected keys, with ``strict=False``).
+    """
+    obj = state_dict_or_path
+    if isinstance(obj, (str, os.PathLike)) or hasattr(obj, "read"):
+        obj = torch.load(obj, map_location="cpu", weights_only=weights_only)
+    for key in _CONTAINER_KEYS:
+        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+            break
+    if not isinstance(obj, Mapping):
+        raise TypeError(f"expected a state dict (or a checkpoint holding one), got {type(obj).__name__}")
+    state = obj
+    model_keys = list(model.state_dict().keys())
+    prefix = "module."
+    while state and all(k.startswith(prefix) for k in state) and not all(k.startswith(prefix) for k in model_keys):
+        state = _rename(state, prefix, "")
+    if state and model_keys and all(k.startswith(prefix) for k in model_keys) and not any(k.startswith(prefix) for k in state):
+        state = _rename(state, "", prefix)
+    if not isinstance(state, dict) or state is obj:
+        state = _rename(state, "", "")  # a copy: loading backfills num_batches_tracked into it
+    return model.load_state_dict(state, strict=strict)

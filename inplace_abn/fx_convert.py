@@ -1,0 +1,551 @@
+"""``convert_model``: the BatchNorm (-> activation) pairs of an existing network become In-Place ABN layers.
+
+The model is traced with ``torch.fx`` and the real dataflow is analysed, not the module tree: shared
+activation modules, residual adds, aliasing views and in-place ops on the layer's input or output. Holds
+the tracer, the graph rewrite and the per-layer :class:`ConversionReport`. Re-exported by
+:mod:`inplace_abn.convert`, where 1.1.0-era and user code imports it from.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import operator
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from .abn import ABN, InPlaceABN, InPlaceABNSync
+from .activations import ACTIVATIONS, resolve
+from .convert import _copy_state
+
+__all__ = ["convert_model", "ConversionReport", "LayerConversion"]
+
+
+@dataclass
+class LayerConversion:
+    """What :func:`convert_model` did with one BatchNorm module.
+
+    Attributes:
+        name: Qualified module name.
+        converted: True when it became an In-Place ABN layer.
+        activation, activation_param: Activation of the new layer (None when kept).
+        source: The fused activation as found in the model (e.g. ``"ReLU"``), or None (identity layer).
+        reason: Why the BatchNorm was kept (empty when converted).
+        folded: Channels whose negative weight was folded into the producing conv/linear (exact).
+        clamped: Channels whose BatchNorm weight was below ``eps`` and was represented by ``|0| + eps``
+            (negative ones only with ``negative_weights="clamp"``).
+        max_scale_change: Largest ``|(|w| + eps) - w_bn|`` over the channels (0 when exact).
+    """
+
+    name: str
+    converted: bool = False
+    activation: Optional[str] = None
+    activation_param: Optional[float] = None
+    source: Optional[str] = None
+    reason: str = ""
+    folded: int = 0
+    clamped: int = 0
+    max_scale_change: float = 0.0
+
+
+@dataclass
+class ConversionReport:
+    """The per-layer result of :func:`convert_model` (``return_report=True``)."""
+
+    layers: List[LayerConversion] = field(default_factory=list)
+    untraced: List[str] = field(default_factory=list)
+
+    @property
+    def converted(self) -> List[LayerConversion]:
+        """The layers that became In-Place ABN layers."""
+        return [layer for layer in self.layers if layer.converted]
+
+    @property
+    def kept(self) -> List[LayerConversion]:
+        """The layers kept as BatchNorm (each with its ``reason``)."""
+        return [layer for layer in self.layers if not layer.converted]
+
+    def counts(self) -> Dict[str, int]:
+        """Converted layers per activation (e.g. ``{"leaky_relu": 33, "identity": 20}``)."""
+        return dict(Counter(layer.activation for layer in self.converted))
+
+    def kept_reasons(self) -> Dict[str, int]:
+        """Kept layers per reason."""
+        return dict(Counter(layer.reason for layer in self.kept))
+
+    def summary(self) -> str:
+        """A few human-readable lines: counts, reasons for keeping, weight changes, untraced modules."""
+        lines = [f"{len(self.layers)} BatchNorm layers: {len(self.converted)} converted {self.counts()}, "
+                 f"{len(self.kept)} kept"]
+        lines += [f"  kept x{n}: {reason}" for reason, n in self.kept_reasons().items()]
+        folded, clamped = sum(x.folded for x in self.layers), sum(x.clamped for x in self.layers)
+        if folded or clamped:
+            lines.append(f"  weights: {folded} negative channels folded into the previous layer, {clamped} "
+                         f"channels below eps clamped (max scale change "
+                         f"{max(x.max_scale_change for x in self.layers):.3g})")
+        if self.untraced:
+            lines.append(f"  not traceable (only their traceable submodules were converted): {self.untraced}")
+        return "\n".join(lines)
+
+
+_BN_TYPES = {nn.BatchNorm1d: InPlaceABN, nn.BatchNorm2d: InPlaceABN, nn.BatchNorm3d: InPlaceABN,
+             nn.SyncBatchNorm: InPlaceABNSync}
+# Producers whose output is a fresh tensor that autograd does not keep: safe for an in-place layer to overwrite.
+_FRESH_MODULES = (
+    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear,
+    nn.Upsample, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
+)
+_FRESH_FUNCTIONS = {
+    operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul, torch.div,
+    torch.cat, torch.concat, torch.matmul, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d,
+    F.conv_transpose3d, F.linear, F.interpolate, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+}
+_FRESH_METHODS = {"add", "sub", "mul", "div", "matmul"}
+_FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)  # weight (out, ...), bias (out,)
+# Ops whose result may share memory with their first argument (an in-place op on it reaches the layer's output).
+_VIEW_METHODS = {
+    "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "squeeze", "unsqueeze", "transpose", "t",
+    "permute", "narrow", "select", "expand", "expand_as", "chunk", "split", "unbind", "contiguous", "detach",
+    "movedim", "swapaxes", "as_strided", "unfold", "to", "type_as", "float", "type", "__getitem__",
+}
+_VIEW_FUNCTIONS = {
+    operator.getitem, torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.transpose, torch.permute,
+    torch.narrow, torch.select, torch.chunk, torch.split, torch.unbind, torch.movedim, torch.swapaxes, torch.t,
+    torch.detach, torch.as_strided,
+}
+_VIEW_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+_INPLACE_OPERATORS = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+                      operator.itruediv: operator.truediv}
+
+
+#: The functional activations ``convert_model`` fuses, by their table name (their parameter argument is
+#: named like the module attribute, ``ACTIVATIONS[name].param_attr``).
+_FUNCTIONAL_ACTIVATIONS = {F.leaky_relu: "leaky_relu", F.elu: "elu"}
+
+
+def _fusable(name: str, value: Any) -> Optional[Tuple[str, Optional[float]]]:
+    """``(name, param)`` of an activation found in the model, ``("relu", None)`` for slope 0, None if invalid."""
+    try:
+        name, param = resolve(name, value)
+    except ValueError:  # a negative slope or alpha <= 0: not invertible, not fused
+        return None
+    return ("relu", None) if name == "leaky_relu" and param == 0.0 else (name, param)
+
+
+def _relu_like(node: fx.Node, modules: Dict[str, nn.Module]) -> Optional[Tuple[str, Optional[float]]]:
+    """(name, param) of ``node`` if it is a ReLU / LeakyReLU / ELU applied to its first argument, else None.
+
+    ``("relu", None)`` means the activation to substitute is the caller's choice."""
+    if node.op == "call_module":
+        m = modules[node.target]
+        if type(m) is nn.ReLU:
+            return "relu", None
+        for act in ACTIVATIONS.values():
+            if act.param_attr is not None and type(m) is act.module_type:
+                return _fusable(act.name, getattr(m, act.param_attr))
+        return None
+    if len(node.args) < 1:
+        return None
+    if node.op == "call_method" and node.target in ("relu", "relu_") and len(node.args) == 1 and not node.kwargs:
+        return "relu", None
+    if node.op != "call_function":
+        return None
+    if node.target in (F.relu, torch.relu, torch.relu_, F.relu_):
+        return "relu", None
+    name = _FUNCTIONAL_ACTIVATIONS.get(node.target)
+    if name is not None:
+        try:
+            bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
+        except (TypeError, ValueError):
+            return None
+        bound.apply_defaults()
+        value = bound.arguments[ACTIVATIONS[name].param_attr]
+        if not isinstance(value, (int, float)):
+            return None
+        return _fusable(name, value)
+    return None
+
+
+def _inplace_kwarg(node: fx.Node) -> Optional[inspect.BoundArguments]:
+    """The bound arguments of a call_function with ``inplace=True``, else None."""
+    try:
+        sig = inspect.signature(node.target)
+    except (TypeError, ValueError):
+        return None
+    if "inplace" not in sig.parameters:
+        return None
+    try:
+        bound = sig.bind(*node.args, **node.kwargs)
+    except TypeError:
+        return None
+    return bound if bound.arguments.get("inplace", False) is True else None
+
+
+def _mutation(user: fx.Node, value: fx.Node, modules: Dict[str, nn.Module]) -> Optional[str]:
+    """Whether ``user`` writes into ``value``: None (no), "rewritable" (has an out-of-place twin) or "yes"."""
+    first = user.args[0] if user.args else None
+    if user.op == "call_function":
+        if user.target in _INPLACE_OPERATORS:
+            return "rewritable" if first is value else None
+        if user.target is operator.setitem:
+            return "yes" if first is value else None
+        if user.kwargs.get("out") is value:
+            return "yes"
+        if first is value and _inplace_kwarg(user) is not None:
+            return "rewritable"
+        name = getattr(user.target, "__name__", "")
+        if first is value and name.endswith("_") and not name.endswith("__"):
+            mod = getattr(user.target, "__module__", "") or ""
+            home = F if "functional" in mod else torch
+            return "rewritable" if callable(getattr(home, name[:-1], None)) else "yes"
+        return None
+    if user.op == "call_method":
+        name = str(user.target)
+        if first is value and name.endswith("_") and not name.endswith("__"):
+            return "rewritable" if hasattr(torch.Tensor, name[:-1]) else "yes"
+        return None
+    if user.op == "call_module":
+        if first is value and getattr(modules[user.target], "inplace", False) is True:
+            return "rewritable"
+    return None
+
+
+def _is_view(user: fx.Node, value: fx.Node, modules: Dict[str, nn.Module]) -> bool:
+    """Whether ``user`` may return a tensor sharing memory with ``value`` (its first argument)."""
+    if not user.args or user.args[0] is not value:
+        return False
+    if user.op == "call_method":
+        return user.target in _VIEW_METHODS
+    if user.op == "call_function":
+        return user.target in _VIEW_FUNCTIONS
+    if user.op == "call_module":
+        return isinstance(modules[user.target], _VIEW_MODULES)
+    return False
+
+
+def _describe(node: fx.Node) -> str:
+    """``"<op> <target>"``, for the report's reasons."""
+    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    return f"{node.op} {target}"
+
+
+def _rewrite_out_of_place(gm: fx.GraphModule, node: fx.Node, modules: Dict[str, nn.Module]) -> None:
+    """Turns an in-place op that :func:`_mutation` found ``"rewritable"`` into its out-of-place twin."""
+    if node.op == "call_function" and node.target in _INPLACE_OPERATORS:
+        node.target = _INPLACE_OPERATORS[node.target]
+    elif node.op == "call_function" and _inplace_kwarg(node) is not None:
+        bound = _inplace_kwarg(node)
+        bound.arguments["inplace"] = False
+        node.args, node.kwargs = tuple(bound.args), dict(bound.kwargs)
+    elif node.op == "call_function":
+        name = node.target.__name__
+        home = F if "functional" in (getattr(node.target, "__module__", "") or "") else torch
+        node.target = getattr(home, name[:-1])
+    elif node.op == "call_method":
+        node.target = node.target[:-1]
+    elif node.op == "call_module":
+        new_target = f"{node.target}_out_of_place"
+        if new_target not in modules:
+            twin = copy.deepcopy(modules[node.target])
+            twin.inplace = False
+            gm.add_submodule(new_target, twin)
+            modules[new_target] = twin
+        node.target = new_target
+
+
+class _Tracer(fx.Tracer):
+    """Keeps ABN-family layers (already in-place) as leaves."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, ABN) or super().is_leaf_module(m, module_qualified_name)
+
+
+def _trace(module: nn.Module, concrete_args: Optional[Dict[str, Any]]) -> fx.GraphModule:
+    """``module`` as an ``fx.GraphModule`` (ABN-family layers stay leaves); raises when untraceable."""
+    tracer = _Tracer()
+    graph = tracer.trace(module, concrete_args=concrete_args)
+    name = module.__class__.__name__ if isinstance(module, nn.Module) else module.__name__
+    return fx.GraphModule(tracer.root, graph, name)
+
+
+def _input_problem(inp: Any, modules: Dict[str, nn.Module]) -> Tuple[Optional[str], Optional[fx.Node]]:
+    """(reason the BN input must not be overwritten or None, the producing node through nn.Identity)."""
+    cur = inp
+    while True:
+        if not isinstance(cur, fx.Node):
+            return "its input is not a traced tensor", None
+        if len(cur.users) != 1:
+            return "its input is also used elsewhere (it would be overwritten)", None
+        if cur.op == "placeholder":
+            return "its input is an input of the traced module (it would be overwritten)", None
+        if cur.op == "call_module" and type(modules[cur.target]) is nn.Identity:
+            cur = cur.args[0]
+            continue
+        fresh = (
+            (cur.op == "call_module" and isinstance(modules[cur.target], _FRESH_MODULES))
+            or (cur.op == "call_function" and cur.target in _FRESH_FUNCTIONS and not cur.kwargs.get("out"))
+            or (cur.op == "call_method" and cur.target in _FRESH_METHODS)
+        )
+        if not fresh:
+            return f"its input comes from {_describe(cur)}, which may alias it or keep it for backward", None
+        return None, cur
+
+
+def _output_problem(final: fx.Node, modules: Dict[str, nn.Module]) -> Tuple[Optional[str], List[fx.Node]]:
+    """(reason the layer's output would be modified in place or None, the in-place users to rewrite)."""
+    rewrites: List[fx.Node] = []
+    stack, seen = [final], set()
+    while stack:
+        value = stack.pop()
+        if value in seen:
+            continue
+        seen.add(value)
+        for user in value.users:
+            kind = _mutation(user, value, modules)
+            if kind == "rewritable" and value is final and len(final.users) == 1:
+                rewrites.append(user)
+            elif kind is not None:
+                return f"its output is modified in place by {_describe(user)}", []
+            elif _is_view(user, value, modules):
+                stack.append(user)
+    return None, rewrites
+
+
+def _set_module(root: nn.Module, target: str, new: nn.Module) -> None:
+    """Sets the submodule of qualified name ``target`` (e.g. ``"layer1.0.bn1"``) of ``root`` to ``new``."""
+    parent, _, name = target.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, new)
+
+
+def _convert_graph(gm: fx.GraphModule, prefix: str, activation: str, activation_param: float,
+                   negative_weights: str, convert_identity: bool, report: ConversionReport) -> None:
+    """Converts the BatchNorm modules of one traced graph in place, one :class:`LayerConversion` each."""
+    modules = dict(gm.named_modules())
+    graph = gm.graph
+    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+    param_uses = Counter(id(p) for _, p in gm.named_parameters(remove_duplicate=False))
+    for node in list(graph.nodes):
+        if node.op != "call_module" or type(modules.get(node.target)) not in _BN_TYPES:
+            continue
+        bn = modules[node.target]
+        entry = LayerConversion(name=prefix + node.target)
+        report.layers.append(entry)
+        if calls[node.target] > 1:
+            entry.reason = f"the module is called {calls[node.target]} times"
+            continue
+        if len(node.args) != 1 or node.kwargs:
+            entry.reason = "unexpected call signature"
+            continue
+        entry.reason, producer = _input_problem(node.args[0], modules)
+        if entry.reason:
+            continue
+        # Follow pass-through nn.Identity modules (e.g. timm's drop_block / aa) to the activation, if any.
+        chain, out = [], node
+        while len(out.users) == 1:
+            user = next(iter(out.users))
+            if user.op == "call_module" and type(modules[user.target]) is nn.Identity and user.args[0] is out:
+                chain.append(user)
+                out = user
+            else:
+                break
+        act_node, act = None, None
+        if len(out.users) == 1:
+            user = next(iter(out.users))
+            found = _relu_like(user, modules)
+            if found is not None and user.args[0] is out and all(a is not out for a in user.args[1:]):
+                act_node = user
+                act = (activation, activation_param) if found[1] is None else found
+                entry.source = (type(modules[user.target]).__name__ if user.op == "call_module"
+                                else _describe(user))
+        if act is None:
+            if not convert_identity:
+                entry.reason = "no activation follows (convert_identity=False)"
+                continue
+            act = ("identity", 0.0)
+        entry.reason, rewrites = _output_problem(act_node if act_node is not None else out, modules)
+        if entry.reason:
+            continue
+        # Weights: the layer scales by |w| + eps, so w_bn must be >= eps (a negative one is folded or kept).
+        eps = float(bn.eps)
+        fold_mask = None
+        if bn.affine:
+            w_bn = bn.weight.detach()
+            negative = w_bn < 0
+            n_neg = int(negative.sum())
+            if n_neg:
+                foldable = (
+                    producer is not None and producer.op == "call_module"
+                    and type(modules[producer.target]) in _FOLDABLE and calls[producer.target] == 1
+                    and all(param_uses[id(p)] == 1 for p in modules[producer.target].parameters())
+                )
+                if negative_weights == "keep" or (negative_weights == "fold" and not foldable):
+                    entry.reason = (f"{n_neg} negative weights" + ("" if negative_weights == "keep" else
+                                    f" and its producer ({_describe(producer)}) cannot absorb the sign"))
+                    continue
+                if foldable:
+                    fold_mask = negative
+        # --- apply -----------------------------------------------------------------------------------------
+        state = bn.state_dict()
+        if fold_mask is not None:
+            conv = modules[producer.target]
+            sign = torch.where(fold_mask, -1.0, 1.0).to(conv.weight.dtype)
+            with torch.no_grad():
+                conv.weight.mul_(sign.view(-1, *([1] * (conv.weight.dim() - 1))))
+                if conv.bias is not None:
+                    conv.bias.mul_(sign)
+            if state.get("running_mean") is not None:
+                state["running_mean"] = torch.where(fold_mask, -state["running_mean"], state["running_mean"])
+            state["weight"] = torch.where(fold_mask, -state["weight"], state["weight"])
+            entry.folded = int(fold_mask.sum())
+        if bn.affine:
+            w_bn = state["weight"]
+            new_w = (w_bn - eps).clamp_min(0)
+            below = w_bn < eps
+            entry.clamped = int(below.sum())
+            if entry.clamped:
+                entry.max_scale_change = float(((new_w.abs() + eps) - w_bn).abs().max())
+                if bool((w_bn < 0).any()):
+                    warnings.warn(f"convert_model: {entry.name}: {int((w_bn < 0).sum())} negative BatchNorm weights "
+                                  f"clamped to |0| + eps (negative_weights='clamp'); the layer's output changes",
+                                  RuntimeWarning, stacklevel=3)
+            state["weight"] = new_w
+        cls = _BN_TYPES[type(bn)]
+        extra = {"group": bn.process_group} if cls is InPlaceABNSync else {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # the relu (non-invertible) notice, documented here
+            layer = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, *act, **extra)
+        _copy_state(bn, layer, state)
+        _set_module(gm, node.target, layer)
+        modules[node.target] = layer
+        if act_node is not None:
+            act_node.replace_all_uses_with(act_node.args[0])
+            graph.erase_node(act_node)
+        for ident in reversed(chain):
+            ident.replace_all_uses_with(ident.args[0])
+            graph.erase_node(ident)
+        for user in rewrites:
+            _rewrite_out_of_place(gm, user, modules)
+        entry.converted, entry.reason = True, ""
+        entry.activation, entry.activation_param = resolve(*act) if act[0] != "relu" else ("relu", 0.0)
+    graph.lint()
+    gm.recompile()
+    gm.delete_all_unused_submodules()
+
+
+def _convert_tree(module: nn.Module, prefix: str, concrete_args: Optional[Dict[str, Any]],
+                  options: Tuple[str, float, str, bool], report: ConversionReport) -> nn.Module:
+    """Converts ``module`` as a whole if it traces, else each of its children (recursively)."""
+    try:
+        gm = _trace(module, concrete_args)
+    except Exception as exc:  # untraceable control flow, data-dependent shapes, ...: convert the children
+        report.untraced.append(f"{prefix.rstrip('.') or module.__class__.__name__} ({type(exc).__name__})")
+        for name, child in module.named_children():
+            new = _convert_tree(child, prefix + name + ".", None, options, report)
+            if new is not child:
+                setattr(module, name, new)
+        return module
+    if not any(type(m) in _BN_TYPES for m in gm.modules()):
+        return module  # nothing to do here: keep the original class (and any attribute fx dropped)
+    _convert_graph(gm, prefix, *options, report)
+    return gm.train(module.training)
+
+
+def convert_model(
+    model: nn.Module,
+    activation: str = "leaky_relu",
+    activation_param: float = 0.01,
+    *,
+    negative_weights: str = "fold",
+    convert_identity: bool = True,
+    concrete_args: Optional[Dict[str, Any]] = None,
+    return_report: bool = False,
+) -> Union[nn.Module, Tuple[nn.Module, ConversionReport]]:
+    """Turns the BatchNorm (-> activation) pairs of an existing network into In-Place ABN layers.
+
+    The model is traced with ``torch.fx`` so the real dataflow is analysed, not the module tree. A copy is
+    converted (``model`` is untouched); the result is an ``fx.GraphModule`` (an ordinary ``nn.Module`` that
+    trains, saves and loads; parameter / buffer names are unchanged, so its state dict has the original
+    keys) in the mode of ``model``. Convert after loading pretrained weights. Untraceable models: every
+    traceable submodule is converted instead and the rest is listed in the report (``untraced``); a module
+    whose forward needs constant arguments can be traced with ``concrete_args``.
+
+    What is converted. An ``nn.BatchNorm1d/2d/3d`` module (exact type; ``nn.SyncBatchNorm`` ->
+    ``InPlaceABNSync``) called once in the graph becomes ``InPlaceABN``:
+
+    * followed (through ``nn.Identity`` pass-throughs) by an activation that is its only user --
+      ``nn.ReLU``, ``F.relu``, ``torch.relu``, ``.relu()`` (inplace or not), ``nn.LeakyReLU`` / ``F.leaky_relu``
+      (slope >= 0), ``nn.ELU`` / ``F.elu`` -- that call is removed *at that place only*; an activation module
+      reused elsewhere (torchvision's ``Bottleneck.relu``, used 3 times) keeps working elsewhere, e.g. after
+      the residual add. ReLU becomes ``(activation, activation_param)``; LeakyReLU and ELU keep their own
+      parameter (exact).
+    * otherwise (e.g. ``bn3`` / ``downsample`` before a residual add): ``activation="identity"`` (disable
+      with ``convert_identity=False``). Such a layer saves memory only where its consumer keeps its input
+      for backward (e.g. SiLU, a conv); before an add it is neutral.
+
+    What is kept as BatchNorm (each with its reason in the report), because the in-place layer overwrites
+    its input and keeps its output for backward:
+
+    * its input is used by anything else, is a model input, or comes from an op that may alias it or keep
+      it for backward (only outputs of conv / linear / pooling / interpolate / add / sub / mul / div / cat
+      are overwritten);
+    * its output (or a view of it) is modified in place and that cannot be made out of place. An in-place
+      op that is the only user of the output (``out += identity``, ``add_``, ``ReLU(inplace=True)`` after an
+      identity layer, ``F.silu(x, inplace=True)``) is rewritten to its out-of-place twin in the graph
+      (``fx`` tracing already turns ``out += x`` into ``out + x``), which costs one extra allocation but no
+      saved memory; otherwise the BN is kept;
+    * the module is called more than once (shared BN), or has negative weights that cannot be folded.
+
+    Weights. The layer scales by ``|w| + eps``, so ``w = w_bn - eps`` is exact for ``w_bn >= eps``. Channels
+    with ``0 <= w_bn < eps`` get ``w = 0`` (scale ``eps`` instead of ``w_bn``: a change below ``eps * |x_hat|``).
+    A negative ``w_bn`` cannot be represented; ``negative_weights`` says what to do:
+
+    * ``"fold"`` (default): negate those output channels of the producing ``nn.Conv1d/2d/3d`` / ``nn.Linear``
+      (weight and bias) and of the BN's running mean and weight -- exact in eval and in training (batch
+      statistics flip sign with the input); if the producer is not such a module (or is shared), keep the BN.
+    * ``"keep"``: keep any BN with a negative weight.
+    * ``"clamp"``: fold where possible, else clamp to ``w = 0`` with a ``RuntimeWarning`` (output changes).
+
+    The report gives per layer the folded / clamped channel counts and the largest scale change.
+
+    What changes in the function. ``activation="leaky_relu"`` (default, slope 0.01) replaces ``max(x, 0)`` by
+    ``leaky_relu(x, 0.01)``: negative pre-activations now pass with slope 0.01, so a pretrained ReLU network
+    gives (slightly) different outputs and should be fine-tuned; this invertible activation is what lets the
+    layer keep only its output. ``activation="relu"`` keeps exact ReLU semantics (outputs equal to the
+    original up to rounding and clamped weights), but a ReLU layer keeps its pre-activation for backward
+    and saves no memory (the layer's one-time RuntimeWarning about this is silenced here). Training-mode
+    behaviour (batch statistics, running-stat updates, momentum, eps) is that of the BatchNorm.
+
+    Args:
+        model: The network (any ``nn.Module``).
+        activation: ``"leaky_relu"``, ``"elu"`` or ``"relu"``: what a ReLU becomes.
+        activation_param: Its slope / alpha.
+        negative_weights: ``"fold"``, ``"keep"`` or ``"clamp"`` (above).
+        convert_identity: Also convert BNs not followed by an activation (identity layers).
+        concrete_args: Passed to ``torch.fx`` tracing of the top-level module.
+        return_report: Also return a :class:`ConversionReport`.
+
+    Returns:
+        The converted module, or ``(module, report)``.
+    """
+    name, _ = resolve(activation, activation_param)
+    if name == "identity":
+        raise ValueError("activation must be 'leaky_relu', 'elu' or 'relu' (what a ReLU becomes), not identity")
+    if negative_weights not in ("fold", "keep", "clamp"):
+        raise ValueError(f"negative_weights must be 'fold', 'keep' or 'clamp', got {negative_weights!r}")
+    report = ConversionReport()
+    options = (activation, activation_param, negative_weights, convert_identity)
+    result = _convert_tree(copy.deepcopy(model), "", concrete_args, options, report)
+    if report.untraced:
+        warnings.warn(f"convert_model: could not trace {report.untraced}; converted their traceable submodules "
+                      "only (see ConversionReport.untraced)", RuntimeWarning, stacklevel=2)
+    return (result, report) if return_report else result
+
