@@ -1,4 +1,4 @@
-"""Datasets for ``python -m densenet.train``, returned as in-memory tensors (no download, ever).
+"""Datasets for ``python -m densenet.train``: in-memory tensors (no download, ever) and their Dataset.
 
 * ``load_digits_tensors``: scikit-learn's bundled digits (1797 grey 8x8 images, 10 classes), split
   deterministically (seeded, stratified) into train/test, standardised with the train statistics,
@@ -7,20 +7,38 @@
   (``cifar-10-batches-py/data_batch_1..5`` and ``test_batch``), normalised per channel.
 
 Both return ``(x_train, y_train, x_test, y_test)``: float32 (N, 3, H, W) images and int64 (N,) labels.
+
+* :class:`ImageTensorDataset`: such tensors as a ``torch.utils.data.Dataset`` with an optional per-image
+  transform, e.g. :class:`RandomCropFlip` (the CIFAR augmentation); :func:`load_datasets` builds the
+  train/test pair the trainer feeds to its DataLoaders.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
-from typing import List, Tuple
+from typing import Callable, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.data import Dataset
 
-__all__ = ["DataError", "load_digits_tensors", "load_cifar10_tensors", "CIFAR10_MEAN", "CIFAR10_STD"]
+__all__ = [
+    "DataError",
+    "load_digits_tensors",
+    "load_cifar10_tensors",
+    "load_datasets",
+    "ImageTensorDataset",
+    "RandomCropFlip",
+    "DATASETS",
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+]
+
+#: Values of ``--data``.
+DATASETS: Tuple[str, ...] = ("digits", "cifar10")
 
 Tensors = Tuple[Tensor, Tensor, Tensor, Tensor]
 
@@ -150,3 +168,100 @@ def load_cifar10_tensors(data_dir: str) -> Tensors:
         return (torch.from_numpy(x).float() / 255.0 - mean) / std
 
     return norm(x_train), torch.from_numpy(y_train), norm(x_test), torch.from_numpy(y_test)
+
+
+# ------------------------------------------------------------------------------------------- Dataset
+
+
+class RandomCropFlip:
+    """Random crop with ``padding`` zero pixels on every side, then a random horizontal flip, of one image.
+
+    Draws from the global torch RNG (saved and restored by the trainer's checkpoints, so resume is exact).
+
+    Args:
+        padding: Zero padding per side before the crop back to the input size (4 for CIFAR).
+        flip_p: Probability of the horizontal flip.
+    """
+
+    def __init__(self, padding: int = 4, flip_p: float = 0.5) -> None:
+        if padding < 0:
+            raise ValueError(f"padding must be >= 0, got {padding}")
+        if not 0.0 <= flip_p <= 1.0:
+            raise ValueError(f"flip_p must be in [0, 1], got {flip_p}")
+        self.padding, self.flip_p = int(padding), float(flip_p)
+
+    def __call__(self, image: Tensor) -> Tensor:
+        """(C, H, W) -> (C, H, W): a new tensor (the input is not modified)."""
+        _, h, w = image.shape
+        p = self.padding
+        i, j = torch.randint(0, 2 * p + 1, (2,)).tolist()
+        flip = bool(torch.rand(()) < self.flip_p)
+        crop = F.pad(image, (p, p, p, p))[:, i:i + h, j:j + w]
+        return crop.flip(-1) if flip else crop.contiguous()
+
+    def __repr__(self) -> str:
+        return f"RandomCropFlip(padding={self.padding}, flip_p={self.flip_p})"
+
+
+class ImageTensorDataset(Dataset):
+    """Images and labels held in two tensors, with an optional transform applied to each image on access.
+
+    Args:
+        images: (N, C, H, W).
+        labels: (N,) int64.
+        transform: Maps one (C, H, W) image to another (e.g. :class:`RandomCropFlip`); None: as stored.
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor, transform: Optional[Callable[[Tensor], Tensor]] = None) -> None:
+        if images.shape[0] != labels.shape[0]:
+            raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def __getitem__(self, index: int) -> Tuple[Tensor, Tensor]:
+        image = self.images[index]
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, self.labels[index]
+
+
+def load_datasets(
+    name: str,
+    data_dir: Optional[str] = None,
+    image_size: int = 16,
+    seed: int = 0,
+    limit_train: Optional[int] = None,
+    limit_test: Optional[int] = None,
+    dtype: torch.dtype = torch.float32,
+    augment: Union[bool, Callable[[Tensor], Tensor], None] = False,
+) -> Tuple[ImageTensorDataset, ImageTensorDataset]:
+    """The (train, test) datasets of ``python -m densenet.train``.
+
+    Args:
+        name: ``"digits"`` or ``"cifar10"``.
+        data_dir: cifar10: the folder holding ``cifar-10-batches-py/`` (or that folder).
+        image_size: digits: side of the upsampled images.
+        seed: digits: seed of the train/test split.
+        limit_train: Keep only the first N training images (None: all).
+        limit_test: Keep only the first N test images (None: all).
+        dtype: Floating type of the images.
+        augment: True: :class:`RandomCropFlip` on the training images; a callable: that transform; False/None: none.
+
+    Raises:
+        ValueError: unknown ``name``.
+        DataError: a missing or corrupt data set (see the loaders).
+    """
+    if name == "digits":
+        xtr, ytr, xte, yte = load_digits_tensors(size=image_size, seed=seed)
+    elif name == "cifar10":
+        xtr, ytr, xte, yte = load_cifar10_tensors(data_dir or "")
+    else:
+        raise ValueError(f"dataset must be one of {DATASETS}, got {name!r}")
+    if limit_train is not None:
+        xtr, ytr = xtr[:limit_train], ytr[:limit_train]
+    if limit_test is not None:
+        xte, yte = xte[:limit_test], yte[:limit_test]
+    transform = RandomCropFlip() if augment is True else (augment or None)
+    return (ImageTensorDataset(xtr.to(dtype), ytr, transform), ImageTensorDataset(xte.to(dtype), yte))

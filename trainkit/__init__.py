@@ -1,12 +1,19 @@
 """Generic training plumbing shared by ``densenet.train`` and ``segmentation.train``.
 
-* :mod:`trainkit.rng`: :func:`seed_everything`, :func:`rng_state` / :func:`set_rng_state` (exact resume).
+* :mod:`trainkit.rng`: :func:`seed_everything`, :func:`rng_state` / :func:`set_rng_state` (exact resume),
+  :func:`set_epoch_seed` (the seeded shuffling stream of one epoch).
 * :mod:`trainkit.checkpoint`: :func:`atomic_save`, :func:`load_checkpoint` (clear errors),
   :func:`check_same_args`, :class:`CheckpointError`, :class:`ResumeError`.
+* :mod:`trainkit.resume`: the training checkpoint and ``--stop-after``: :func:`load_resume_checkpoint`,
+  :func:`restore_training_state` (weights, optimizer, scheduler, scaler, RNG, counters),
+  :func:`save_training_checkpoint`, :func:`stop_after_reached`.
+* :mod:`trainkit.memory_meter`: the saved-for-backward meter (exact bytes on ``meta``):
+  :func:`saved_bytes_on_meta`, :func:`compare_saved_memory`, :class:`SavedMemory`.
 * :mod:`trainkit.cli`: :func:`run_cli` (user errors -> one line and exit code 2).
 * :mod:`trainkit.progress`: :class:`Progress` / :func:`progress` (tqdm if installed, else built in).
 * :mod:`trainkit.csvlog`: :func:`write_csv` / :func:`read_csv` (the per-epoch log).
-* :mod:`trainkit.distributed`: :func:`setup_distributed` for torchrun (gloo on CPU, NCCL on GPU).
+* :mod:`trainkit.distributed`: :func:`setup_distributed` for torchrun (gloo on CPU, NCCL on GPU),
+  :class:`DeviceError`.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from .checkpoint import CheckpointError, ResumeError, atomic_save, check_same_ar
 from .cli import run_cli
 from .csvlog import read_csv, write_csv
 from .distributed import (
+    DeviceError,
     DistInfo,
     all_gather_objects,
     broadcast_object,
@@ -22,16 +30,38 @@ from .distributed import (
     launched_by_torchrun,
     setup_distributed,
 )
+from .memory_meter import MIB, SavedMemory, compare_saved_memory, saved_bytes_on_meta
 from .progress import Progress, format_seconds, progress
-from .rng import rng_state, seed_everything, set_rng_state
+from .resume import (
+    RESUME_KEYS,
+    ResumePoint,
+    check_stop_after,
+    load_resume_checkpoint,
+    restore_training_state,
+    save_training_checkpoint,
+    stop_after_reached,
+)
+from .rng import rng_state, seed_everything, set_epoch_seed, set_rng_state
 
 __all__ = [
     "CheckpointError",
     "ResumeError",
+    "DeviceError",
     "run_cli",
     "atomic_save",
     "check_same_args",
     "load_checkpoint",
+    "RESUME_KEYS",
+    "ResumePoint",
+    "load_resume_checkpoint",
+    "restore_training_state",
+    "save_training_checkpoint",
+    "check_stop_after",
+    "stop_after_reached",
+    "MIB",
+    "SavedMemory",
+    "compare_saved_memory",
+    "saved_bytes_on_meta",
     "read_csv",
     "write_csv",
     "DistInfo",
@@ -46,4 +76,5 @@ __all__ = [
     "rng_state",
     "seed_everything",
     "set_rng_state",
+    "set_epoch_seed",
 ]

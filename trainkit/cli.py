@@ -18,14 +18,21 @@ def run_cli(
 ) -> int:
     """Runs ``run(parser.parse_args(argv))``; returns 0, or 2 after a one-line ``error: ...`` on stderr.
 
+    Errors are classified by type only, never by their message text.
+
     Args:
-        parser: The command's options.
+        parser: The command's options. A value argparse rejects (e.g. outside ``choices``) prints argparse's
+            usage and error and returns its exit status (2); ``--help`` returns 0.
         run: The command.
         argv: Arguments (None: ``sys.argv[1:]``).
         user_errors: Exception types that mean bad data, options or checkpoints (no traceback for those).
-        is_user_error: Also treats other exceptions it accepts as user errors; everything else propagates.
+        is_user_error: Also treats other exceptions it accepts as user errors (a predicate on the
+            exception's type or attributes); everything else propagates.
     """
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse exits after printing its message: hand the status back
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     try:
         run(args)
     except Exception as e:  # noqa: BLE001 - re-raised unless it is a user error

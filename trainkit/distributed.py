@@ -10,8 +10,12 @@ from typing import Any, List, Optional
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "launched_by_torchrun", "setup_distributed", "cleanup_distributed", "all_gather_objects",
-           "broadcast_object"]
+__all__ = ["DeviceError", "DistInfo", "launched_by_torchrun", "setup_distributed", "cleanup_distributed",
+           "all_gather_objects", "broadcast_object"]
+
+
+class DeviceError(RuntimeError):
+    """The requested device cannot be used (``--device cuda`` without a usable GPU, or too few GPUs)."""
 
 
 @dataclass(frozen=True)
@@ -53,16 +57,16 @@ def setup_distributed(device: str = "cpu", timeout_s: float = 600.0) -> DistInfo
 
     Raises:
         ValueError: unknown ``device``.
-        RuntimeError: ``device="cuda"`` without a usable GPU (or fewer GPUs than LOCAL_RANK needs).
+        DeviceError: ``device="cuda"`` without a usable GPU (or fewer GPUs than LOCAL_RANK needs).
     """
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda: no CUDA GPU is available to this PyTorch build; use --device cpu")
+            raise DeviceError("--device cuda: no CUDA GPU is available to this PyTorch build; use --device cpu")
         if local_rank >= torch.cuda.device_count():
-            raise RuntimeError(
+            raise DeviceError(
                 f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA device(s) are visible"
             )
         torch.cuda.set_device(local_rank)

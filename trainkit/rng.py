@@ -8,7 +8,7 @@ from typing import Any, Dict
 import numpy as np
 import torch
 
-__all__ = ["seed_everything", "rng_state", "set_rng_state"]
+__all__ = ["seed_everything", "rng_state", "set_rng_state", "set_epoch_seed"]
 
 
 def seed_everything(seed: int) -> None:
@@ -57,3 +57,24 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         n = min(len(cuda), torch.cuda.device_count())
         for i in range(n):
             torch.cuda.set_rng_state(cuda[i], i)
+
+
+def set_epoch_seed(generator: torch.Generator, seed: int, epoch: int, rank: int = 0) -> torch.Generator:
+    """Reseeds ``generator`` with (``seed``, ``epoch``, ``rank``): the shuffling / worker-seed stream of one epoch.
+
+    A DataLoader given this generator draws its permutation (and its workers' base seed) from it, never
+    from the global RNG, so epoch ``e``'s data order is a function of (seed, e, rank) only: the same in a
+    straight run and in one resumed before ``e``. Call it at the start of every epoch, as
+    ``DistributedSampler.set_epoch``.
+
+    Args:
+        generator: The DataLoader's (CPU) generator.
+        seed: The run's ``--seed``.
+        epoch: The epoch (1-based in the trainers).
+        rank: The process's rank (0 without DDP).
+
+    Returns:
+        ``generator``.
+    """
+    generator.manual_seed((seed * 1_000_003 + epoch * 1_009 + rank) % 2**63)
+    return generator
