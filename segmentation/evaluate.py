@@ -20,7 +20,15 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from trainkit import CheckpointError, DistInfo, cleanup_distributed, load_checkpoint, run_cli, setup_distributed
+from trainkit import (
+    CheckpointError,
+    DeviceError,
+    DistInfo,
+    cleanup_distributed,
+    load_checkpoint,
+    run_cli,
+    setup_distributed,
+)
 
 from .data import CITYSCAPES_CLASSES, NUM_CLASSES, CityscapesSegmentation, DataError
 from .models import build_model
@@ -73,7 +81,7 @@ def load_model(path: str, device: torch.device = torch.device("cpu")) -> Tuple[n
                         width=saved["width"])
     try:
         model.load_state_dict(ckpt["model"])
-    except Exception as e:
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:  # size/key mismatch, a malformed state dict
         raise CheckpointError(f"--checkpoint {path!r}: the weights do not fit {saved['arch']} width={saved['width']} "
                               f"({type(e).__name__}: {e})") from e
     return model.to(device).eval(), ckpt
@@ -122,8 +130,8 @@ def run(args: argparse.Namespace, info: Optional[DistInfo] = None) -> Dict[str, 
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """CLI entry point; returns the exit status (0 ok, 2 bad data/checkpoint/option)."""
-    return run_cli(build_parser(), run, argv, (DataError, CheckpointError, ValueError))
+    """CLI entry point; returns the exit status (0 ok, 2 bad data/checkpoint/option/device)."""
+    return run_cli(build_parser(), run, argv, (DataError, CheckpointError, ValueError, DeviceError))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,11 @@ seconds), ``checkpoint.pt`` (atomically replaced each epoch: model, optimizer, s
 epoch, iteration, every rank's RNG states, arguments), ``final.json`` (mIoU, per-class IoU, memory) and
 ``predictions/`` (colour PNGs of the first ``--save-predictions`` validation images and their labels).
 
+The walk: :func:`run` (process group) -> ``_train`` (builds data, model, optimizer, scheduler, scaler, log,
+checkpointing; loops over epochs) -> :func:`train_one_epoch` (at most the iterations left of ``--iters``)
+-> :func:`evaluate` (every ``--eval-every`` epochs and after the last). Resume, ``--stop-after`` and the
+saved-memory meter are :mod:`trainkit.resume` and :mod:`trainkit.memory_meter`, shared with densenet.train.
+
 Exact resume: the data order of epoch e is a permutation seeded with ``seed`` and ``e`` (DistributedSampler),
 DataLoader workers are seeded from a generator seeded with (seed, epoch, rank), and the global RNGs that
 the transforms use with ``--workers 0`` are saved in the checkpoint and restored; a run interrupted after
@@ -37,31 +42,38 @@ import os
 import sys
 import time
 import warnings
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from inplace_abn.memory import parameters_of, saved_tensor_bytes
 from trainkit import (
     CheckpointError,
+    DeviceError,
     DistInfo,
     ResumeError,
+    ResumePoint,
+    SavedMemory,
     all_gather_objects,
-    atomic_save,
-    check_same_args,
+    check_stop_after,
     cleanup_distributed,
+    compare_saved_memory,
     format_seconds,
-    load_checkpoint,
+    load_resume_checkpoint,
     progress,
     read_csv,
+    restore_training_state,
     rng_state,
     run_cli,
+    save_training_checkpoint,
+    saved_bytes_on_meta,
     seed_everything,
-    set_rng_state,
+    set_epoch_seed,
     setup_distributed,
+    stop_after_reached,
     write_csv,
 )
 
@@ -75,8 +87,11 @@ __all__ = [
     "main",
     "run",
     "build_parser",
+    "train_one_epoch",
     "evaluate",
+    "EpochResult",
     "activation_bytes",
+    "saved_memory",
     "memory_report",
     "PolyLR",
     "ResumeError",
@@ -144,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default=os.path.join("runs", "segmentation"))
     g.add_argument("--resume", default=None, metavar="PATH", help="checkpoint.pt to continue from")
     g.add_argument("--stop-after", type=int, default=None, metavar="N",
-                   help="stop after epoch N (as if interrupted); continue later with --resume")
+                   help="stop after N epochs of this process (as if interrupted); continue later with --resume")
     g.add_argument("--no-progress", action="store_true", help="no progress bar (one line per epoch only)")
     return p
 
@@ -181,6 +196,7 @@ def _check_args(args: argparse.Namespace, info: DistInfo) -> None:
         raise ValueError(f"--save-predictions must be >= 0, got {args.save_predictions}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    check_stop_after(args.stop_after)
     if not os.path.isdir(args.data):
         raise DataError(f"--data folder {args.data!r} does not exist. Point --data at a Cityscapes-layout folder "
                         "(leftImg8bit/ + gtFine/) or write a small synthetic one with "
@@ -230,37 +246,46 @@ def activation_bytes(arch: str, norm: str, num_classes: int, width: float, outpu
                      batch: int, crop: int) -> int:
     """Bytes autograd saves for backward in one float32 training forward + loss (parameters and buffers excluded).
 
-    Counted exactly on ``device="meta"`` (nothing is allocated or computed, so any size is cheap) with a
-    fresh model; the global RNG is untouched. ``iabn_sync`` saves exactly what ``iabn`` saves, so it is
-    counted as ``iabn`` (no process group needed).
+    Counted exactly on ``device="meta"`` by :func:`trainkit.saved_bytes_on_meta` (nothing is allocated or
+    computed, so any size is cheap) with a fresh model; the global RNG is untouched. ``iabn_sync`` saves
+    exactly what ``iabn`` saves, so it is counted as ``iabn`` (no process group needed).
 
     Args:
-        arch, norm, num_classes, width, output_stride: As :func:`segmentation.build_model`.
-        batch, crop: The input is (batch, 3, crop, crop), the target (batch, crop, crop).
+        arch: As :func:`segmentation.build_model`.
+        norm: As :func:`segmentation.build_model`.
+        num_classes: As :func:`segmentation.build_model`.
+        width: As :func:`segmentation.build_model`.
+        output_stride: As :func:`segmentation.build_model`.
+        batch: Images per step: the input is (batch, 3, crop, crop), the target (batch, crop, crop).
+        crop: Side of the square crops.
     """
     local = "iabn" if norm == "iabn_sync" else norm
-    with torch.random.fork_rng(devices=[]), torch.device("meta"):
-        model = build_model(arch, num_classes, norm=local, output_stride=output_stride, width=width).train()
+
+    def build() -> nn.Module:
+        return build_model(arch, num_classes, norm=local, output_stride=output_stride, width=width)
+
+    def step(model: nn.Module) -> Tensor:
         x = torch.empty(batch, 3, crop, crop)
         y = torch.zeros(batch, crop, crop, dtype=torch.long)
-        total, _loss, _ = saved_tensor_bytes(lambda: F.cross_entropy(model(x), y, ignore_index=IGNORE_INDEX),
-                                             exclude=parameters_of(model))
-    return total
+        return F.cross_entropy(model(x), y, ignore_index=IGNORE_INDEX)
+
+    return saved_bytes_on_meta(build, step)
+
+
+def saved_memory(args: argparse.Namespace, batch: int) -> SavedMemory:
+    """Saved-for-backward bytes of one training step with ``args.norm`` vs ``norm="bn"`` on the same input."""
+    return compare_saved_memory(
+        lambda norm: activation_bytes(args.arch, norm, NUM_CLASSES, args.width, args.output_stride, batch, args.crop),
+        args.norm)
 
 
 def memory_report(args: argparse.Namespace, batch: int) -> Dict[str, float]:
-    """Saved-for-backward MiB of one training step with ``args.norm`` vs ``norm="bn"`` on the same input."""
-    kw = dict(arch=args.arch, num_classes=NUM_CLASSES, width=args.width, output_stride=args.output_stride,
-              batch=batch, crop=args.crop)
-    ours = activation_bytes(norm=args.norm, **kw) / 2**20
-    bn = ours if args.norm == "bn" else activation_bytes(norm="bn", **kw) / 2**20
-    return {"bn_mib": bn, "norm_mib": ours, "ratio": ours / bn if bn > 0 else math.nan}
+    """Saved-for-backward MiB of one training step with ``args.norm`` vs ``norm="bn"``: bn_mib, norm_mib, ratio."""
+    return saved_memory(args, batch).as_dict()
 
 
-def _memory_line(mem: Dict[str, float], norm: str, batch: int, crop: int) -> str:
-    return (f"activation memory saved vs BatchNorm: {mem['bn_mib']:.1f} MiB -> {mem['norm_mib']:.1f} MiB "
-            f"({mem['ratio']:.2f}x) [saved for backward by one float32 training step, batch {batch} x 3 x "
-            f"{crop} x {crop}, norm=bn -> norm={norm}, parameters excluded]")
+def _memory_line(mem: SavedMemory, batch: int, crop: int) -> str:
+    return mem.line(f"float32 training step, batch {batch} x 3 x {crop} x {crop}")
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
@@ -367,17 +392,6 @@ def _say(info: DistInfo, *parts: Any) -> None:
         print(*parts, flush=True)
 
 
-def _epoch_loader(dataset: Dataset, sampler: DistributedSampler, args: argparse.Namespace, epoch: int,
-                  info: DistInfo) -> DataLoader:
-    """The training loader of one epoch: a permutation seeded with (seed, epoch), workers seeded with
-    (seed, epoch, rank); fixed-size batches (the last incomplete one is dropped)."""
-    sampler.set_epoch(epoch)
-    gen = torch.Generator()
-    gen.manual_seed((args.seed * 1_000_003 + epoch * 1_009 + info.rank) % 2**63)
-    return DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
-                      drop_last=True, generator=gen, pin_memory=info.device.type == "cuda")
-
-
 def _buffer_sync_kwarg(sync: bool) -> Dict[str, bool]:
     """DDP's per-forward buffer broadcast switch: ``forward_sync_buffers`` (newer torch) or ``broadcast_buffers``."""
     params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
@@ -389,6 +403,98 @@ def _loss(logits: Tensor, target: Tensor) -> Tensor:
     if bool((target != IGNORE_INDEX).any()):
         return F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX)
     return logits.sum() * 0.0
+
+
+@dataclass
+class EpochResult:
+    """What :func:`train_one_epoch` did.
+
+    Attributes:
+        iteration: Iterations completed in all after this epoch.
+        loss: Mean training loss of the epoch over every rank's iterations (NaN when none ran).
+        losses: This rank's loss of every iteration of the epoch.
+    """
+
+    iteration: int
+    loss: float
+    losses: List[float] = field(default_factory=list)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    criterion: Callable[[Tensor, Tensor], Tensor],
+    optimizer: torch.optim.Optimizer,
+    data_loader: DataLoader,
+    device: torch.device,
+    epoch: int,
+    args: argparse.Namespace,
+    *,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    iteration: int,
+    max_iters: int,
+    num_epochs: Optional[int] = None,
+    info: DistInfo = DistInfo(),
+) -> EpochResult:
+    """One pass over ``data_loader``, stopping early once ``max_iters`` iterations are done in all.
+
+    Each iteration: forward (under autocast with ``--amp``), loss, scaled backward, optimizer step, and the
+    per-iteration poly ``scheduler`` step.
+
+    Args:
+        model: The network (DDP-wrapped under torchrun).
+        criterion: Maps (logits, target) to the mean loss.
+        optimizer: Stepped once per iteration (through ``scaler``).
+        data_loader: Training batches (images, targets) of this epoch.
+        device: Where the model lives.
+        epoch: 1-based, for the progress bar.
+        args: Uses ``amp``, ``no_progress``.
+        scheduler: Stepped once per iteration.
+        scaler: ``torch.amp.GradScaler`` (disabled unless float16 AMP on CUDA).
+        iteration: Iterations completed before this epoch.
+        max_iters: The run's iteration budget: the epoch ends when ``iteration`` reaches it.
+        num_epochs: Epochs of the run, for the progress bar (default ``args.epochs``).
+        info: Rank / world size; the epoch's mean loss is all-reduced over the ranks.
+
+    Returns:
+        The iteration count, the epoch's mean loss and this rank's per-iteration losses.
+
+    Raises:
+        FloatingPointError: a non-finite loss without ``--amp`` (training diverged).
+    """
+    model.train()
+    n_this = max(0, min(len(data_loader), max_iters - iteration))
+    epochs = num_epochs if num_epochs is not None else args.epochs
+    losses: List[float] = []
+    loss_sum = 0.0
+    with progress(n_this, f"epoch {epoch}/{epochs}", enabled=info.is_main and not args.no_progress) as bar:
+        for x, y in data_loader:
+            if iteration >= max_iters:
+                break
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with _autocast(device, args.amp):
+                logits = model(x)
+            loss = criterion(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            iteration += 1
+            value = float(loss.detach())
+            if not math.isfinite(value) and not args.amp:
+                raise FloatingPointError(f"training diverged: loss {value} at iteration {iteration}; lower --lr")
+            losses.append(value)
+            loss_sum += value
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum / len(losses):.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+    stats = torch.tensor([loss_sum, float(len(losses))], dtype=torch.float64)
+    if info.distributed:
+        stats_dev = stats.to(device)
+        torch.distributed.all_reduce(stats_dev)
+        stats = stats_dev.cpu()
+    mean = float(stats[0] / stats[1]) if stats[1] > 0 else math.nan
+    return EpochResult(iteration=iteration, loss=mean, losses=losses)
 
 
 def run(args: argparse.Namespace, info: Optional[DistInfo] = None, return_model: bool = False) -> Dict[str, Any]:
@@ -419,20 +525,32 @@ def run(args: argparse.Namespace, info: Optional[DistInfo] = None, return_model:
             cleanup_distributed()
 
 
+def _datasets(args: argparse.Namespace) -> Tuple[CityscapesSegmentation, CityscapesSegmentation]:
+    scale = None if args.scale_min == args.scale_max == 1.0 else (args.scale_min, args.scale_max)
+    train_set = CityscapesSegmentation(
+        args.data, args.train_split, train_transform(args.crop, scale=scale, flip_p=args.flip_p,
+                                                     ignore_index=IGNORE_INDEX))
+    return train_set, CityscapesSegmentation(args.data, args.val_split, eval_transform())
+
+
+def _run_length(args: argparse.Namespace, iters_per_epoch: int) -> Tuple[int, int]:
+    """(total iterations, epochs): ``--iters`` (the last epoch may be partial) or ``--epochs`` full epochs."""
+    if args.iters is not None:
+        return args.iters, math.ceil(args.iters / iters_per_epoch)
+    return args.epochs * iters_per_epoch, args.epochs
+
+
 def _train(args: argparse.Namespace, info: DistInfo, return_model: bool) -> Dict[str, Any]:
+    """Builds data, model, optimizer, scheduler, scaler, log and checkpointing; loops over the epochs."""
     _check_args(args, info)
     device = info.device
-    ckpt = None
-    if args.resume:
-        ckpt = load_checkpoint(args.resume, required=CHECKPOINT_KEYS, kind="segmentation.train", error=ResumeError,
-                               checkpoint_name=CHECKPOINT_NAME)
-        check_same_args(ckpt["args"], vars(args), _RESUME_MUST_MATCH, args.resume, error=ResumeError)
+    ckpt = (load_resume_checkpoint(args.resume, vars(args), _RESUME_MUST_MATCH, kind="segmentation.train",
+                                   required=CHECKPOINT_KEYS, checkpoint_name=CHECKPOINT_NAME)
+            if args.resume else None)
 
-    train_set = CityscapesSegmentation(
-        args.data, args.train_split,
-        train_transform(args.crop, scale=None if args.scale_min == args.scale_max == 1.0 else
-                        (args.scale_min, args.scale_max), flip_p=args.flip_p, ignore_index=IGNORE_INDEX))
-    val_set = CityscapesSegmentation(args.data, args.val_split, eval_transform())
+    # Data: epoch e's order is DistributedSampler's permutation of (seed, e); the loader's generator (worker
+    # seeds) is reseeded with (seed, e, rank) every epoch; fixed-size batches (the last incomplete one dropped).
+    train_set, val_set = _datasets(args)
     sampler = DistributedSampler(train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True,
                                  seed=args.seed, drop_last=True)
     iters_per_epoch = len(sampler) // args.batch_size
@@ -440,10 +558,10 @@ def _train(args: argparse.Namespace, info: DistInfo, return_model: bool) -> Dict
         raise DataError(f"the {args.train_split!r} split of {args.data!r} has {len(train_set)} images: too few for "
                         f"one batch of {args.batch_size} per process on {info.world_size} process(es); "
                         "lower --batch-size or add images")
-    if args.iters is not None:
-        max_iters, epochs = args.iters, math.ceil(args.iters / iters_per_epoch)
-    else:
-        max_iters, epochs = args.epochs * iters_per_epoch, args.epochs
+    max_iters, epochs = _run_length(args, iters_per_epoch)
+    loader_gen = torch.Generator()
+    train_loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
+                              drop_last=True, generator=loader_gen, pin_memory=device.type == "cuda")
 
     seed_everything(args.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
     model = build_model(args.arch, NUM_CLASSES, norm=args.norm, output_stride=args.output_stride,
@@ -453,28 +571,14 @@ def _train(args: argparse.Namespace, info: DistInfo, return_model: bool) -> Dict
     scheduler = PolyLR(optimizer, max_iters, power=args.poly_power)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda")
     seed_everything(args.seed + 7919 * info.rank)  # per-rank augmentation stream (rank 0: the seed itself)
-
-    start_epoch, iteration, elapsed = 0, 0, 0.0
+    start = ResumePoint()
     if ckpt is not None:
-        try:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            if ckpt.get("scaler"):
-                scaler.load_state_dict(ckpt["scaler"])
-        except Exception as e:
-            raise ResumeError(f"--resume checkpoint {args.resume!r} does not fit this model/optimizer "
-                              f"({type(e).__name__}: {e})") from e
-        per_rank = ckpt.get("rng_per_rank") or []
-        if len(per_rank) == info.world_size:
-            set_rng_state(per_rank[info.rank])
-        else:
-            set_rng_state(ckpt["rng"])
-            _say(info, f"note: the checkpoint was written by {len(per_rank)} process(es), this run has "
-                       f"{info.world_size}: the data order continues, the augmentations are not bit-identical")
-        start_epoch, iteration = int(ckpt["epoch"]), int(ckpt["iteration"])
-        elapsed = float(ckpt.get("elapsed", 0.0))
-
+        start = restore_training_state(ckpt, args.resume, model, optimizer, scheduler, scaler,
+                                       rank=info.rank, world_size=info.world_size)
+        if not start.rng_exact:
+            _say(info, f"note: the checkpoint was written by {len(ckpt.get('rng_per_rank') or [])} process(es), "
+                       f"this run has {info.world_size}: the data order continues, the augmentations are not "
+                       "bit-identical")
     ddp: nn.Module = model
     if info.distributed:
         # iabn_sync already makes the running statistics equal on every rank: no buffer broadcast needed.
@@ -487,61 +591,34 @@ def _train(args: argparse.Namespace, info: DistInfo, return_model: bool) -> Dict
     csv_path = os.path.join(args.out, "log.csv")
     ckpt_path = os.path.join(args.out, CHECKPOINT_NAME)
     pred_dir = os.path.join(args.out, "predictions")
-    rows: List[Dict[str, Any]] = read_csv(csv_path, start_epoch) if (ckpt is not None and info.is_main) else []
+    rows: List[Dict[str, Any]] = read_csv(csv_path, start.epoch) if (start.resumed and info.is_main) else []
 
     n_params = sum(p.numel() for p in model.parameters())
-    mem = memory_report(args, args.batch_size)
+    mem = saved_memory(args, args.batch_size)
     _say(info, f"{args.arch} + DeepLabV3, norm={args.norm}, width={args.width:g}, output stride {args.output_stride}: "
                f"{n_params:,} parameters; {len(train_set)} train / {len(val_set)} val images; {info.world_size} "
                f"process(es) on {device} ({info.backend or 'no process group'}), batch {args.batch_size} per process, "
                f"crop {args.crop}; {max_iters} iterations ({iters_per_epoch} per epoch, {epochs} epoch(s))"
                + (f"; AMP {'float16' if device.type == 'cuda' else 'bfloat16'}" if args.amp else "")
-               + (f"; resuming after epoch {start_epoch} (iteration {iteration})" if ckpt is not None else ""))
+               + (f"; resuming after epoch {start.epoch} (iteration {start.iteration})" if start.resumed else ""))
     if args.norm == "iabn_sync" and not info.distributed:
         _say(info, "note: norm=iabn_sync in a single process (no torchrun): statistics are local, as iabn")
-    _say(info, _memory_line(mem, args.norm, args.batch_size, args.crop))
+    _say(info, _memory_line(mem, args.batch_size, args.crop))
 
     losses: List[float] = []
     results: Optional[Dict[str, Any]] = None
     if rows and rows[-1].get("val_miou"):
         results = {"miou": float(rows[-1]["val_miou"]), "pixel_acc": float(rows[-1]["pixel_acc"])}
-    last_epoch = start_epoch
+    iteration, elapsed, epoch = start.iteration, start.elapsed, start.epoch
     stopped = False
-    for epoch in range(start_epoch + 1, epochs + 1):
+    for epoch in range(start.epoch + 1, epochs + 1):
         t0 = time.perf_counter()
-        ddp.train()
-        loader = _epoch_loader(train_set, sampler, args, epoch, info)
-        n_this = min(iters_per_epoch, max_iters - iteration)
-        bar = progress(n_this, f"epoch {epoch}/{epochs}", enabled=info.is_main and not args.no_progress)
-        loss_sum, count = 0.0, 0
-        for x, y in loader:
-            if iteration >= max_iters:
-                break
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with _autocast(device, args.amp):
-                logits = ddp(x)
-            loss = _loss(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            iteration += 1
-            value = float(loss.detach())
-            if not math.isfinite(value) and not args.amp:
-                raise FloatingPointError(f"training diverged: loss {value} at iteration {iteration}; lower --lr")
-            losses.append(value)
-            loss_sum, count = loss_sum + value, count + 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum / count:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-        bar.close()
-        stats = torch.tensor([loss_sum, float(count)], dtype=torch.float64)
-        if info.distributed:
-            stats_dev = stats.to(device)
-            torch.distributed.all_reduce(stats_dev)
-            stats = stats_dev.cpu()
-        train_loss = float(stats[0] / stats[1]) if stats[1] > 0 else math.nan
-
+        sampler.set_epoch(epoch)
+        set_epoch_seed(loader_gen, args.seed, epoch, info.rank)
+        result = train_one_epoch(ddp, _loss, optimizer, train_loader, device, epoch, args, scheduler=scheduler,
+                                 scaler=scaler, iteration=iteration, max_iters=max_iters, num_epochs=epochs, info=info)
+        iteration = result.iteration
+        losses.extend(result.losses)
         evaluated = epoch == epochs or (args.eval_every > 0 and epoch % args.eval_every == 0)
         if evaluated:
             cm = evaluate(ddp, val_set, device, NUM_CLASSES, amp=args.amp,
@@ -552,55 +629,66 @@ def _train(args: argparse.Namespace, info: DistInfo, return_model: bool) -> Dict
         seconds = time.perf_counter() - t0
         elapsed += seconds
         rngs = all_gather_objects(rng_state())  # every rank's augmentation RNGs (collective)
-        lr_now = optimizer.param_groups[0]["lr"]
         if info.is_main:
-            rows.append({"epoch": epoch, "iters": iteration, "lr": f"{lr_now:.6g}", "train_loss": repr(train_loss),
-                         "val_miou": f"{results['miou']:.6f}" if evaluated and results else "",
-                         "pixel_acc": f"{results['pixel_acc']:.6f}" if evaluated and results else "",
-                         "seconds": f"{seconds:.3f}"})
-            write_csv(csv_path, rows, CSV_FIELDS)
-            atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                         "iteration": iteration, "rng": rngs[0], "rng_per_rank": rngs, "args": vars(args).copy(),
-                         "elapsed": elapsed, "num_classes": NUM_CLASSES}, ckpt_path)
-            msg = f"epoch {epoch}/{epochs}  iter {iteration}/{max_iters}  train loss {train_loss:.4f}  lr {lr_now:.3g}"
+            lr_now = optimizer.param_groups[0]["lr"]
+            _log_epoch(rows, csv_path, epoch, iteration, lr_now, result.loss, results if evaluated else None, seconds)
+            save_training_checkpoint(ckpt_path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                                     epoch=epoch, iteration=iteration, rng_per_rank=rngs, args=args, elapsed=elapsed,
+                                     num_classes=NUM_CLASSES)
+            msg = f"epoch {epoch}/{epochs}  iter {iteration}/{max_iters}  train loss {result.loss:.4f}  lr {lr_now:.3g}"
             if evaluated and results:
                 msg += f"  val mIoU {results['miou']:.4f} pixel acc {results['pixel_acc']:.4f}"
             print(f"{msg}  {seconds:.1f}s", flush=True)
-        last_epoch = epoch
-        if args.stop_after is not None and epoch >= args.stop_after and epoch < epochs:
+        if stop_after_reached(args.stop_after, epoch - start.epoch, epoch, epochs):
             _say(info, f"stopped after epoch {epoch}; continue with --resume {ckpt_path}")
             stopped = True
             break
 
-    summary: Dict[str, Any] = {"epochs": last_epoch, "iterations": iteration, "train_seconds": elapsed,
-                               "params": n_params, "memory": mem, "world_size": info.world_size,
+    summary: Dict[str, Any] = {"epochs": epoch, "iterations": iteration, "train_seconds": elapsed,
+                               "params": n_params, "memory": mem.as_dict(), "world_size": info.world_size,
                                "args": vars(args).copy()}
     if results is not None:
         summary.update({k: v for k, v in results.items() if k != "table"})
     if stopped:
-        summary["stopped_after"] = last_epoch
+        summary["stopped_after"] = epoch
     elif info.is_main:
-        with open(os.path.join(args.out, "final.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-        if results is not None and "table" in results:
-            print(f"\nvalidation ({args.val_split}, {len(val_set)} images):\n{results['table']}\n", flush=True)
-        print(f"final val mIoU: {summary.get('miou', math.nan):.4f} ({100 * summary.get('miou', math.nan):.2f}%), "
-              f"pixel accuracy {summary.get('pixel_acc', math.nan):.4f}, after {iteration} iterations "
-              f"({last_epoch} epochs, {format_seconds(elapsed)} of training)", flush=True)
-        print(_memory_line(mem, args.norm, args.batch_size, args.crop), flush=True)
+        _finish(summary, results, args, len(val_set), mem)
     summary["losses"] = losses
     if return_model:
         summary["model"] = model
     return summary
 
 
+def _log_epoch(rows: List[Dict[str, Any]], csv_path: str, epoch: int, iteration: int, lr: float, train_loss: float,
+               results: Optional[Dict[str, Any]], seconds: float) -> None:
+    rows.append({"epoch": epoch, "iters": iteration, "lr": f"{lr:.6g}", "train_loss": repr(train_loss),
+                 "val_miou": f"{results['miou']:.6f}" if results else "",
+                 "pixel_acc": f"{results['pixel_acc']:.6f}" if results else "",
+                 "seconds": f"{seconds:.3f}"})
+    write_csv(csv_path, rows, CSV_FIELDS)
+
+
+def _finish(summary: Dict[str, Any], results: Optional[Dict[str, Any]], args: argparse.Namespace, n_val: int,
+            mem: SavedMemory) -> None:
+    """Rank 0 at the end of a completed run: final.json, the validation table and the closing lines."""
+    with open(os.path.join(args.out, "final.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    if results is not None and "table" in results:
+        print(f"\nvalidation ({args.val_split}, {n_val} images):\n{results['table']}\n", flush=True)
+    print(f"final val mIoU: {summary.get('miou', math.nan):.4f} ({100 * summary.get('miou', math.nan):.2f}%), "
+          f"pixel accuracy {summary.get('pixel_acc', math.nan):.4f}, after {summary['iterations']} iterations "
+          f"({summary['epochs']} epochs, {format_seconds(summary['train_seconds'])} of training)", flush=True)
+    print(_memory_line(mem, args.batch_size, args.crop), flush=True)
+
+
+# Exceptions that mean bad options, data, checkpoints or device (one line on stderr, exit status 2), by type.
+# torch.OutOfMemoryError: the batch or crop does not fit the device's memory (lower them).
+_USER_ERRORS = (DataError, CheckpointError, ValueError, FloatingPointError, DeviceError, torch.OutOfMemoryError)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """CLI entry point; returns the exit status (0 ok, 2 bad data/checkpoint/option)."""
-    return run_cli(
-        build_parser(), run, argv, (DataError, CheckpointError, ValueError, FloatingPointError),
-        is_user_error=lambda e: isinstance(e, RuntimeError) and "CUDA" in str(e),  # e.g. --device cuda, no GPU
-    )
+    """CLI entry point; returns the exit status (0 ok, 2 bad data/checkpoint/option/device)."""
+    return run_cli(build_parser(), run, argv, _USER_ERRORS)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""trainkit: RNG state round trip, atomic checkpoint writes, checkpoint errors, CSV log, progress bar fallback."""
+"""trainkit: RNG state round trip, atomic checkpoint writes, checkpoint errors, CSV log, progress bar fallback,
+exact resume and --stop-after (trainkit.resume), the saved-memory meter (trainkit.memory_meter)."""
 
 from __future__ import annotations
 
@@ -19,15 +20,26 @@ if _ROOT not in sys.path:
 import trainkit  # noqa: E402
 from trainkit import (  # noqa: E402
     CheckpointError,
+    DeviceError,
     Progress,
+    ResumeError,
+    ResumePoint,
     atomic_save,
     check_same_args,
+    check_stop_after,
+    compare_saved_memory,
     load_checkpoint,
+    load_resume_checkpoint,
     read_csv,
+    restore_training_state,
     rng_state,
     run_cli,
+    save_training_checkpoint,
+    saved_bytes_on_meta,
     seed_everything,
+    set_epoch_seed,
     set_rng_state,
+    stop_after_reached,
     write_csv,
 )
 
@@ -165,20 +177,248 @@ def test_run_cli_exit_codes(capsys):
     parser = argparse.ArgumentParser()
     parser.add_argument("--fail", default="")
 
+    parser.add_argument("--mode", choices=("a", "b"), default="a")
+
     def run(args):
         if args.fail == "user":
             raise ValueError("bad --fail value")
         if args.fail == "cuda":
-            raise RuntimeError("CUDA is not available")
+            raise DeviceError("--device cuda: no CUDA GPU")
         if args.fail == "bug":
             raise KeyError("bug")
+        if args.fail == "other":
+            raise RuntimeError("CUDA mentioned in a message is no reason to hide a traceback")
 
     assert run_cli(parser, run, [], (ValueError,)) == 0
     assert run_cli(parser, run, ["--fail", "user"], (ValueError,)) == 2
     assert capsys.readouterr().err == "error: bad --fail value\n"
-    is_cuda = lambda e: "CUDA" in str(e)  # noqa: E731
-    assert run_cli(parser, run, ["--fail", "cuda"], (ValueError,), is_user_error=is_cuda) == 2
-    with pytest.raises(RuntimeError, match="CUDA"):
+    assert run_cli(parser, run, ["--fail", "cuda"], (ValueError, DeviceError)) == 2
+    assert capsys.readouterr().err == "error: --device cuda: no CUDA GPU\n"
+    is_device = lambda e: isinstance(e, DeviceError)  # noqa: E731 - classification by type, never by message
+    assert run_cli(parser, run, ["--fail", "cuda"], (ValueError,), is_user_error=is_device) == 2
+    with pytest.raises(DeviceError):
         run_cli(parser, run, ["--fail", "cuda"], (ValueError,))
+    with pytest.raises(RuntimeError, match="CUDA mentioned"):
+        run_cli(parser, run, ["--fail", "other"], (ValueError, DeviceError))
     with pytest.raises(KeyError):
-        run_cli(parser, run, ["--fail", "bug"], (ValueError,), is_user_error=is_cuda)
+        run_cli(parser, run, ["--fail", "bug"], (ValueError,), is_user_error=is_device)
+    # A value argparse rejects: argparse's own message, and its exit status returned instead of raised.
+    capsys.readouterr()
+    assert run_cli(parser, run, ["--mode", "c"], (ValueError,)) == 2
+    assert "invalid choice: 'c'" in capsys.readouterr().err
+
+
+def test_setup_distributed_cuda_without_gpu_is_device_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(DeviceError, match="--device cpu"):
+        trainkit.setup_distributed("cuda")
+    assert issubclass(DeviceError, RuntimeError)  # callers catching RuntimeError still do
+
+
+# ------------------------------------------------------------------------------------------- resume
+
+
+_MUST_MATCH = ("lr", "width")
+
+
+class _Toy(torch.nn.Module):
+    """Linear -> BatchNorm1d -> ReLU -> Dropout -> Linear: parameters, running statistics and RNG use."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(4, width), torch.nn.BatchNorm1d(width), torch.nn.ReLU(),
+                                       torch.nn.Dropout(0.3), torch.nn.Linear(width, 3))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def _toy_run(out: Path, epochs: int, resume: bool = False, stop_after=None, width: int = 8) -> ResumePoint:
+    """A miniature trainer walked exactly as densenet.train / segmentation.train walk trainkit."""
+    args = {"lr": 0.1, "width": width, "seed": 3}
+    path = str(out / "checkpoint.pt")
+    ckpt = load_resume_checkpoint(path, args, _MUST_MATCH, kind="toy") if resume else None
+    seed_everything(args["seed"])
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(30, 4, generator=g), torch.randint(0, 3, (30,), generator=g))
+    shuffle = torch.Generator()
+    loader = torch.utils.data.DataLoader(data, batch_size=8, shuffle=True, generator=shuffle, drop_last=True)
+    model = _Toy(width)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args["lr"], momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    start = restore_training_state(ckpt, path, model, optimizer, scheduler) if ckpt else ResumePoint()
+    iteration = start.iteration
+    for epoch in range(start.epoch + 1, epochs + 1):
+        set_epoch_seed(shuffle, args["seed"], epoch)
+        model.train()
+        for x, y in loader:
+            x = x + 0.01 * torch.randn_like(x)  # an "augmentation" drawing from the global RNG
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            iteration += 1
+        scheduler.step()
+        save_training_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch,
+                                 iteration=iteration, args=args, elapsed=float(epoch))
+        if stop_after_reached(stop_after, epoch - start.epoch, epoch, epochs):
+            break
+    return start
+
+
+def test_resume_two_epochs_equal_one_plus_resume_plus_one_bitwise(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    _toy_run(tmp_path / "a", epochs=2)
+    _toy_run(tmp_path / "b", epochs=2, stop_after=1)
+    half = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    assert half["epoch"] == 1 and half["iteration"] == 3 and half["elapsed"] == 1.0
+    seed_everything(12345)  # the resumed process starts from scrambled RNGs
+    torch.rand(100)
+    start = _toy_run(tmp_path / "b", epochs=2, resume=True)
+    assert start == ResumePoint(epoch=1, iteration=3, elapsed=1.0, rng_exact=True, resumed=True)
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 2 and a["iteration"] == b["iteration"] == 6
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for k, state in a["optimizer"]["state"].items():
+        assert torch.equal(state["momentum_buffer"], b["optimizer"]["state"][k]["momentum_buffer"])
+    assert a["scheduler"] == b["scheduler"]
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])  # the RNG streams ended in the same place
+
+
+def test_resume_refuses_other_settings_and_misfit_states(tmp_path):
+    _toy_run(tmp_path, epochs=1)
+    path = str(tmp_path / "checkpoint.pt")
+    with pytest.raises(ResumeError, match=r"--width 8 \(now 16\)"):
+        load_resume_checkpoint(path, {"lr": 0.1, "width": 16}, _MUST_MATCH, kind="toy")
+    with pytest.raises(ResumeError, match="not found"):
+        load_resume_checkpoint(str(tmp_path / "nope.pt"), {}, (), kind="toy")
+    ckpt = load_resume_checkpoint(path, {"lr": 0.1, "width": 8}, _MUST_MATCH, kind="toy")
+    wide = _Toy(16)
+    with pytest.raises(ResumeError, match="does not fit") as e:
+        restore_training_state(ckpt, path, wide, torch.optim.SGD(wide.parameters(), lr=0.1))
+    assert path in str(e.value) and isinstance(e.value.__cause__, RuntimeError)
+    broken = dict(ckpt, rng={"torch": torch.get_rng_state()})  # numpy/python states missing
+    model = _Toy(8)
+    with pytest.raises(ResumeError, match="malformed RNG state"):
+        restore_training_state(broken, path, model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+
+
+def test_restore_picks_this_ranks_rng_state(tmp_path):
+    states = []
+    for seed in (1, 2):
+        seed_everything(seed)
+        states.append(rng_state())
+    model = _Toy()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    path = str(tmp_path / "c.pt")
+    save_training_checkpoint(path, model=model, optimizer=opt, scheduler=torch.optim.lr_scheduler.StepLR(opt, 1),
+                             epoch=4, iteration=40, args={"x": 1}, rng_per_rank=states, num_classes=3)
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["num_classes"] == 3 and torch.equal(ckpt["rng"]["torch"], states[0]["torch"])
+    point = restore_training_state(ckpt, path, model, opt, rank=1, world_size=2)
+    assert point.rng_exact and point.epoch == 4 and point.iteration == 40
+    seed_everything(2)
+    expect = torch.rand(3)
+    restore_training_state(ckpt, path, model, opt, rank=1, world_size=2)
+    assert torch.equal(torch.rand(3), expect)
+    # Another number of processes: rank 0's state, flagged as not exact.
+    assert not restore_training_state(ckpt, path, model, opt, rank=0, world_size=3).rng_exact
+    seed_everything(1)
+    expect = torch.rand(3)
+    restore_training_state(ckpt, path, model, opt, rank=2, world_size=3)
+    assert torch.equal(torch.rand(3), expect)
+
+
+def test_stop_after_counts_this_process():
+    check_stop_after(None)
+    check_stop_after(1)
+    with pytest.raises(ValueError, match="--stop-after"):
+        check_stop_after(0)
+    assert not stop_after_reached(None, 5, 5, 10)
+    assert stop_after_reached(2, 2, 2, 10)
+    assert not stop_after_reached(2, 1, 5, 10)  # resumed at 4: one epoch of this process so far
+    assert stop_after_reached(2, 2, 6, 10)
+    assert not stop_after_reached(1, 1, 10, 10)  # the last epoch finishes the run normally
+
+
+def test_stop_after_resume_chain_matches_straight_run(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    _toy_run(tmp_path / "a", epochs=3)
+    _toy_run(tmp_path / "b", epochs=3, stop_after=1)
+    assert _toy_run(tmp_path / "b", epochs=3, resume=True, stop_after=1).epoch == 1
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["epoch"] == 2
+    assert _toy_run(tmp_path / "b", epochs=3, resume=True, stop_after=1).epoch == 2
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_set_epoch_seed_orders_depend_on_seed_epoch_rank_only():
+    data = torch.utils.data.TensorDataset(torch.arange(20))
+    gen = torch.Generator()
+    loader = torch.utils.data.DataLoader(data, batch_size=20, shuffle=True, generator=gen)
+
+    def order(seed, epoch, rank=0):
+        set_epoch_seed(gen, seed, epoch, rank)
+        torch.rand(5)  # the global RNG plays no part
+        return next(iter(loader))[0].tolist()
+
+    assert order(0, 1) == order(0, 1) and sorted(order(0, 1)) == list(range(20))
+    assert order(0, 1) != order(0, 2) and order(0, 1) != order(1, 1) and order(0, 1) != order(0, 1, rank=1)
+
+
+# ------------------------------------------------------------------------------------------- memory meter
+
+
+def _conv_iabn(norm: str) -> torch.nn.Module:
+    from inplace_abn import InPlaceABN
+
+    layers = [torch.nn.Conv2d(3, 8, 3, padding=1, bias=False)]
+    if norm == "bn":
+        layers += [torch.nn.BatchNorm2d(8), torch.nn.LeakyReLU(0.01)]
+    else:
+        layers += [InPlaceABN(8, activation="leaky_relu", activation_param=0.01)]
+    layers += [torch.nn.Conv2d(8, 4, 1), torch.nn.Dropout(0.2)]
+    return torch.nn.Sequential(*layers)
+
+
+def _step(model: torch.nn.Module) -> torch.Tensor:
+    x = torch.empty(2, 3, 10, 12).normal_()
+    return model(x).logsumexp(1).mean()
+
+
+@pytest.mark.parametrize("norm", ["bn", "iabn"])
+def test_meter_equals_a_direct_count(norm):
+    from inplace_abn.memory import parameters_of, saved_tensor_bytes
+
+    before = torch.get_rng_state()
+    meta = saved_bytes_on_meta(lambda: _conv_iabn(norm), _step)
+    assert torch.equal(torch.get_rng_state(), before)  # the meter leaves the global RNG alone
+    model = _conv_iabn(norm).train()
+    real, _loss, _ = saved_tensor_bytes(lambda: _step(model), exclude=parameters_of(model))
+    assert meta == real > 0
+
+
+def test_compare_saved_memory_and_line():
+    counted = []
+
+    def count(norm):
+        counted.append(norm)
+        return {"bn": 3 * 2**20, "iabn": 2**20}[norm]
+
+    mem = compare_saved_memory(count, "iabn")
+    assert counted == ["iabn", "bn"]
+    assert mem.as_dict() == {"bn_mib": 3.0, "norm_mib": 1.0, "ratio": 1 / 3}
+    assert mem.line("float32 training step, batch 2 x 3 x 8 x 8") == (
+        "activation memory saved vs BatchNorm: 3.0 MiB -> 1.0 MiB (0.33x) [saved for backward by one float32 "
+        "training step, batch 2 x 3 x 8 x 8, norm=bn -> norm=iabn, parameters excluded]")
+    counted.clear()
+    same = compare_saved_memory(count, "bn")
+    assert counted == ["bn"] and same.ratio == 1.0  # the baseline itself is counted once
+    real = compare_saved_memory(lambda norm: saved_bytes_on_meta(lambda: _conv_iabn(norm), _step), "iabn")
+    assert real.norm_bytes < real.bn_bytes
