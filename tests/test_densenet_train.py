@@ -1,9 +1,11 @@
-"""densenet.train / densenet.data: CLI smoke run, exact resume, local CIFAR-10 loader and its error messages."""
+"""densenet.train / densenet.data: CLI smoke run, exact resume, stop-after, the train_one_epoch/evaluate walk,
+the Dataset and its augmentation, the saved-memory figure, local CIFAR-10 loader and its error messages."""
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import pickle
 import sys
@@ -211,3 +213,83 @@ def test_digits_without_sklearn_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # makes `from sklearn.datasets import ...` fail
     with pytest.raises(DataError, match="pip install scikit-learn"):
         dn_data.load_digits_tensors()
+
+
+# ------------------------------------------------------------------------------------------- structure
+
+
+def test_norm_and_memory_are_argparse_choices(tmp_path, capsys):
+    from densenet.model import MEMORY_MODES, NORMS
+
+    actions = {a.dest: a for a in dn_train.build_parser()._actions}
+    assert tuple(actions["norm"].choices) == NORMS and tuple(actions["memory"].choices) == MEMORY_MODES
+    assert dn_train.main(_tiny_args(tmp_path / "o", "--norm", "gn")) == 2
+    assert "invalid choice: 'gn'" in capsys.readouterr().err
+
+
+def test_stop_after_counts_epochs_of_this_process(tmp_path):
+    _write_cifar(tmp_path / "data", n=12)
+    common = ["--data", "cifar10", "--data-dir", str(tmp_path / "data"), "--epochs", "3", "--limit-train", "40",
+              "--limit-test", "8", "--dtype", "float64"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert dn_train.main(_tiny_args(straight, *common)) == 0
+    ckpt = str(split / "checkpoint.pt")
+    assert dn_train.main(_tiny_args(split, *common, "--stop-after", "1")) == 0
+    assert dn_train.main(_tiny_args(split, *common, "--stop-after", "1", "--resume", ckpt)) == 0
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 2 and not (split / "final.json").exists()
+    assert dn_train.main(_tiny_args(split, *common, "--stop-after", "1", "--resume", ckpt)) == 0  # last epoch
+    assert json.loads((split / "final.json").read_text())["epochs"] == 3
+    a, b = _params(straight / "checkpoint.pt"), _params(split / "checkpoint.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert dn_train.main(_tiny_args(tmp_path / "o", *common, "--stop-after", "0")) == 2
+
+
+def test_train_one_epoch_and_evaluate_directly():
+    torch.manual_seed(0)
+    x, y = torch.randn(20, 3, 8, 8), torch.randint(0, 10, (20,))
+    ds = dn_data.ImageTensorDataset(x, y)
+    model = dn_train.densenet_bc(10, growth_rate=4, num_classes=10)
+    crit = torch.nn.CrossEntropyLoss()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    args = dn_train.build_parser().parse_args(["--epochs", "1", "--no-progress"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    loader = torch.utils.data.DataLoader(ds, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0))
+    loss, acc = dn_train.train_one_epoch(model, crit, opt, loader, torch.device("cpu"), 1, args)
+    assert math.isfinite(loss) and 0.0 <= acc <= 1.0
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    test_loss, test_acc = dn_train.evaluate(model, crit, torch.utils.data.DataLoader(ds, batch_size=7),
+                                            torch.device("cpu"))
+    assert not model.training
+    with torch.no_grad():
+        logits = model(x)
+    assert test_loss == pytest.approx(torch.nn.functional.cross_entropy(logits, y).item(), rel=1e-5)
+    assert test_acc == (logits.argmax(1) == y).sum().item() / len(y)
+
+
+def test_dataset_augmentation_and_seeded_loader():
+    x, y = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).view(2, 3, 6, 6), torch.tensor([3, 5])
+    assert torch.equal(dn_data.ImageTensorDataset(x, y, dn_data.RandomCropFlip(0, 0.0))[1][0], x[1])
+    flip = dn_data.ImageTensorDataset(x, y, dn_data.RandomCropFlip(0, 1.0))[0]
+    assert torch.equal(flip[0], x[0].flip(-1)) and flip[1].item() == 3
+    aug = dn_data.RandomCropFlip(padding=4)
+    torch.manual_seed(1)
+    a = aug(x[0])
+    torch.manual_seed(1)
+    assert torch.equal(aug(x[0]), a) and a.shape == x[0].shape
+    # Every output pixel is an input pixel or zero padding.
+    assert set(a.unique().tolist()) <= set(x[0].unique().tolist()) | {0.0}
+    with pytest.raises(ValueError, match="labels"):
+        dn_data.ImageTensorDataset(x, y[:1])
+
+
+def test_saved_mib_is_the_meters_exact_count(tmp_path):
+    from inplace_abn.memory import parameters_of, saved_tensor_bytes
+
+    args = dn_train.build_parser().parse_args(["--depth", "10", "--growth-rate", "4", "--memory", "efficient"])
+    mem = dn_train.saved_memory(args, 16, (3, 16, 16))
+    model = dn_train.densenet_bc(10, growth_rate=4, norm="iabn", memory="efficient", num_classes=10).train()
+    x, y = torch.randn(16, 3, 16, 16), torch.randint(0, 10, (16,))
+    real, _loss, _ = saved_tensor_bytes(lambda: torch.nn.functional.cross_entropy(model(x.clone()), y),
+                                        exclude=parameters_of(model))
+    assert mem.norm_bytes == real
+    assert mem.norm_bytes < mem.bn_bytes and "memory=checkpoint" in mem.baseline

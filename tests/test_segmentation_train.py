@@ -181,6 +181,65 @@ def test_resume_refuses_different_settings(data_dir, tmp_path, capsys):
     assert rc == 2 and "--width" in capsys.readouterr().err
 
 
+def test_stop_after_counts_epochs_of_this_process_with_iters(data_dir, tmp_path):
+    # --iters 8 at 3 iterations per epoch: epochs of 3, 3 and a partial 2; stopped after each epoch of a process.
+    common = ["--iters", "8", "--eval-every", "0", "--save-predictions", "0", "--stop-after", "1"]
+    straight = seg_train.run(_args(*_tiny(data_dir, tmp_path / "a", "--iters", "8", "--eval-every", "0",
+                                          "--save-predictions", "0")))
+    ckpt = str(tmp_path / "b" / "checkpoint.pt")
+    parts = [seg_train.run(_args(*_tiny(data_dir, tmp_path / "b", *common)))]
+    for _ in range(2):
+        parts.append(seg_train.run(_args(*_tiny(data_dir, tmp_path / "b", *common, "--resume", ckpt))))
+    assert [p.get("stopped_after") for p in parts] == [1, 2, None] and [len(p["losses"]) for p in parts] == [3, 3, 2]
+    assert straight["losses"] == [v for p in parts for v in p["losses"]]
+    assert parts[-1]["iterations"] == straight["iterations"] == 8 and (tmp_path / "b" / "final.json").exists()
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    b = torch.load(ckpt, weights_only=True)
+    assert a["iteration"] == b["iteration"] == 8 and a["scheduler"] == b["scheduler"]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_train_one_epoch_stops_at_the_iteration_budget(data_dir):
+    from segmentation import build_model
+    from segmentation.data import CityscapesSegmentation
+    from segmentation.transforms import train_transform
+
+    args = _args(*_tiny(data_dir, Path("unused"), "--iters", "5"))
+    ds = CityscapesSegmentation(str(data_dir), "train", train_transform(48, scale=None, flip_p=0.0))
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, drop_last=True)  # 3 batches
+    model = build_model("wrn38", seg_train.NUM_CLASSES, norm="iabn", width=float(WIDTH))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    sched = seg_train.PolyLR(opt, max_iters=5)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    kw = dict(scheduler=sched, scaler=scaler, max_iters=5)
+    first = seg_train.train_one_epoch(model, seg_train._loss, opt, loader, torch.device("cpu"), 1, args,
+                                      iteration=0, **kw)
+    assert first.iteration == 3 and len(first.losses) == 3
+    assert first.loss == pytest.approx(sum(first.losses) / 3, rel=1e-12)
+    second = seg_train.train_one_epoch(model, seg_train._loss, opt, loader, torch.device("cpu"), 2, args,
+                                       iteration=first.iteration, **kw)
+    assert second.iteration == 5 and len(second.losses) == 2 and sched.last_epoch == 5
+    assert opt.param_groups[0]["lr"] == 0.0
+
+
+def test_saved_memory_line_is_the_trainkit_meter():
+    args = _args("--data", ".", "--arch", "wrn38", "--width", WIDTH, "--crop", "32", "--norm", "iabn")
+    mem = seg_train.saved_memory(args, batch=2)
+    assert mem.as_dict() == seg_train.memory_report(args, batch=2)
+    assert mem.bn_bytes == seg_train.activation_bytes("wrn38", "bn", seg_train.NUM_CLASSES, float(WIDTH), 16, 2, 32)
+    assert mem.norm_bytes == seg_train.activation_bytes("wrn38", "iabn", seg_train.NUM_CLASSES, float(WIDTH), 16,
+                                                        2, 32)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_gpu_is_one_line_rc2(data_dir, tmp_path, capsys):
+    argv = _tiny(data_dir, tmp_path, "--iters", "1")
+    argv[argv.index("--device") + 1] = "cuda"
+    assert seg_train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "no CUDA GPU" in err and "Traceback" not in err
+
+
 # ------------------------------------------------------------------------------------------- errors
 
 
