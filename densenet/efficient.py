@@ -24,13 +24,9 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from inplace_abn import InPlaceABN, _ops
-from inplace_abn._python_ops import opmath_dtype
-from inplace_abn.functions import (
-    _check_count,
-    _local_backward,
-    check_activation,
-)
+from inplace_abn import InPlaceABN, _ops, activations, validation
+from inplace_abn._ops import opmath_dtype
+from inplace_abn.functions import LayerConfig, layer_backward
 
 __all__ = ["efficient_bottleneck", "EfficientBottleneckFunction", "SharedBuffer"]
 
@@ -67,9 +63,9 @@ class SharedBuffer:
 class EfficientBottleneckFunction(torch.autograd.Function):
     """``conv2d(iabn(cat(features, 1)), conv_weight)`` saving only the features and per-channel statistics.
 
-    Arguments of ``apply``: weight, bias, running_mean, running_var (tensors or None), conv_weight,
-    config = (training, momentum, eps, activation, activation_param, shared buffer), then the features as
-    separate arguments (never one list, so autograd sees each of them).
+    Arguments of ``apply``: weight, bias, running_mean, running_var (tensors or None), conv_weight, the
+    layer's :class:`~inplace_abn.functions.LayerConfig`, the block's :class:`SharedBuffer`, then the features
+    as separate arguments (never one list, so autograd sees each of them).
     """
 
     @staticmethod
@@ -80,15 +76,17 @@ class EfficientBottleneckFunction(torch.autograd.Function):
         running_mean: Optional[Tensor],
         running_var: Optional[Tensor],
         conv_weight: Tensor,
-        config: Tuple[bool, float, float, str, float, SharedBuffer],
+        config: LayerConfig,
+        shared: SharedBuffer,
         *features: Tensor,
     ) -> Tensor:
-        training, momentum, eps, act, slope, shared = config
+        training, momentum, eps = config.training, config.momentum, config.eps
+        act, slope = config.activation, config.activation_param
         buf = _concat(shared, features)  # scratch: overwritten in place, never saved
         stat_dtype = opmath_dtype(buf.dtype)
         count = buf.numel() // buf.size(1)
         if training:
-            _check_count(count, buf.shape)
+            validation.check_count(count, buf.shape)
             # The running statistics are updated here, once per step: backward recomputes nothing of them.
             mean, var = _ops.forward_train_(buf, weight, bias, running_mean, running_var, momentum, eps, act, slope)
         else:
@@ -98,18 +96,19 @@ class EfficientBottleneckFunction(torch.autograd.Function):
             _ops.forward_(buf, mean, var, weight, bias, eps, act, slope)
         out = torch.nn.functional.conv2d(buf, conv_weight)
         ctx.save_for_backward(mean, var, weight, bias, conv_weight, *features)
-        ctx.config = (training, eps, act, slope, shared)
+        ctx.config, ctx.shared = config, shared
         ctx.sizes = [f.size(1) for f in features]
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_out: Tensor):  # type: ignore[override]
-        training, eps, act, slope, shared = ctx.config
+        config, shared = ctx.config, ctx.shared
+        eps, act, slope = config.eps, config.activation, config.activation_param
         mean, var, weight, bias, conv_weight, *features = ctx.saved_tensors
         needs = ctx.needs_input_grad
         need_w, need_b, need_cw = needs[0], needs[1], needs[4]
-        need_feats = needs[6:]
+        need_feats = needs[7:]
         need_dx = any(need_feats)
 
         # Rebuild the activated buffer exactly as in forward (saved statistics, no running-stat update).
@@ -124,16 +123,15 @@ class EfficientBottleneckFunction(torch.autograd.Function):
 
         dx = dweight = dbias = None
         if need_dy:
-            dx, dweight, dbias = _local_backward(
-                y, dy, var, weight, bias, training, need_dx, need_w, need_b, eps, act, slope
-            )
+            count = y.numel() // y.size(1)
+            dx, dweight, dbias = layer_backward(y, dy, var, weight, bias, config, count, (need_dx, need_w, need_b))
         del y
         if need_dx:
             parts = torch.split(dx, ctx.sizes, 1)
             dfeats = tuple(p if n else None for p, n in zip(parts, need_feats))
         else:
             dfeats = (None,) * len(ctx.sizes)
-        return (dweight, dbias, None, None, dconv_w if need_cw else None, None) + dfeats
+        return (dweight, dbias, None, None, dconv_w if need_cw else None, None, None) + dfeats
 
 
 def _concat(shared: SharedBuffer, features: Tuple[Tensor, ...]) -> Tensor:
@@ -158,7 +156,7 @@ def efficient_bottleneck(
     """
     if not isinstance(norm, InPlaceABN):
         raise ValueError(f'memory="efficient" requires norm="iabn" (an InPlaceABN), got {type(norm).__name__}')
-    act, slope = check_activation(norm.activation, norm.activation_param)
+    act, slope = activations.resolve(norm.activation, norm.activation_param)
     if act == "leaky_relu" and slope == 0.0:
         raise ValueError('memory="efficient" needs an invertible activation (leaky_relu slope > 0, elu, identity)')
     if (
@@ -174,10 +172,12 @@ def efficient_bottleneck(
             f"efficient_bottleneck: the features have {sum(f.size(1) for f in features)} channels in all, "
             f"norm has num_features={norm.num_features}"
         )
-    training, momentum, running_mean, running_var = norm._training_args()  # advances num_batches_tracked once
+    training, momentum, running_mean, running_var = norm._batch_norm_args()
     if not training and running_mean is None:
         raise ValueError("running_mean and running_var are required in eval mode")
-    config = (bool(training), float(momentum), float(norm.eps), act, float(slope), shared or SharedBuffer())
-    return EfficientBottleneckFunction.apply(
-        norm.weight, norm.bias, running_mean, running_var, conv.weight, config, *features
+    config = LayerConfig(bool(training), float(momentum), float(norm.eps), act, float(slope))
+    out = EfficientBottleneckFunction.apply(
+        norm.weight, norm.bias, running_mean, running_var, conv.weight, config, shared or SharedBuffer(), *features
     )
+    norm._count_batch()
+    return out

@@ -8,7 +8,7 @@ A drop-in replacement for inplace-abn 1.1.0: ``ABN``, ``InPlaceABN``, ``InPlaceA
 from __future__ import annotations
 
 from . import _backend  # first: loads the extension so the ops exist before anything registers on them
-from . import _ops, reference
+from . import _ops, activations, reference
 from ._backend import extension_loaded, get_backend, set_backend, use_backend
 from ._version import __version__
 from .abn import ABN, InPlaceABN, InPlaceABNSync
@@ -45,5 +45,6 @@ __all__ = [
     "use_backend",
     "extension_loaded",
     "reference",
+    "activations",
     "__version__",
 ]

@@ -105,4 +105,4 @@ def has_kernel(device_type: str) -> bool:
     if not extension_loaded():
         return False
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("inplace_abn::statistics", key)
+    return key is not None and torch.ops.inplace_abn.statistics.default.has_kernel_for_dispatch_key(key)

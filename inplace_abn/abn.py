@@ -13,8 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._python_ops import _constant
-from .functions import _warn_non_invertible, check_activation, inplace_abn, inplace_abn_sync
+from . import activations
+from .functions import inplace_abn, inplace_abn_sync
 
 __all__ = ["ABN", "InPlaceABN", "InPlaceABNSync"]
 
@@ -58,7 +58,7 @@ class ABN(nn.Module):
             raise ValueError(f"eps must be > 0, got {eps!r}")
         if momentum is not None and not 0.0 <= momentum <= 1.0:
             raise ValueError(f"momentum must be in [0, 1] or None (cumulative average), got {momentum!r}")
-        check_activation(activation, activation_param)
+        activations.resolve(activation, activation_param)
         self.num_features = num_features
         self.eps = eps
         self.momentum = momentum
@@ -94,35 +94,31 @@ class ABN(nn.Module):
             nn.init.ones_(self.weight)
             nn.init.zeros_(self.bias)
 
-    def _batch_args(self, x: Tensor) -> Tuple[bool, float, Optional[Tensor], Optional[Tensor]]:
-        """Validates the input, then ``_training_args``."""
-        self._check_input_dim(x)
-        return self._training_args()
+    def _batch_norm_args(self) -> Tuple[bool, float, Optional[Tensor], Optional[Tensor]]:
+        """Applies nn.BatchNorm's rules; returns (use batch statistics,
+        momentum, running_mean, running_var) for the functional call. Changes no state: the caller
+        advances ``num_batches_tracked`` with :meth:`_count_batch` once the call succeeded, so a refused
+        call leaves it alone.
 
-    def _training_args(self) -> Tuple[bool, float, Optional[Tensor], Optional[Tensor]]:
-        """Validates the activation, then applies nn.BatchNorm's rules (in this order, so that a bad call
-        leaves num_batches_tracked alone); returns (training, momentum, running_mean, running_var) for
-        the functional call, advancing num_batches_tracked in training.
-
-        Rules: momentum None is a cumulative average; eval without buffers uses batch statistics; training
-        without track_running_stats passes no buffers. Each attribute is read once (module attribute
-        reads cost microseconds per call on small layers).
+        Rules: momentum None is a cumulative average over the batches counted so far, this one included;
+        eval without buffers uses batch statistics; training without track_running_stats passes no buffers.
         """
-        check_activation(self.activation, self.activation_param)
         training, momentum = self.training, self.momentum
         running_mean, running_var = self.running_mean, self.running_var
         if training and self.track_running_stats:
-            tracked = self.num_batches_tracked
-            if tracked is not None:
-                tracked.add_(_constant(1, tracked.dtype, tracked.device))  # no wrapped number per step
-                if momentum is None:
-                    momentum = 1.0 / float(tracked)
+            if momentum is None and self.num_batches_tracked is not None:
+                momentum = 1.0 / (float(self.num_batches_tracked) + 1.0)
         elif training:
             running_mean = running_var = None
         if momentum is None:
             momentum = 0.0
         use_batch_stats = training or (running_mean is None and running_var is None)
         return use_batch_stats, momentum, running_mean, running_var
+
+    def _count_batch(self) -> None:
+        """Advances ``num_batches_tracked`` after a training step, as nn.BatchNorm does."""
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
 
     def _check_input_dim(self, x: Tensor) -> None:
         if not isinstance(x, Tensor) or x.dim() < 2:
@@ -135,14 +131,12 @@ class ABN(nn.Module):
             )
 
     def forward(self, x: Tensor) -> Tensor:
-        training, momentum, running_mean, running_var = self._batch_args(x)
-        activation, param = check_activation(self.activation, self.activation_param)
-        x = F.batch_norm(x, running_mean, running_var, self.weight, self.bias, training, momentum, self.eps)
-        if activation == "leaky_relu":
-            return F.leaky_relu(x, param, inplace=True)
-        if activation == "elu":
-            return F.elu(x, param, inplace=True)
-        return x
+        self._check_input_dim(x)
+        training, momentum, running_mean, running_var = self._batch_norm_args()
+        activation, param = activations.resolve(self.activation, self.activation_param)
+        y = F.batch_norm(x, running_mean, running_var, self.weight, self.bias, training, momentum, self.eps)
+        self._count_batch()
+        return activations.get(activation).apply_(y, param)
 
     def _load_from_state_dict(
         self,
@@ -194,16 +188,18 @@ class InPlaceABN(ABN):
         activation_param: float = 0.01,
     ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, activation, activation_param)
-        name, param = check_activation(activation, activation_param)
-        if name == "leaky_relu" and param == 0.0:
-            _warn_non_invertible()
+        if not activations.is_invertible(activation, activation_param):
+            activations.warn_non_invertible()
 
     def forward(self, x: Tensor) -> Tensor:
-        training, momentum, running_mean, running_var = self._batch_args(x)
-        return inplace_abn(
+        self._check_input_dim(x)
+        training, momentum, running_mean, running_var = self._batch_norm_args()
+        y = inplace_abn(
             x, self.weight, self.bias, running_mean, running_var, training, momentum, self.eps,
             self.activation, self.activation_param,
         )  # fmt: skip
+        self._count_batch()
+        return y
 
 
 class InPlaceABNSync(ABN):
@@ -232,8 +228,11 @@ class InPlaceABNSync(ABN):
         self.group = group
 
     def forward(self, x: Tensor) -> Tensor:
-        training, momentum, running_mean, running_var = self._batch_args(x)
-        return inplace_abn_sync(
+        self._check_input_dim(x)
+        training, momentum, running_mean, running_var = self._batch_norm_args()
+        y = inplace_abn_sync(
             x, self.weight, self.bias, running_mean, running_var, training, momentum, self.eps,
             self.activation, self.activation_param, self.group,
         )  # fmt: skip
+        self._count_batch()
+        return y

@@ -1,4 +1,4 @@
-"""Exact accounting of the memory autograd keeps for backward (shared spec ``measuring.md``).
+"""Exact accounting of the memory autograd keeps for backward (docs/measuring.md).
 
 Counts the bytes of every tensor saved for backward while a function runs, de-duplicated by storage,
 excluding parameter storages. Deterministic, allocator-independent, and it works on ``device="meta"``,
@@ -11,14 +11,15 @@ from typing import Any, Callable, Dict, Iterable, Tuple
 
 import torch
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
 
 __all__ = ["saved_tensor_bytes", "parameters_of"]
 
 
 def _storage_key(t: torch.Tensor) -> Any:
-    storage = t.untyped_storage()
-    # Meta storages all report data_ptr 0: key them by the address of the C++ storage object instead.
-    return storage._cdata if t.device.type == "meta" else (t.device, storage.data_ptr())
+    # The identity of the storage object itself, not its data pointer: meta storages all report
+    # data_ptr 0. Stable while the tensor lives, and saved_tensor_bytes keeps every counted tensor alive.
+    return StorageWeakRef(t.untyped_storage())
 
 
 def saved_tensor_bytes(

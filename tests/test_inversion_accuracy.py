@@ -316,9 +316,9 @@ def test_elu_saturation_recover_is_finite(backend):
 @pytest.mark.parametrize("spelling", [("relu", 0.01), ("leaky_relu", 0.0)], ids=["relu", "leaky_relu-0"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 def test_relu_module_gradients(backend, spelling, dtype):
-    import inplace_abn.functions as fns
+    import inplace_abn.activations as acts
 
-    fns._warned_non_invertible = False  # the warning is once per process; re-arm it for this check
+    acts._warned_non_invertible = False  # the warning is once per process; re-arm it for this check
     with pytest.warns(RuntimeWarning, match="not invertible"):
         m = inplace_abn.InPlaceABN(5, activation=spelling[0], activation_param=spelling[1]).to(dtype)
     with torch.no_grad():

@@ -14,10 +14,9 @@ from inplace_abn.memory import parameters_of, saved_tensor_bytes
 SHAPE = (4, 16, 12, 10)
 ACT_BYTES = 4 * 16 * 12 * 10 * 4  # one float32 activation
 VEC_BYTES = 16 * 4  # one float32 per-channel vector
-# Per-channel vectors a training layer keeps besides y: the compiled backward needs the variance; the
-# pure-PyTorch one keeps the two constants of its ATen batch-norm backward instead (computed in forward,
-# where they cost no extra ATen calls; see _python_ops._batch_norm_backward_weights).
-STATE_VECTORS = {"cpp": 1, "python": 2}
+# Per-channel vectors a training layer keeps besides y: the variance, on both backends (the saved state of
+# InPlaceABNFunction is the same for every backend and mode).
+STATE_VECTORS = {"cpp": 1, "python": 1}
 
 
 def _saved(layer: nn.Module, device: str = "cpu") -> int:

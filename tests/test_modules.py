@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 import inplace_abn
-import inplace_abn.functions as functions
+import inplace_abn.activations as activations
 from inplace_abn import ABN, InPlaceABN, InPlaceABNSync
 from inplace_abn.reference import batch_norm_act
 
@@ -32,7 +32,7 @@ def _no_dist():
 @pytest.fixture
 def fresh_relu_warning(monkeypatch):
     """Re-arms the once-per-process ReLU warning for the duration of a test."""
-    monkeypatch.setattr(functions, "_warned_non_invertible", False)
+    monkeypatch.setattr(activations, "_warned_non_invertible", False)
 
 
 @pytest.fixture
@@ -283,7 +283,7 @@ def test_inplace_layers_scale_by_abs_weight_plus_eps(cls, quiet):
 def test_sync_without_distributed_warns_and_equals_inplace_abn(monkeypatch):
     """Training without torch.distributed warns once per process; eval needs no collective and never warns."""
     assert _no_dist()
-    monkeypatch.setattr(inplace_abn.functions, "_warned_no_distributed", False)
+    monkeypatch.setattr(inplace_abn.sync, "_warned_no_distributed", False)
     a, s = InPlaceABN(4), InPlaceABNSync(4)
     _set_random_state(a)
     s.load_state_dict(a.state_dict())
@@ -417,39 +417,19 @@ def test_create_graph_gives_first_order_grads_and_refuses_second_order(backend):
 
 
 def test_torch_func_transforms_get_pytorchs_refusal(backend):
-    """Under torch.func transforms the layer goes through autograd.Function's Python apply (not the direct
-    C++ apply used otherwise), so vmap raises PyTorch's own error instead of running unbatched."""
+    """The layer's autograd.Function has no vmap rule: vmap raises PyTorch's own error instead of running
+    unbatched."""
     x = torch.randn(3, 2, 4, 5)
     weight, bias = torch.ones(4), torch.zeros(4)
     with pytest.raises(RuntimeError, match="setup_context"):
         torch.func.vmap(lambda t: inplace_abn.functions.inplace_abn(t.clone(), weight, bias, None, None))(x)
 
 
-def test_direct_apply_builds_the_same_graph(monkeypatch):
-    """The direct C++ apply (outside transforms and torch.compile) is the same call as Function.apply:
-    same gradients, and the same grad_fn node type."""
-    from inplace_abn import functions
-
-    assert functions._direct_apply is not None, "this torch lays out autograd.Function differently: update"
-    torch.manual_seed(0)
-    base = torch.randn(4, 3, 6, 5, dtype=torch.float64, requires_grad=True)
-    results = []
-    for direct in (True, False):
-        if not direct:
-            monkeypatch.setattr(functions, "_direct_apply", None)
-        layer = InPlaceABN(3).double()
-        y = layer(base * 1.0)
-        results.append((type(y.grad_fn).__name__, torch.autograd.grad(y.square().sum(), [base, layer.weight])))
-    assert results[0][0] == results[1][0] == "_InPlaceABNBackward"
-    for a, b in zip(results[0][1], results[1][1]):
-        assert_close(a, b, rtol=0, atol=0)
-
-
 @pytest.mark.skipif(not inplace_abn.extension_loaded(), reason="needs both backends")
 @pytest.mark.parametrize("forward_backend,backward_backend", [("python", "cpp"), ("cpp", "python")])
 def test_backend_may_change_between_forward_and_backward(forward_backend, backward_backend):
-    """The per-channel state a layer keeps for backward differs by backend ((var,) or the pure path's two
-    constants); either backward accepts either state and gives the same gradients."""
+    """Both backends keep the same state for backward (y, var); the backward of either backend takes the
+    state of either forward and gives the same gradients."""
     torch.manual_seed(0)
     base = torch.randn(4, 3, 6, 5, dtype=torch.float64, requires_grad=True)
     weight = torch.tensor([0.5, -2.0, 0.0], dtype=torch.float64)
@@ -504,7 +484,7 @@ def test_abn_relu_does_not_warn(fresh_relu_warning):
         m = ABN(4, activation="relu")
         y = m(torch.randn(2, 4, 3))
     assert (y >= 0).all() and (y == 0).any()
-    assert functions._warned_non_invertible is False
+    assert activations._warned_non_invertible is False
 
 
 # ---------------------------------------------------------------------------------------------------

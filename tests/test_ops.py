@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import inplace_abn
-from inplace_abn import _python_ops
+from inplace_abn import pure_backend
 
 pytestmark = pytest.mark.skipif(not inplace_abn.extension_loaded(), reason="compiled extension not built")
 
@@ -34,7 +34,7 @@ def _inputs(shape, dtype, layout):
 def _samples(op, dtype):
     shapes = [((4, 3, 5, 6), "contiguous"), ((4, 3, 5, 6), "channels_last"), ((4, 3, 5, 6), "strided"),
               ((7, 5), "contiguous"), ((2, 3, 2, 3, 4), "contiguous"), ((0, 3, 4), "contiguous")]  # fmt: skip
-    op_dtype = _python_ops.opmath_dtype(dtype)
+    op_dtype = pure_backend.opmath_dtype(dtype)
     for (shape, layout), (act, p) in zip(shapes, ACTIVATIONS * 2):
         x = _inputs(shape, dtype, layout)
         c = shape[1]
@@ -100,7 +100,7 @@ def test_forward_writes_in_place(layout):
     ptr, strides = x.data_ptr(), x.stride()
     expected = x.clone()
     mean, var = torch.zeros(3), torch.ones(3)
-    _python_ops.forward_(expected, mean, var, None, None, 1e-5, "leaky_relu", 0.1)
+    pure_backend.forward_(expected, mean, var, None, None, 1e-5, "leaky_relu", 0.1)
     torch.ops.inplace_abn.forward_(x, mean, var, None, None, 1e-5, "leaky_relu", 0.1)
     assert x.data_ptr() == ptr and x.stride() == strides
     torch.testing.assert_close(x, expected)
@@ -125,12 +125,12 @@ def test_train_ops_equal_the_split_ops(dtype, layout):
     backward_reduce + backward, with grad_weight = sign(w) * sum_dz_xhat (sign(0) = +1) in the
     parameters' dtypes, on both backends."""
     torch.manual_seed(0)
-    op_dtype = _python_ops.opmath_dtype(dtype)
+    op_dtype = pure_backend.opmath_dtype(dtype)
     x = _inputs((4, 5, 3, 7), dtype, layout)
     w = torch.tensor([0.5, -1.0, 0.0, 2.0, -0.25], dtype=op_dtype)  # negative and zero weights
     b = torch.randn(5, dtype=op_dtype)
     count = x.numel() // 5
-    for ops in (torch.ops.inplace_abn, _python_ops):
+    for ops in (torch.ops.inplace_abn, pure_backend):
         y, rm, rv = x.clone(memory_format=torch.preserve_format), torch.randn(5), torch.rand(5) + 0.5
         rm0, rv0 = rm.clone(), rv.clone()
         mean, var = ops.forward_train_(y, w, b, rm, rv, 0.3, 1e-5, "leaky_relu", 0.05)
@@ -187,6 +187,6 @@ def test_pure_forward_train_rejects_one_value_per_channel_like_the_op(x_shape):
     x = torch.randn(x_shape)
     before, running_mean, running_var = x.clone(), torch.zeros(3), torch.ones(3)
     with pytest.raises(RuntimeError, match="running_var: the unbiased batch variance needs more than 1 value"):
-        _python_ops.forward_train_(x, None, None, running_mean, running_var, 0.1, 1e-5, "identity", 0.0)
+        pure_backend.forward_train_(x, None, None, running_mean, running_var, 0.1, 1e-5, "identity", 0.0)
     assert torch.equal(x, before)
     assert torch.equal(running_mean, torch.zeros(3)) and torch.equal(running_var, torch.ones(3))

@@ -183,7 +183,7 @@ def test_every_norm_activation_pair_uses_the_chosen_layer(arch: str) -> None:
 
 def test_iabn_sync_runs_on_one_process(monkeypatch) -> None:
     # The layer warns once per process: re-arm it, whichever test happened to trigger it first.
-    monkeypatch.setattr(inplace_abn.functions, "_warned_no_distributed", False)
+    monkeypatch.setattr(inplace_abn.sync, "_warned_no_distributed", False)
     model = build_model("resnet50", 3, norm="iabn_sync", width=WIDTH)
     x = torch.randn(2, 3, 32, 32, requires_grad=True)
     with pytest.warns(RuntimeWarning, match="not initialised"):

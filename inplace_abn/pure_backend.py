@@ -1,0 +1,288 @@
+"""The pure-PyTorch backend: the seven ``inplace_abn`` ops (schemas in src/ops.cpp) written with ATen calls.
+
+It runs when the compiled extension is not built, when ``INPLACE_ABN_BACKEND=python`` is set, and for
+devices without compiled kernels. Same signatures, same dtype rules (statistics in the opmath dtype:
+float64 for float64 inputs, float32 otherwise), same in-place behaviour as the compiled kernels. It is
+a backend, not a reference: it computes in the input's precision and is tested against the float64
+reference in ``reference.py``. The activation math comes from ``activations.py``; the derivation of
+every step is in ``docs/math.md``.
+
+Unlike the fused kernels, the backward functions here materialise full-size temporaries; the autograd
+graph still keeps only the layer's output.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import activations
+
+__all__ = [
+    "statistics",
+    "forward_",
+    "forward_train_",
+    "backward_reduce",
+    "backward",
+    "backward_train",
+    "invert",
+    "opmath_dtype",
+    "update_running_stats",
+    "weight_grad",
+]
+
+
+def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype of ``dtype``: float64 stays float64, everything else computes in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _channel_shape(x: Tensor) -> Tuple[int, ...]:
+    """The view shape that broadcasts a (C,) vector over an (N, C, *) tensor."""
+    return (1, -1) + (1,) * (x.dim() - 2)
+
+
+def _reduce_dims(x: Tensor) -> Tuple[int, ...]:
+    return (0,) + tuple(range(2, x.dim()))
+
+
+def _gamma_beta(
+    weight: Optional[Tensor], bias: Optional[Tensor], x: Tensor, eps: float, dtype: torch.dtype
+) -> Tuple[Tensor, Tensor]:
+    """(C,) vectors ``gamma = |w| + eps`` and ``beta = b`` (ones / zeros without affine), in ``dtype``."""
+    channels = x.size(1)
+    gamma = torch.ones(channels, dtype=dtype, device=x.device) if weight is None else _gamma(weight, eps, dtype)
+    beta = torch.zeros(channels, dtype=dtype, device=x.device) if bias is None else _cast(bias, dtype)
+    return gamma, beta
+
+
+def _gamma(weight: Tensor, eps: float, dtype: torch.dtype) -> Tensor:
+    """The layer's scale ``|weight| + eps`` (C,), in ``dtype``."""
+    return _cast(weight, dtype).abs().add_(eps)
+
+
+def _scale(var: Tensor, gamma: Optional[Tensor], eps: float, dtype: torch.dtype) -> Tensor:
+    """The normalisation's per-channel factor ``gamma / sqrt(var + eps)`` (C,), in ``dtype`` (gamma None: 1)."""
+    scale = _cast(var, dtype).add(eps).rsqrt_()
+    return scale if gamma is None else scale.mul_(gamma)
+
+
+def statistics(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance of ``x`` (N, C, *), in the opmath dtype (C,).
+
+    Two passes (the mean, then the centred sum of squares), so there is no cancellation.
+    """
+    dtype = opmath_dtype(x.dtype)
+    if x.numel() == 0:
+        nan = torch.full((x.size(1),), float("nan"), dtype=dtype, device=x.device)
+        return nan, nan.clone()
+    dims, count = _reduce_dims(x), x.numel() // x.size(1)
+    xs = _cast(x, dtype)
+    mean = xs.sum(dims).div_(count)
+    centred = xs - mean.view(_channel_shape(x))
+    return mean, centred.mul_(centred).sum(dims).div_(count)
+
+
+def forward_(
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: float,
+    activation: str,
+    activation_param: float,
+) -> None:
+    """Writes ``act(gamma * (x - mean) / sqrt(var + eps) + beta)`` over ``x`` (N, C, *)."""
+    dtype = opmath_dtype(x.dtype)
+    gamma, beta = _gamma_beta(weight, bias, x, eps, dtype)
+    scale = _scale(var, gamma, eps, dtype)
+    shift = beta - _cast(mean, dtype) * scale
+    shape = _channel_shape(x)
+    act = activations.get(activation)
+    if x.dtype == dtype:
+        act.apply_(x.mul_(scale.view(shape)).add_(shift.view(shape)), activation_param)
+    else:  # half types: normalise and activate in float32, round once
+        z = torch.addcmul(shift.view(shape), x.to(dtype), scale.view(shape))
+        x.copy_(act.apply_(z, activation_param))
+
+
+def update_running_stats(
+    running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, count: int, momentum: float
+) -> None:
+    """nn.BatchNorm's update, ``running += momentum * (batch - running)``, with the unbiased variance."""
+    running_mean.lerp_(_cast(mean, running_mean.dtype), momentum)
+    running_var.lerp_(_cast(var * (count / (count - 1)), running_var.dtype), momentum)
+
+
+def forward_train_(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    momentum: float,
+    eps: float,
+    activation: str,
+    activation_param: float,
+) -> Tuple[Tensor, Tensor]:
+    """``statistics`` then ``forward_``, and the running statistics (when given) updated; returns
+    (mean, biased var) (C,)."""
+    count = x.numel() // x.size(1) if x.size(1) else 0
+    if running_mean is not None and count <= 1:  # the compiled op's check, with its message
+        raise RuntimeError(
+            "running_var: the unbiased batch variance needs more than 1 value per channel, got input size "
+            f"{list(x.shape)}"
+        )
+    mean, var = statistics(x)
+    forward_(x, mean, var, weight, bias, eps, activation, activation_param)
+    if running_mean is not None:
+        update_running_stats(running_mean, running_var, mean, var, count, momentum)
+    return mean, var
+
+
+def _invert(
+    y: Tensor,
+    dy: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: float,
+    activation: str,
+    activation_param: float,
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """Recovers (x_hat, dz) from the output (docs/math.md steps 1-2), in the opmath dtype."""
+    dtype = opmath_dtype(y.dtype)
+    z, dz = _invert_activation(y, dy, activation, activation_param, dtype)
+    gamma, beta = _gamma_beta(weight, bias, y, eps, dtype)
+    shape = _channel_shape(y)
+    return (z - beta.view(shape)) / gamma.view(shape), dz
+
+
+def _invert_activation(
+    y: Tensor, dy: Optional[Tensor], activation: str, activation_param: float, dtype: torch.dtype
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """(z, dz) recovered from (y, dy) in ``dtype`` (docs/math.md step 1).
+
+    In the opmath dtype, as the fused kernels do: rounding z to half would lose the recovered
+    pre-activation (badly so for ELU near saturation).
+    """
+    y = _cast(y, dtype)
+    act = activations.get(activation)
+    dz = None if dy is None else act.grad(_cast(dy, dtype), y, activation_param)
+    return act.inverse(y, activation_param), dz
+
+
+def backward_reduce(
+    y: Tensor,
+    dy: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: float,
+    activation: str,
+    activation_param: float,
+) -> Tuple[Tensor, Tensor]:
+    """Per-channel sums (C,) of dz and dz * x_hat, recovered from the output ``y`` (N, C, *)."""
+    xhat, dz = _invert(y, dy, weight, bias, eps, activation, activation_param)
+    dims = _reduce_dims(y)
+    return dz.sum(dims), (dz * xhat).sum(dims)
+
+
+def backward(
+    y: Tensor,
+    dy: Tensor,
+    var: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    mean_dz: Optional[Tensor],
+    mean_dz_xhat: Optional[Tensor],
+    eps: float,
+    activation: str,
+    activation_param: float,
+) -> Tensor:
+    """dx of the layer (N, C, *) with ``y``'s dtype and strides; ``mean_dz``/``mean_dz_xhat`` None: eval mode."""
+    dtype = opmath_dtype(y.dtype)
+    xhat, dz = _invert(y, dy, weight, bias, eps, activation, activation_param)
+    gamma, _ = _gamma_beta(weight, bias, y, eps, dtype)
+    shape = _channel_shape(y)
+    gamma_rstd = _scale(var, gamma, eps, dtype).view(shape)
+    if mean_dz is not None:
+        dz = dz - _cast(mean_dz, dtype).view(shape) - xhat * _cast(mean_dz_xhat, dtype).view(shape)
+    return torch.empty_like(y).copy_(dz * gamma_rstd)
+
+
+def weight_grad(weight: Tensor, sum_dz_xhat: Tensor) -> Tensor:
+    """``sign(weight) * sum(dz * x_hat)`` with sign(0) = +1 (gamma = |w| + eps), in ``weight``'s dtype."""
+    return _cast(_signed(sum_dz_xhat, weight), weight.dtype)
+
+
+def _signed(values: Tensor, weight: Tensor) -> Tensor:
+    """``sign(weight) * values`` with sign(0) = +1 (exact: v - 2 * v == -v)."""
+    return torch.addcmul(values, values, weight < 0, value=-2.0)
+
+
+def _batch_norm_backward_weights(
+    scale: Tensor, gamma: Optional[Tensor], weight: Optional[Tensor]
+) -> Tuple[Tensor, Tensor]:
+    """The (weight, invstd) that make ATen's batch-norm backward compute this layer's backward from z,
+    given ``scale`` = gamma * rstd (reused in place) and gamma = |w| + eps (None without affine).
+
+    Fed z as its "input", mean beta and invstd 1 / g with g = sign(w) * gamma, ATen recovers
+    x_hat' = (z - beta) / g = sign(w) * x_hat, so its weight gradient sum(dz * x_hat') is already
+    sign(w) * sum(dz * x_hat); its dx term x_hat' * mean(dz * x_hat') is sign-free. A weight of
+    g * gamma * rstd turns its ``weight * invstd`` factor into the gamma * rstd that dx needs.
+    """
+    if weight is None:
+        return scale, torch.ones_like(scale)
+    signed = _signed(gamma, weight)
+    return scale.mul_(signed), signed.reciprocal()
+
+
+def backward_train(
+    y: Tensor,
+    dy: Tensor,
+    var: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: float,
+    activation: str,
+    activation_param: float,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Training backward on local statistics; returns (dx (N, C, *), grad_weight (C,), grad_bias (C,)).
+
+    z and dz are recovered in the opmath dtype, then ONE ATen batch-norm backward gives dx and both
+    parameter gradients (see ``_batch_norm_backward_weights``).
+    """
+    dtype = opmath_dtype(y.dtype)
+    z, dz = _invert_activation(y, dy, activation, activation_param, dtype)
+    gamma = None if weight is None else _gamma(weight, eps, dtype)
+    nb_weight, nb_invstd = _batch_norm_backward_weights(_scale(var, gamma, eps, dtype), gamma, weight)
+    beta = torch.zeros_like(nb_invstd) if bias is None else _cast(bias, dtype)
+    dx, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+        dz, z, nb_weight, None, None, beta, nb_invstd, True, eps, [True, True, True]
+    )
+    if dx.dtype != y.dtype or dx.stride() != y.stride():
+        dx = torch.empty_like(y).copy_(dx)
+    if weight is not None:
+        grad_weight = _cast(grad_weight, weight.dtype)
+    if bias is not None:
+        grad_bias = _cast(grad_bias, bias.dtype)
+    return dx, grad_weight, grad_bias
+
+
+def invert(
+    y: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: float,
+    activation: str,
+    activation_param: float,
+) -> Tensor:
+    """x_hat recovered from the output ``y`` (N, C, *), in ``y``'s dtype and strides."""
+    xhat, _ = _invert(y, None, weight, bias, eps, activation, activation_param)
+    return torch.empty_like(y).copy_(xhat)

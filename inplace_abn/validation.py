@@ -1,0 +1,89 @@
+"""Argument checks of the functional layer: errors name the argument, the value and the fix.
+
+Everything here runs before the layer writes anything (the input, the running statistics or
+``num_batches_tracked``), so a refused call leaves no state changed.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .pure_backend import opmath_dtype
+
+__all__ = ["FLOAT_TYPES", "check_inputs", "check_count", "check_not_leaf"]
+
+#: The input dtypes of the layer (parameters: the input's dtype or its opmath dtype).
+FLOAT_TYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_inputs(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    training: bool,
+    eps: float,
+) -> None:
+    """Validates the tensors and ``eps`` of one layer call.
+
+    Raises:
+        TypeError: a non-tensor or a non-floating dtype, or parameters of a dtype the kernels do not take.
+        ValueError: a shape, device or eps problem, or eval mode without running statistics.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 2:
+        raise ValueError(f"x must have shape (N, C, *) with at least 2 dimensions, got shape {tuple(x.shape)}")
+    if x.dtype not in FLOAT_TYPES:
+        raise TypeError(f"x must be float64, float32, float16 or bfloat16, got {x.dtype}; convert it with x.float()")
+    shape, device = (x.size(1),), x.device
+    for name, v, is_param in (
+        ("weight", weight, True), ("bias", bias, True), ("running_mean", running_mean, False),
+        ("running_var", running_var, False),
+    ):  # fmt: skip
+        if v is None:
+            continue
+        if not isinstance(v, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(v).__name__}")
+        if v.shape != shape:
+            raise ValueError(
+                f"{name} must have shape {shape} to match the {shape[0]} channels of x {tuple(x.shape)}, "
+                f"got {tuple(v.shape)}; check num_features of the layer"
+            )
+        if v.device != device:
+            raise ValueError(f"{name} is on {v.device} but x is on {x.device}; move the layer with .to({x.device})")
+        if v.dtype not in FLOAT_TYPES:
+            raise TypeError(f"{name} must be a floating-point tensor, got {v.dtype}")
+        if is_param and v.dtype != x.dtype and v.dtype != opmath_dtype(x.dtype):
+            raise TypeError(
+                f"{name} has dtype {v.dtype} but x has dtype {x.dtype}; parameters must be {x.dtype}"
+                + (f" or {opmath_dtype(x.dtype)}" if opmath_dtype(x.dtype) != x.dtype else "")
+                + " (convert the layer with .to(dtype))"
+            )
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be both tensors or both None")
+    if not training and running_mean is None:
+        raise ValueError("running_mean and running_var are required when training=False")
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+
+
+def check_not_leaf(x: Tensor) -> None:
+    """The layer overwrites ``x``: refuse a leaf that requires grad before anything is written (autograd's
+    own check would fire only after the overwrite)."""
+    if torch.is_grad_enabled() and x.is_leaf and x.requires_grad:
+        raise RuntimeError(
+            "a leaf Variable that requires grad is being used in an in-place operation: inplace_abn overwrites "
+            "its input x. Pass a non-leaf tensor (e.g. the output of the previous layer, or x.clone())."
+        )
+
+
+def check_count(count: int, shape: Sequence[int]) -> None:
+    """nn.BatchNorm's rule: training needs more than one value per channel (``count`` of them)."""
+    if count <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(shape)}")
+
