@@ -1,7 +1,9 @@
 """Float64 reference implementation of (In-Place) Activated BatchNorm, for tests and benchmarks.
 
 Written from the definitions, not from the kernels: plain ``(x - mean) / sqrt(var + eps)``, then the
-affine map and the activation, differentiated by autograd. It is slow and out-of-place on purpose.
+affine map and the activation (``activations.Activation.apply``), differentiated by autograd. It is slow
+and out-of-place on purpose, and it is not a backend: the pure-PyTorch backend the layer falls back to
+is ``pure_backend``, which this reference tests.
 """
 
 from __future__ import annotations
@@ -9,8 +11,9 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from . import activations
 
 __all__ = ["batch_norm_act", "normalized_input", "in_place_scale"]
 
@@ -78,10 +81,5 @@ def batch_norm_act(
         z = z * _channel(in_place_scale(w, eps) if in_place_weight else w, xd)
     if bias is not None:
         z = z + _channel(bias.double(), xd)
-    if activation in ("leaky_relu", "relu"):
-        return F.leaky_relu(z, 0.0 if activation == "relu" else activation_param)
-    if activation == "elu":
-        return F.elu(z, activation_param)
-    if activation in ("identity", "none"):
-        return z
-    raise ValueError(f"unknown activation {activation!r}")
+    name, param = activations.resolve(activation, activation_param)
+    return activations.get(name).apply(z, param)
