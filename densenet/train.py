@@ -6,6 +6,13 @@
 
 Writes to ``--out``: ``log.csv`` (one row per epoch), ``checkpoint.pt`` (atomically replaced each epoch:
 model, optimizer, scheduler, epoch, RNG states, arguments) and ``final.json`` (final test accuracy).
+
+The walk, as torchvision's reference trainers: :func:`main` (CLI) -> :func:`run` (builds the datasets and
+DataLoaders, model, optimizer, scheduler, log and checkpointing; loops over epochs) -> :func:`train_one_epoch`
+-> :func:`evaluate`. Resume, ``--stop-after`` and the saved-memory meter are :mod:`trainkit.resume` and
+:mod:`trainkit.memory_meter`, shared with segmentation.train. The training order of epoch e is a permutation
+drawn from a generator seeded with (seed, e), and the augmentation draws from the global RNG saved in the
+checkpoint, so a resumed run is bit-identical to a straight one (same machine and thread count).
 """
 
 from __future__ import annotations
