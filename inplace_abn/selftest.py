@@ -3,10 +3,10 @@
 Run ``python -m inplace_abn.selftest [--quick] [--device {auto,cuda,cpu}]``. For every shape x dtype x
 activation of a grid it runs one training forward + backward of :func:`inplace_abn.functions.inplace_abn`
 with each backend, compares the output, dx, dweight, dbias and the updated running statistics with the
-per-dtype tolerances of ``tests/test_equivalence.py``, times both (CUDA events on a GPU, wall clock on the
-CPU; median of interleaved repetitions after warm-up) and prints one table row per case. The exit status
-is 1 if any case fails, if the extension is not loaded, or if a GPU is visible but the extension has no
-CUDA kernels (it was built without CUDA).
+per-dtype tolerances of :mod:`inplace_abn.testing` (the table the test suite uses), times both (CUDA
+events on a GPU, wall clock on the CPU; median of interleaved repetitions after warm-up) and prints one
+table row per case. The exit status is 1 if any case fails, if the extension is not loaded, or if a GPU
+is visible but the extension has no CUDA kernels (it was built without CUDA).
 
 Half-precision inputs (float16, bfloat16) use float32 parameters and running statistics (the
 autocast-style mix); float32 and float64 inputs use parameters of their own dtype.
@@ -25,18 +25,10 @@ import torch
 
 from . import _backend
 from .functions import inplace_abn
+from .testing import ELU_HALF_TOL, scaled_error
+from .testing import TOLERANCES as TOL
 
 __all__ = ["main", "run_checks"]
-
-# dtype -> (atol, rtol), as tests/test_equivalence.py: the atol is multiplied by max(1, max|expected|).
-TOL: Dict[torch.dtype, Tuple[float, float]] = {
-    torch.float64: (1e-10, 1e-10),
-    torch.float32: (2e-5, 2e-5),
-    torch.float16: (1e-2, 1e-2),
-    torch.bfloat16: (4e-2, 4e-2),
-}
-# ELU in half precision: inverting ELU near saturation amplifies the rounding of y (test_equivalence.py).
-ELU_HALF_TOL: Tuple[float, float] = (1.5e-1, 1e-1)
 
 DTYPES: Tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 ACTIVATIONS: Tuple[Tuple[str, float], ...] = (("leaky_relu", 0.01), ("elu", 1.0), ("identity", 0.0))
@@ -180,35 +172,27 @@ def _compare(
 ) -> Tuple[float, str, bool]:
     """Compares every tensor of one step with ``isclose(rtol, atol * scale)``.
 
-    ``scale`` is max(1, max|expected|), as ``tests/test_equivalence.py``; for the per-channel sums
-    (dweight, dbias) it is at least sqrt(count), the magnitude of a sum of ``count`` O(1) terms, so a sum
-    that cancels to nearly 0 is judged against the size of its terms (float32 rounding of the partial
-    sums, not a wrong result). ``skip_dx`` masks dx elements whose x_hat is unrecoverable (ELU outputs
-    saturated at exactly -alpha, README "ELU saturation").
+    ``scale`` is max(1, max|finite expected|) (:func:`inplace_abn.testing.scaled_error`, tolerances of
+    :data:`inplace_abn.testing.TOLERANCES`); for the per-channel sums (dweight, dbias) it is at least
+    sqrt(count), the magnitude of a sum of ``count`` O(1) terms, so a sum that cancels to nearly 0 is
+    judged against the size of its terms (float32 rounding of the partial sums, not a wrong result).
+    ``skip_dx`` masks dx elements whose x_hat is unrecoverable (ELU outputs saturated at exactly -alpha,
+    README "ELU saturation").
 
     Returns:
         (max |actual - expected| / scale over all tensors, the name of the worst tensor, all close).
     """
-    atol, rtol = tol
     worst, worst_name, ok = 0.0, "-", True
     for name in _COMPARED:
-        a, e = actual[name].detach().double(), expected[name].detach().double()
+        a, e = actual[name], expected[name]
         if a.shape != e.shape:
             return float("inf"), name, False
-        if name == "dx" and skip_dx is not None:
-            keep = ~skip_dx
-            a, e = a[keep], e[keep]
-        if e.numel() == 0:
+        mask = ~skip_dx if (name == "dx" and skip_dx is not None) else None
+        if (e.numel() if mask is None else int(mask.sum())) == 0:
             continue
-        finite = torch.isfinite(e)
-        scale = max(1.0, e[finite].abs().max().item()) if bool(finite.any()) else 1.0
-        if name in ("dweight", "dbias"):
-            scale = max(scale, count**0.5)
-        close = bool(torch.isclose(a, e, rtol=rtol, atol=atol * scale, equal_nan=True).all())
+        min_scale = count**0.5 if name in ("dweight", "dbias") else 1.0
+        err, close = scaled_error(a, e, tol, min_scale=min_scale, mask=mask)
         ok = ok and close
-        err = ((a - e).abs().max() / scale).item()
-        if err != err:  # NaN on one side only (both-NaN elements count as equal)
-            err = 0.0 if close else float("inf")
         if err > worst or worst_name == "-":
             worst, worst_name = err, name
     return worst, worst_name, ok
