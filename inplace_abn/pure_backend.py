@@ -73,20 +73,44 @@ def _scale(var: Tensor, gamma: Optional[Tensor], eps: float, dtype: torch.dtype)
     return scale if gamma is None else scale.mul_(gamma)
 
 
-def statistics(x: Tensor) -> Tuple[Tensor, Tensor]:
-    """Per-channel mean and biased variance of ``x`` (N, C, *), in the opmath dtype (C,).
+def _centre_(xs: Tensor) -> Tuple[Tensor, Tensor]:
+    """Subtracts the per-channel mean from ``xs`` (N, C, *) in place; returns (mean, biased var) (C,).
 
-    Two passes (the mean, then the centred sum of squares), so there is no cancellation.
+    Two passes over the data (the mean, then the norms of the centred values), so there is no
+    cancellation and no full-size temporary. Both reductions run over the contiguous trailing dims
+    first, then over N: on CPU a single reduction over dims (0, 2, ...) is several times slower.
     """
-    dtype = opmath_dtype(x.dtype)
-    if x.numel() == 0:
-        nan = torch.full((x.size(1),), float("nan"), dtype=dtype, device=x.device)
-        return nan, nan.clone()
-    dims, count = _reduce_dims(x), x.numel() // x.size(1)
-    xs = _cast(x, dtype)
-    mean = xs.sum(dims).div_(count)
-    centred = xs - mean.view(_channel_shape(x))
-    return mean, centred.mul_(centred).sum(dims).div_(count)
+    count = xs.numel() // xs.size(1) if xs.size(1) else 0
+    rows = xs if xs.dim() > 2 else xs.unsqueeze(-1)  # a view: (N, C) gets one trailing dim to reduce
+    spatial = tuple(range(2, rows.dim()))
+    mean = rows.sum(spatial).sum(0).div_(count)
+    rows.sub_(mean.view((-1,) + (1,) * len(spatial)))
+    var = torch.linalg.vector_norm(rows, 2, spatial).square_().sum(0).div_(count)
+    return mean, var
+
+
+def _normalise_(
+    xc: Tensor,
+    var: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: float,
+    activation: str,
+    activation_param: float,
+) -> None:
+    """Turns centred values ``xc`` (N, C, *), in the opmath dtype, into ``act(gamma * xc * rstd + beta)``
+    in place (docs/math.md, forward)."""
+    gamma = None if weight is None else _gamma(weight, eps, xc.dtype)
+    shape = _channel_shape(xc)
+    xc.mul_(_scale(var, gamma, eps, xc.dtype).view(shape))
+    if bias is not None:
+        xc.add_(_cast(bias, xc.dtype).view(shape))
+    activations.get(activation).apply_(xc, activation_param)
+
+
+def statistics(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance of ``x`` (N, C, *), in the opmath dtype (C,)."""
+    return _centre_(x.to(opmath_dtype(x.dtype), copy=True))  # a copy: statistics writes nothing
 
 
 def forward_(
@@ -100,17 +124,11 @@ def forward_(
     activation_param: float,
 ) -> None:
     """Writes ``act(gamma * (x - mean) / sqrt(var + eps) + beta)`` over ``x`` (N, C, *)."""
-    dtype = opmath_dtype(x.dtype)
-    gamma, beta = _gamma_beta(weight, bias, x, eps, dtype)
-    scale = _scale(var, gamma, eps, dtype)
-    shift = beta - _cast(mean, dtype) * scale
-    shape = _channel_shape(x)
-    act = activations.get(activation)
-    if x.dtype == dtype:
-        act.apply_(x.mul_(scale.view(shape)).add_(shift.view(shape)), activation_param)
-    else:  # half types: normalise and activate in float32, round once
-        z = torch.addcmul(shift.view(shape), x.to(dtype), scale.view(shape))
-        x.copy_(act.apply_(z, activation_param))
+    xs = _cast(x, opmath_dtype(x.dtype))  # half types: computed in float32, rounded once below
+    xs.sub_(_cast(mean, xs.dtype).view(_channel_shape(x)))
+    _normalise_(xs, var, weight, bias, eps, activation, activation_param)
+    if xs is not x:
+        x.copy_(xs)
 
 
 def update_running_stats(
@@ -132,7 +150,8 @@ def forward_train_(
     activation: str,
     activation_param: float,
 ) -> Tuple[Tensor, Tensor]:
-    """``statistics`` then ``forward_``, and the running statistics (when given) updated; returns
+    """``statistics`` then ``forward_`` in one pass structure (x is centred in place, so no full-size
+    temporary for float32/float64), and the running statistics (when given) updated; returns
     (mean, biased var) (C,)."""
     count = x.numel() // x.size(1) if x.size(1) else 0
     if running_mean is not None and count <= 1:  # the compiled op's check, with its message
@@ -140,8 +159,11 @@ def forward_train_(
             "running_var: the unbiased batch variance needs more than 1 value per channel, got input size "
             f"{list(x.shape)}"
         )
-    mean, var = statistics(x)
-    forward_(x, mean, var, weight, bias, eps, activation, activation_param)
+    xs = _cast(x, opmath_dtype(x.dtype))  # half types: computed in float32, rounded once below
+    mean, var = _centre_(xs)
+    _normalise_(xs, var, weight, bias, eps, activation, activation_param)
+    if xs is not x:
+        x.copy_(xs)
     if running_mean is not None:
         update_running_stats(running_mean, running_var, mean, var, count, momentum)
     return mean, var
