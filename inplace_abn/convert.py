@@ -111,11 +111,12 @@ def convert_local(module: nn.Module) -> nn.Module:
 # ----------------------------------------------------------------------------------------------------------
 
 
-class BatchNormNd(nn.modules.batchnorm._BatchNorm):
+class BatchNormNd(nn.BatchNorm1d):
     """``nn.BatchNorm`` for any (N, C, *) input with at least 2 dimensions (what ABN layers accept).
 
-    Same parameters, buffers, state dict and arithmetic as ``nn.BatchNorm1d/2d/3d``; only the input-rank
-    check differs. Used by :func:`to_batchnorm` with ``dims=None``.
+    Same parameters, buffers, state dict and arithmetic as ``nn.BatchNorm1d/2d/3d`` (it is a
+    ``BatchNorm1d`` whose input-rank check accepts every rank). Used by :func:`to_batchnorm` with
+    ``dims=None``.
     """
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
