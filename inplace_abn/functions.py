@@ -4,7 +4,7 @@ Both functions overwrite their input with ``act((|weight| + eps) * (x - mean) / 
 and keep only that output for backward; the backward inverts the activation and the affine map to
 recover what it needs (Rota Bulo et al., CVPR 2018; the math is in docs/math.md).
 
-One layer call, forward: ``inplace_abn`` validates (``validation``, ``activations.resolve``) and calls
+One layer call, forward: ``inplace_abn`` validates (``validation.check_layer_args``) and calls
 :class:`InPlaceABNFunction`, whose forward calls one op wrapper of ``_ops`` (``forward_train_`` in local
 training; ``statistics`` + ``sync.merge_statistics`` + ``forward_`` when synchronised; ``forward_`` in
 eval). Backward mirrors it: ``backward_train``, or ``backward_reduce`` (+ ``sync.all_reduce_sums``) +
@@ -207,9 +207,9 @@ def _layer(
     sync_stats: bool,
 ) -> Tensor:
     """The body of :func:`inplace_abn` and :func:`inplace_abn_sync`: validate once, then the Function."""
-    validation.check_inputs(x, weight, bias, running_mean, running_var, training, eps)
-    activation, activation_param = activations.resolve(activation, activation_param)
-    validation.check_not_leaf(x)
+    activation, activation_param = validation.check_layer_args(
+        x, weight, bias, running_mean, running_var, training, eps, activation, activation_param
+    )
     if activation == "leaky_relu" and activation_param == 0.0:
         activations.warn_non_invertible()
     if not training and _exporting():

@@ -6,20 +6,21 @@ Everything here runs before the layer writes anything (the input, the running st
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
+from . import activations
 from .pure_backend import opmath_dtype
 
-__all__ = ["FLOAT_TYPES", "check_inputs", "check_count", "check_not_leaf"]
+__all__ = ["FLOAT_TYPES", "check_layer_args", "check_count"]
 
 #: The input dtypes of the layer (parameters: the input's dtype or its opmath dtype).
 FLOAT_TYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
-def check_inputs(
+def check_layer_args(
     x: Tensor,
     weight: Optional[Tensor],
     bias: Optional[Tensor],
@@ -27,12 +28,15 @@ def check_inputs(
     running_var: Optional[Tensor],
     training: bool,
     eps: float,
-) -> None:
-    """Validates the tensors and ``eps`` of one layer call.
+    activation: Any,
+    activation_param: Any,
+) -> Tuple[str, float]:
+    """Validates every argument of one layer call; returns the canonical ``(activation, activation_param)``.
 
     Raises:
         TypeError: a non-tensor or a non-floating dtype, or parameters of a dtype the kernels do not take.
-        ValueError: a shape, device or eps problem, or eval mode without running statistics.
+        ValueError: a shape, device, eps or activation problem, or eval mode without running statistics.
+        RuntimeError: ``x`` is a leaf that requires grad (the layer overwrites it).
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -66,20 +70,19 @@ def check_inputs(
             )
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be both tensors or both None")
-    if not training and running_mean is None:
-        raise ValueError("running_mean and running_var are required when training=False")
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps}")
-
-
-def check_not_leaf(x: Tensor) -> None:
-    """The layer overwrites ``x``: refuse a leaf that requires grad before anything is written (autograd's
-    own check would fire only after the overwrite)."""
+    resolved = activations.resolve(activation, activation_param)
+    # The layer overwrites x: refuse a leaf that requires grad before anything is written (autograd's own
+    # check would fire only after the overwrite).
     if torch.is_grad_enabled() and x.is_leaf and x.requires_grad:
         raise RuntimeError(
             "a leaf Variable that requires grad is being used in an in-place operation: inplace_abn overwrites "
             "its input x. Pass a non-leaf tensor (e.g. the output of the previous layer, or x.clone())."
         )
+    if not training and running_mean is None:
+        raise ValueError("running_mean and running_var are required when training=False")
+    return resolved
 
 
 def check_count(count: int, shape: Sequence[int]) -> None:
