@@ -25,42 +25,23 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-from torch.testing import assert_close
 
 import inplace_abn
 from inplace_abn import InPlaceABN
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+from helpers import COMPILED_TOLERANCES, check_close, set_module_state
 
-# dtype -> (atol, rtol), atol scaled by max(1, max|expected|) as in tests/test_equivalence.py.
-TOL = {
-    # float64: compiled and eager run the same custom kernels (or, for "python", the same ATen ops);
-    # inductor only regenerates the pointwise glue (running-stat lerp, sign(w) * sum, layout copies) and
-    # may contract a*b+c into an FMA: differences of a few ulp, amplified by the 3-step SGD loop.
-    torch.float64: (1e-11, 1e-11),
-    # float32: same ops, but inductor's fused pointwise code (vectorised, FMA) rounds differently
-    # from ATen's and the conv backward may pick another algorithm for the channels_last layout
-    # inductor chooses on CPU; the per-channel sums over N*H*W elements then differ by ~1e-6 relative.
-    torch.float32: (5e-5, 5e-5),
-}
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 C = 8  # channels of every normalised layer: the full-activation size is N * C * H * W
 SHAPE = (4, 3, 8, 8)
 
 
 def _randomise(m: nn.Module, dtype: torch.dtype) -> None:
-    with torch.no_grad():
-        for mod in m.modules():
-            if isinstance(mod, (InPlaceABN, nn.BatchNorm2d)):
-                w = torch.randn(mod.num_features, dtype=torch.float64) * 1.5
-                w = torch.where(w.abs() < 0.2, w.sign() * 0.2 + w, w)
-                w[0] = -abs(w[0].item())  # the |w| + eps scale: one negative weight
-                if isinstance(mod, nn.BatchNorm2d):
-                    w = w.abs() + mod.eps
-                mod.weight.copy_(w)
-                mod.bias.copy_(torch.randn(mod.num_features, dtype=torch.float64) * 0.5)
-                mod.running_mean.copy_(torch.randn(mod.num_features, dtype=torch.float64) * 0.3)
-                mod.running_var.copy_(torch.rand(mod.num_features, dtype=torch.float64) + 0.5)
+    """Random state of every norm layer (one negative weight; a BatchNorm2d gets |w| + eps), then ``dtype``."""
+    for mod in m.modules():
+        if isinstance(mod, (InPlaceABN, nn.BatchNorm2d)):
+            set_module_state(mod, mod.num_features, in_place_weight=isinstance(mod, InPlaceABN))
     m.to(dtype)
 
 
@@ -87,14 +68,6 @@ def make_model(kind: str = "iabn", dtype: torch.dtype = torch.float32, seed: int
     model = nn.Sequential(*layers)
     _randomise(model, dtype)
     return model
-
-
-def check(actual, expected, dtype, msg=""):
-    atol, rtol = TOL[dtype]
-    expected = expected.detach().to(torch.float64)
-    actual = actual.detach().to(torch.float64)
-    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
-    assert_close(actual, expected, atol=atol * scale, rtol=rtol, msg=lambda m: f"{msg}: {m}")
 
 
 def run_steps(model, shapes, dtype, train, steps_per_shape=1, lr=0.05):
@@ -130,7 +103,7 @@ def compare(compiled_records, eager_records, dtype):
             if key.endswith("num_batches_tracked"):
                 assert c[key].item() == e[key].item(), f"step {step} {key}"
             else:
-                check(c[key], e[key], dtype, msg=f"step {step} {key}")
+                check_close(c[key], e[key], dtype, f"step {step} {key}", tol=COMPILED_TOLERANCES[dtype])
 
 
 # ------------------------------------------------------------------------------------------ (a) breaks

@@ -1,14 +1,15 @@
 """CUDA kernels of torch.ops.inplace_abn: registration, numerics, op contract, memory.
 
-Every test needs a GPU (conftest skips ``cuda``-marked tests without one) and runs with the "cpp"
-backend. ``test_cuda_kernels_registered`` fails on a GPU machine whose extension was built without CUDA
-kernels: the other tests would then silently exercise the pure-PyTorch path on CUDA tensors.
+Every test needs a GPU: it takes conftest's ``cuda_device`` fixture, which skips it without one (and marks
+it ``cuda``), and runs with the "cpp" backend. ``test_cuda_kernels_registered`` fails on a GPU machine
+whose extension was built without CUDA kernels: the other tests would then silently exercise the
+pure-PyTorch path on CUDA tensors. Shared makers and tolerances come from tests/helpers.py.
 
 (a) equivalence vs the float64 CPU reference (``inplace_abn.reference.batch_norm_act``): output, running
     statistics, num_batches_tracked, dx, dweight, dbias over shapes, activations, train/eval, affine,
     memory layouts (in place: same tensor, same data_ptr and strides) and reduced precision;
 (b) CPU kernels vs CUDA kernels on identical inputs, every dtype;
-(c) torch.library.opcheck of every op on CUDA tensors (samples of tests/test_ops.py);
+(c) torch.library.opcheck of every op on CUDA tensors (the op samples of tests/helpers.py);
 (d) exact saved-for-backward bytes (as tests/test_memory.py) and the allocator's peak of a conv stack;
 (e) 64-bit indexing: statistics / forward_ / backward_reduce of a tensor with more than 2**31 elements.
 """
@@ -26,62 +27,53 @@ from inplace_abn.functions import inplace_abn as inplace_abn_fn
 from inplace_abn.memory import parameters_of, saved_tensor_bytes
 from inplace_abn.reference import batch_norm_act
 
-# Shared helpers and tolerances of the CPU suites (tests/ is on sys.path under pytest's default
-# "prepend" import mode, as for conftest).
-from test_equivalence import ELU_HALF_TOL, EPS, TOL, layout_input, set_module_state
-from test_memory import ACT_BYTES, SHAPE, VEC_BYTES, _saved, _stack
-from test_ops import OPS, _samples
+from helpers import (
+    ACT_BYTES,
+    EPS,
+    MEMORY_SHAPE,
+    OPS,
+    VEC_BYTES,
+    check_close,
+    layout_input,
+    norm_stack,
+    op_samples,
+    saved_bytes,
+    set_module_state,
+    tolerance,
+)
 
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.filterwarnings("ignore:inplace_abn.*not invertible:RuntimeWarning"),
-]
+pytestmark = pytest.mark.filterwarnings("ignore:inplace_abn.*not invertible:RuntimeWarning")
 
-DEV = "cuda"
 HALF = (torch.float16, torch.bfloat16)
 
 
 @pytest.fixture(autouse=True)
-def _cpp_backend():
-    """Every test runs the compiled ops ("cpp"); a GPU machine without the extension fails here."""
+def _cpp_backend(cuda_device):
+    """Every test runs the compiled ops ("cpp"); a GPU machine without the extension fails here. Requesting
+    ``cuda_device`` skips every test of this file before the backend is touched when there is no GPU."""
     with inplace_abn.use_backend("cpp"):
         yield
 
 
-def check(actual, expected, dtype, tol=None, msg="", min_scale=1.0, mask=None):
-    """``assert_close`` on the CPU with the dtype's (atol, rtol), atol scaled by max(min_scale, max|expected|).
-
-    ``min_scale`` = sqrt(count) for per-channel sums (a sum of ``count`` O(1) terms that cancels to ~0 is
-    judged against the size of its terms); ``mask`` selects the elements compared.
-    """
-    atol, rtol = tol if tol is not None else TOL[dtype]
-    actual = actual.detach().to("cpu", torch.float64)
-    expected = expected.detach().to("cpu", torch.float64)
-    if mask is not None:
-        mask = mask.to("cpu")
-        actual, expected = actual[mask], expected[mask]
-    scale = max(min_scale, expected.abs().max().item()) if expected.numel() else min_scale
-    assert_close(actual, expected, atol=atol * scale, rtol=rtol, msg=lambda m: f"{msg}: {m}")
-
-
-def to_cuda_strided(t):
-    """A CUDA copy of ``t`` with exactly its sizes and strides (``.to`` makes gapped views contiguous)."""
+def to_cuda_strided(t, device):
+    """A copy of ``t`` on ``device`` with exactly its sizes and strides (``.to`` makes gapped views
+    contiguous)."""
     if not isinstance(t, torch.Tensor):
         return t
-    out = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=DEV)
+    out = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=device)
     out.copy_(t)
     return out
 
 
-def run_cuda_equivalence(shape, activation, param, training, dtype=torch.float32, affine=True, layout="contiguous",
-                         param_dtype=None, steps=2, tol=None):  # fmt: skip
-    """InPlaceABN on CUDA vs the float64 CPU reference for ``steps`` steps (the draws of
+def run_cuda_equivalence(device, shape, activation, param, training, dtype=torch.float32, affine=True,
+                         layout="contiguous", param_dtype=None, steps=2, tol=None):  # fmt: skip
+    """InPlaceABN on ``device`` (CUDA) vs the float64 CPU reference for ``steps`` steps (the draws of
     tests/test_equivalence.run_equivalence, so reduced-precision cases see inputs validated on the CPU)."""
     c = shape[1]
     param_dtype = param_dtype or dtype
     m = InPlaceABN(c, EPS, 0.1, affine, True, activation, param)
     set_module_state(m, c, torch.float64)
-    m = m.to(device=DEV, dtype=param_dtype).train(training)
+    m = m.to(device=device, dtype=param_dtype).train(training)
     assert m.num_batches_tracked.device.type == "cuda" and m.num_batches_tracked.dtype == torch.long
     w_ref = m.weight.detach().to("cpu", torch.float64).requires_grad_() if affine else None
     b_ref = m.bias.detach().to("cpu", torch.float64).requires_grad_() if affine else None
@@ -94,7 +86,7 @@ def run_cuda_equivalence(shape, activation, param, training, dtype=torch.float32
     for step in range(1, steps + 1):
         x0_cpu = (torch.randn(shape, dtype=torch.float64) * 2 + 0.5).to(dtype)
         g_cpu = torch.randn(shape, dtype=torch.float64).to(dtype)
-        x0 = x0_cpu.to(DEV, copy=True).requires_grad_()
+        x0 = x0_cpu.to(device, copy=True).requires_grad_()
         x = layout_input(x0, layout)
         ptr, strides = x.data_ptr(), x.stride()
         xr = x0_cpu.to(torch.float64, copy=True).requires_grad_()
@@ -107,17 +99,17 @@ def run_cuda_equivalence(shape, activation, param, training, dtype=torch.float32
             assert y.is_contiguous(memory_format=torch.channels_last)
         if layout == "channels_last_3d":
             assert y.is_contiguous(memory_format=torch.channels_last_3d)
-        check(y, yr, dtype, tol, f"output step {step}")
-        y.backward(g_cpu.to(DEV))
+        check_close(y, yr, dtype, f"output step {step}", tol=tol)
+        y.backward(g_cpu.to(device))
         yr.backward(g_cpu.double())
-        check(x0.grad, xr.grad, dtype, tol, f"dx step {step}")
+        check_close(x0.grad, xr.grad, dtype, f"dx step {step}", tol=tol)
         if affine:
-            check(m.weight.grad, w_ref.grad, dtype, tol, f"dweight step {step}", min_scale=count**0.5)
-            check(m.bias.grad, b_ref.grad, dtype, tol, f"dbias step {step}", min_scale=count**0.5)
+            check_close(m.weight.grad, w_ref.grad, dtype, f"dweight step {step}", tol=tol, min_scale=count**0.5)
+            check_close(m.bias.grad, b_ref.grad, dtype, f"dbias step {step}", tol=tol, min_scale=count**0.5)
         else:
             assert m.weight is None and m.bias is None
-        check(m.running_mean, rm_ref, dtype, tol, f"running_mean step {step}")
-        check(m.running_var, rv_ref, dtype, tol, f"running_var step {step}")
+        check_close(m.running_mean, rm_ref, dtype, f"running_mean step {step}", tol=tol)
+        check_close(m.running_var, rv_ref, dtype, f"running_var step {step}", tol=tol)
         assert m.num_batches_tracked.item() == (step if training else 0)
 
 
@@ -131,7 +123,7 @@ DTYPE_IDS = {torch.float64: "f64", torch.float32: "f32", torch.float16: "f16", t
 # ---------------------------------------------------------------------------------------------------
 
 
-def test_cuda_kernels_registered():
+def test_cuda_kernels_registered(cuda_device):
     """Every op has a CUDA kernel: otherwise CUDA tensors silently take the pure-PyTorch path."""
     assert inplace_abn.extension_loaded(), f"extension not loaded: {inplace_abn._backend.extension_error()}"
     missing = [op for op in OPS if not torch._C._dispatch_has_kernel_for_dispatch_key(f"inplace_abn::{op}", "CUDA")]
@@ -148,8 +140,8 @@ def test_cuda_kernels_registered():
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("activation,param", ACTIVATIONS, ids=ACT_IDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=DTYPE_IDS.get)
-def test_activation_grid(dtype, activation, param, training, affine):
-    run_cuda_equivalence((5, 3, 7, 11), activation, param, training, dtype, affine=affine)
+def test_activation_grid(cuda_device, dtype, activation, param, training, affine):
+    run_cuda_equivalence(cuda_device, (5, 3, 7, 11), activation, param, training, dtype, affine=affine)
 
 
 SHAPES = [
@@ -172,53 +164,55 @@ SHAPES = [
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_shapes(shape, dtype, training):
-    run_cuda_equivalence(shape, "leaky_relu", 0.01, training, dtype)
+def test_shapes(cuda_device, shape, dtype, training):
+    run_cuda_equivalence(cuda_device, shape, "leaky_relu", 0.01, training, dtype)
 
 
 @pytest.mark.parametrize("activation,param", ACTIVATIONS[1:], ids=ACT_IDS[1:])
 @pytest.mark.parametrize(
     "shape", [(1, 3, 509, 521), (4, 1, 1000), (16, 2048, 1, 1)], ids=lambda s: "x".join(map(str, s))
 )
-def test_shapes_other_activations(shape, activation, param):
-    run_cuda_equivalence(shape, activation, param, True, torch.float32)
+def test_shapes_other_activations(cuda_device, shape, activation, param):
+    run_cuda_equivalence(cuda_device, shape, activation, param, True, torch.float32)
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "transposed", "sliced"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("activation,param", ACTIVATIONS, ids=ACT_IDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=DTYPE_IDS.get)
-def test_input_layouts(dtype, activation, param, training, layout):
+def test_input_layouts(cuda_device, dtype, activation, param, training, layout):
     """channels_last is processed in place; other strides through a copy written back into the view."""
-    run_cuda_equivalence((3, 4, 6, 5), activation, param, training, dtype, layout=layout)
+    run_cuda_equivalence(cuda_device, (3, 4, 6, 5), activation, param, training, dtype, layout=layout)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("shape", [(8, 32, 28, 28), (2, 3, 33, 65)], ids=lambda s: "x".join(map(str, s)))
-def test_channels_last_larger(shape, training):
-    run_cuda_equivalence(shape, "leaky_relu", 0.01, training, torch.float32, layout="channels_last")
+def test_channels_last_larger(cuda_device, shape, training):
+    run_cuda_equivalence(cuda_device, shape, "leaky_relu", 0.01, training, torch.float32, layout="channels_last")
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_channels_last_3d(training):
-    run_cuda_equivalence((2, 3, 4, 5, 3), "elu", 1.0, training, torch.float32, layout="channels_last_3d")
+def test_channels_last_3d(cuda_device, training):
+    run_cuda_equivalence(cuda_device, (2, 3, 4, 5, 3), "elu", 1.0, training, torch.float32, layout="channels_last_3d")
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("activation,param", ACTIVATIONS[:3], ids=ACT_IDS[:3])
 @pytest.mark.parametrize("dtype", HALF, ids=DTYPE_IDS.get)
-def test_mixed_precision(dtype, activation, param, training):
-    """Half inputs with float32 parameters and buffers (tolerances of tests/test_equivalence.py)."""
-    tol = ELU_HALF_TOL if activation == "elu" and training else None
-    run_cuda_equivalence((4, 3, 6, 7), activation, param, training, dtype, param_dtype=torch.float32, tol=tol)
+def test_mixed_precision(cuda_device, dtype, activation, param, training):
+    """Half inputs with float32 parameters and buffers (tolerances of inplace_abn.testing, as on the CPU)."""
+    tol = tolerance(dtype, activation, training)
+    run_cuda_equivalence(cuda_device, (4, 3, 6, 7), activation, param, training, dtype, param_dtype=torch.float32,
+                         tol=tol)  # fmt: skip
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("dtype", HALF, ids=DTYPE_IDS.get)
-def test_converted_module(dtype, training, layout):
+def test_converted_module(cuda_device, dtype, training, layout):
     """module.half() / .bfloat16(): parameters and running buffers in reduced precision too."""
-    run_cuda_equivalence((4, 3, 6, 7), "leaky_relu", 0.1, training, dtype, param_dtype=dtype, layout=layout)
+    run_cuda_equivalence(cuda_device, (4, 3, 6, 7), "leaky_relu", 0.1, training, dtype, param_dtype=dtype,
+                         layout=layout)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -253,7 +247,7 @@ def _one_step(x0, dy, weight, bias, rm, rv, training, activation, param, channel
      (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32), (torch.bfloat16, torch.float32)],
     ids=["f64", "f32", "f16", "bf16", "f16-f32params", "bf16-f32params"],
 )  # fmt: skip
-def test_cpu_cuda_agreement(dtype, param_dtype, shape, channels_last, activation, param, training):
+def test_cpu_cuda_agreement(cuda_device, dtype, param_dtype, shape, channels_last, activation, param, training):
     """The same inputs through the compiled CPU kernels and the CUDA kernels agree within the dtype's tolerance."""
     c = shape[1]
     # moderate scales |w| + eps in [0.4, 1.2]: ELU outputs stay away from saturation (x_hat unrecoverable)
@@ -264,20 +258,21 @@ def test_cpu_cuda_agreement(dtype, param_dtype, shape, channels_last, activation
     dy = torch.randn(shape, dtype=torch.float64).to(dtype)
     args = [t.to(param_dtype) for t in (w, b, rm, rv)]
     cpu = _one_step(x0, dy, *args, training, activation, param, channels_last)
-    gpu = _one_step(x0.to(DEV), dy.to(DEV), *[t.to(DEV) for t in args], training, activation, param, channels_last)
+    gpu = _one_step(x0.to(cuda_device), dy.to(cuda_device), *[t.to(cuda_device) for t in args], training, activation,
+                    param, channels_last)  # fmt: skip
     for name, v in gpu.items():
         assert v.device.type == "cuda" and v.dtype == cpu[name].dtype, f"{name}: {v.device} {v.dtype}"
     if channels_last:
         assert gpu["output"].is_contiguous(memory_format=torch.channels_last)
-    tol = ELU_HALF_TOL if (activation == "elu" and dtype in HALF and training) else TOL[dtype]
+    tol = tolerance(dtype, activation, training)
     count = x0.numel() // c
     mask = None
     if activation == "elu":  # exactly saturated outputs: x_hat (so dx) is a convention, not a value
         mask = (cpu["output"] != -param) & (gpu["output"].cpu() != -param)
     for name in ("output", "dx", "dweight", "dbias", "running_mean", "running_var"):
         min_scale = count**0.5 if name in ("dweight", "dbias") else 1.0
-        check(gpu[name], cpu[name], dtype, tol, f"CUDA vs CPU {name}", min_scale=min_scale,
-              mask=mask if name == "dx" else None)  # fmt: skip
+        check_close(gpu[name], cpu[name], dtype, f"CUDA vs CPU {name}", tol=tol, min_scale=min_scale,
+                    mask=mask if name == "dx" else None)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -287,14 +282,14 @@ def test_cpu_cuda_agreement(dtype, param_dtype, shape, channels_last, activation
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("op", OPS)
-def test_opcheck(op, dtype):
+def test_opcheck(cuda_device, op, dtype):
     """torch.library.opcheck (schema, fake kernel vs CUDA kernel strides, AOT dispatch) on the samples
     of tests/test_ops.py moved to CUDA with their exact strides (a fresh copy per run for mutating ops)."""
     overload = getattr(torch.ops.inplace_abn, op).default
-    samples = list(_samples(op, dtype))
+    samples = list(op_samples(op, dtype))
     assert samples, "no samples generated"
     for cpu_args in samples:
-        args = tuple(to_cuda_strided(a) for a in cpu_args)
+        args = tuple(to_cuda_strided(a, cuda_device) for a in cpu_args)
         assert all(a.is_cuda for a in args if isinstance(a, torch.Tensor))
         result = torch.library.opcheck(overload, args)
         failed = {k: v for k, v in result.items() if v != "SUCCESS"}
@@ -303,18 +298,18 @@ def test_opcheck(op, dtype):
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
-def test_forward_writes_in_place(layout):
+def test_forward_writes_in_place(cuda_device, layout):
     """forward_ on CUDA writes into the input's own memory for every stride pattern, like the CPU kernel."""
     x_cpu = torch.randn(4, 3, 5, 12)
     if layout == "channels_last":
         x_cpu = x_cpu.contiguous(memory_format=torch.channels_last)
     elif layout == "strided":
         x_cpu = x_cpu[..., ::2]
-    x = to_cuda_strided(x_cpu)
+    x = to_cuda_strided(x_cpu, cuda_device)
     ptr, strides = x.data_ptr(), x.stride()
     mean, var = torch.randn(3), torch.rand(3) + 0.5
     torch.ops.inplace_abn.forward_(x_cpu, mean, var, None, None, 1e-5, "leaky_relu", 0.1)
-    torch.ops.inplace_abn.forward_(x, mean.to(DEV), var.to(DEV), None, None, 1e-5, "leaky_relu", 0.1)
+    torch.ops.inplace_abn.forward_(x, mean.to(cuda_device), var.to(cuda_device), None, None, 1e-5, "leaky_relu", 0.1)
     assert x.data_ptr() == ptr and x.stride() == strides
     assert_close(x.cpu(), x_cpu)
 
@@ -325,33 +320,33 @@ def test_forward_writes_in_place(layout):
 
 
 @pytest.mark.parametrize("activation,param", ACTIVATIONS[:3], ids=ACT_IDS[:3])
-def test_inplace_abn_saves_one_activation(activation, param):
+def test_inplace_abn_saves_one_activation(cuda_device, activation, param):
     """Exactly y plus one (C,) float32 vector (the variance), as on the CPU (tests/test_memory.py)."""
-    saved = _saved(InPlaceABN(16, activation=activation, activation_param=param), device=DEV)
+    saved = saved_bytes(InPlaceABN(16, activation=activation, activation_param=param), device=cuda_device)
     assert saved == ACT_BYTES + VEC_BYTES, f"saved {saved} bytes, expected y ({ACT_BYTES}) + var ({VEC_BYTES})"
 
 
-def test_relu_layer_keeps_pre_activation():
-    assert _saved(InPlaceABN(16, activation="relu"), device=DEV) == 2 * ACT_BYTES + VEC_BYTES
+def test_relu_layer_keeps_pre_activation(cuda_device):
+    assert saved_bytes(InPlaceABN(16, activation="relu"), device=cuda_device) == 2 * ACT_BYTES + VEC_BYTES
 
 
-def test_eval_mode_saves_one_activation():
-    assert _saved(InPlaceABN(16).eval(), device=DEV) == ACT_BYTES
+def test_eval_mode_saves_one_activation(cuda_device):
+    assert saved_bytes(InPlaceABN(16).eval(), device=cuda_device) == ACT_BYTES
 
 
-def test_batchnorm_pair_saves_at_least_two_activations():
+def test_batchnorm_pair_saves_at_least_two_activations(cuda_device):
     """The baseline on CUDA (cuDNN may add a reserve buffer, so at least, not exactly, two activations)."""
-    saved = _saved(nn.Sequential(nn.BatchNorm2d(16), nn.LeakyReLU(0.01, inplace=True)), device=DEV)
+    saved = saved_bytes(nn.Sequential(nn.BatchNorm2d(16), nn.LeakyReLU(0.01, inplace=True)), device=cuda_device)
     assert saved >= 2 * ACT_BYTES, saved
 
 
-def test_conv_stack_saving():
+def test_conv_stack_saving(cuda_device):
     """conv -> norm stack: In-Place ABN keeps one activation per layer (exact), BN + act at least two."""
     depth = 5
     saved = {}
     for norm in ("iabn", "bn"):
-        model = _stack(norm, depth).to(DEV)
-        x = torch.randn(SHAPE, device=DEV)
+        model = norm_stack(norm, depth).to(cuda_device)
+        x = torch.randn(MEMORY_SHAPE, device=cuda_device)
         saved[norm], _, _ = saved_tensor_bytes(lambda: model(x), exclude=parameters_of(model))
     assert saved["iabn"] == ACT_BYTES + depth * (ACT_BYTES + VEC_BYTES), saved
     assert saved["bn"] >= ACT_BYTES + depth * 2 * ACT_BYTES, saved
@@ -375,17 +370,17 @@ def _peak_bytes(model: nn.Module, x: torch.Tensor) -> int:
     return torch.cuda.max_memory_allocated() - base
 
 
-def test_peak_memory_conv_stack():
+def test_peak_memory_conv_stack(cuda_device):
     """6 x (Conv2d 3x3 + norm), batch 8, 64 channels, 64x64: In-Place ABN peaks lower than BN + LeakyReLU."""
     depth, c = 6, 64
-    x = torch.randn(8, c, 64, 64, device=DEV)
+    x = torch.randn(8, c, 64, 64, device=cuda_device)
     peaks = {}
     for norm in ("iabn", "bn"):
         layers = []
         for _ in range(depth):
             layers.append(nn.Conv2d(c, c, 3, padding=1, bias=False))
             layers += [InPlaceABN(c)] if norm == "iabn" else [nn.BatchNorm2d(c), nn.LeakyReLU(0.01, inplace=True)]
-        model = nn.Sequential(*layers).to(DEV)
+        model = nn.Sequential(*layers).to(cuda_device)
         peaks[norm] = _peak_bytes(model, x)
         del model
         torch.cuda.empty_cache()
@@ -403,7 +398,7 @@ def test_peak_memory_conv_stack():
 
 
 @pytest.mark.slow
-def test_large_tensor_64bit_indexing():
+def test_large_tensor_64bit_indexing(cuda_device):
     """A float16 (2, 2, 2**29 + 17) tensor (> 2**31 elements, 4 GiB): statistics, forward_ and
     backward_reduce against exact float64 values of a known periodic pattern."""
     total = torch.cuda.get_device_properties(0).total_memory
@@ -418,10 +413,10 @@ def test_large_tensor_64bit_indexing():
     # channel 0: k - 3 (k = index mod 7); channel 1: 100 + (k - 3) / 2 (a large mean: cancellation test).
     # Every value is exact in float16.
     values = [[float(k - 3) for k in range(period)], [100.0 + (k - 3) / 2 for k in range(period)]]
-    x = torch.empty((n, c, s), dtype=torch.float16, device=DEV)
-    k = torch.arange(s, device=DEV, dtype=torch.int32).remainder_(period)
+    x = torch.empty((n, c, s), dtype=torch.float16, device=cuda_device)
+    k = torch.arange(s, device=cuda_device, dtype=torch.int32).remainder_(period)
     for ch in range(c):
-        row = torch.tensor(values[ch], dtype=torch.float16, device=DEV)[k]
+        row = torch.tensor(values[ch], dtype=torch.float16, device=cuda_device)[k]
         for i in range(n):
             x[i, ch].copy_(row)
         del row

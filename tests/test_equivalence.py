@@ -15,39 +15,12 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-from torch.testing import assert_close
 
 from inplace_abn import InPlaceABN
 from inplace_abn.functions import inplace_abn
 from inplace_abn.reference import batch_norm_act
 
-# dtype -> (atol, rtol). The atol is relative to the magnitude of the compared tensor: it is multiplied
-# by max(1, max|expected|) (see `check`), because per-channel sums (dweight, dbias) grow with N * S.
-TOL = {
-    # float64 kernels vs the float64 reference: only summation order and the inversion of the activation
-    # (division by g = |w| + eps, log1p for ELU) differ; errors are a few ulp times small factors.
-    torch.float64: (1e-10, 1e-10),
-    # float32: unit roundoff 6e-8; the per-channel sums over up to ~5e3 elements and the cancellation in
-    # dx = g * rstd * (dz - mean(dz) - x_hat * mean(dz * x_hat)) cost up to ~2 decimal digits.
-    torch.float32: (2e-5, 2e-5),
-    # float16: 11-bit significand (u = 4.9e-4); y is rounded to fp16 and x_hat is recovered from it, so
-    # dx / dweight inherit errors of a few u; statistics are accumulated in float32.
-    torch.float16: (1e-2, 1e-2),
-    # bfloat16: 8-bit significand (u = 3.9e-3), 8x coarser than fp16; recovering x_hat from the rounded
-    # output and rounding dx back to bf16 give errors of a few u.
-    torch.bfloat16: (4e-2, 4e-2),
-}
-
-# float64 with a zero weight: x_hat is recovered by dividing by g = eps = 1e-5, which amplifies the
-# rounding of y (~1e-16 relative to the bias) by 1e5 (docs/math.md, "Accuracy").
-ZERO_WEIGHT_F64_TOL = (1e-9, 1e-9)
-
-# ELU in half precision: the backward recovers z = log1p(y / alpha) from the rounded y; near saturation
-# (z ~ -5, y ~ -0.996 alpha) 1 + y / alpha keeps only a few significant bits, so the rounding of y is
-# amplified by ~e^-z (~150) in x_hat (an inherent limit of inverting ELU, docs/math.md "Accuracy").
-ELU_HALF_TOL = (1.5e-1, 1e-1)
-
-EPS = 1e-5
+from helpers import EPS, ELU_HALF_TOL, ZERO_WEIGHT_F64_TOL, check_close, layout_input, make_weight, set_module_state
 
 ACTIVATIONS = [
     ("leaky_relu", 0.01),
@@ -59,66 +32,6 @@ ACTIVATIONS = [
 ACT_IDS = [f"{a}-{p}" for a, p in ACTIVATIONS]
 
 pytestmark = pytest.mark.filterwarnings("ignore:inplace_abn.*not invertible:RuntimeWarning")
-
-
-def check(actual, expected, dtype, tol=None, msg=""):
-    """assert_close with the dtype's (atol, rtol), atol scaled by the magnitude of ``expected``."""
-    atol, rtol = tol if tol is not None else TOL[dtype]
-    expected = expected.detach().to(torch.float64)
-    actual = actual.detach().to(torch.float64)
-    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
-    assert_close(actual, expected, atol=atol * scale, rtol=rtol, msg=lambda m: f"{msg}: {m}")
-
-
-def make_weight(c, dtype=torch.float64, zero=False):
-    """Weights with mixed signs and magnitudes (optionally a zero entry)."""
-    w = torch.randn(c, dtype=torch.float64) * 1.5
-    w = torch.where(w.abs() < 0.2, w.sign() * 0.2 + w, w)  # keep g away from eps unless asked
-    if c > 1:
-        w[0] = -abs(w[0].item())  # at least one negative weight
-    if zero:
-        w[-1] = 0.0
-    return w.to(dtype)
-
-
-def set_module_state(m, c, dtype):
-    """Random parameters and running buffers (so eval is not just the identity map)."""
-    with torch.no_grad():
-        if m.weight is not None:
-            m.weight.copy_(make_weight(c))
-            m.bias.copy_(torch.randn(c, dtype=torch.float64) * 0.5)
-        if m.running_mean is not None:
-            m.running_mean.copy_(torch.randn(c, dtype=torch.float64) * 0.3)
-            m.running_var.copy_(torch.rand(c, dtype=torch.float64) + 0.5)
-
-
-def layout_input(x0, layout):
-    """A non-leaf input built from the leaf ``x0`` (the layer writes into it) in the requested layout, on
-    ``x0``'s device."""
-    if layout == "contiguous":
-        return x0.clone()
-    if layout == "channels_last":
-        x = x0.clone().contiguous(memory_format=torch.channels_last)
-        assert not x.is_contiguous()
-        return x
-    if layout == "channels_last_3d":
-        x = x0.clone().contiguous(memory_format=torch.channels_last_3d)
-        assert not x.is_contiguous()
-        return x
-    if layout == "transposed":
-        # (N, C, H, W) view of a (N, C, W, H) buffer: non-contiguous; the layer writes into the view.
-        x = x0.transpose(-1, -2).contiguous().transpose(-1, -2)
-        assert not x.is_contiguous() and x._base is not None
-        return x
-    if layout == "sliced":
-        # Every other element of a wider buffer along the last dim (stride 2), filled from x0 through
-        # the view so autograd links it to x0; the layer then writes into that strided view.
-        buf = torch.zeros(x0.shape[:-1] + (2 * x0.shape[-1],), dtype=x0.dtype, device=x0.device)
-        view = buf[..., ::2]
-        view.copy_(x0)
-        assert not view.is_contiguous() and view._base is buf
-        return view
-    raise AssertionError(layout)
 
 
 def backward_with(y, grad_mode, g):
@@ -188,17 +101,17 @@ def run_equivalence(
         y = m(x)
         assert y is x
         assert y.dtype == dtype
-        check(y, yr, dtype, tol, f"output step {step}")
+        check_close(y, yr, dtype, f"output step {step}", tol=tol)
         dy = backward_with(y, grad_mode, g)
         yr.backward(dy.double())
-        check(x0.grad, xr.grad, dtype, tol, f"dx step {step}")
+        check_close(x0.grad, xr.grad, dtype, f"dx step {step}", tol=tol)
         if affine:
             # Gradients accumulate over steps on both sides.
-            check(m.weight.grad, w_ref.grad, dtype, tol, f"dweight step {step}")
-            check(m.bias.grad, b_ref.grad, dtype, tol, f"dbias step {step}")
+            check_close(m.weight.grad, w_ref.grad, dtype, f"dweight step {step}", tol=tol)
+            check_close(m.bias.grad, b_ref.grad, dtype, f"dbias step {step}", tol=tol)
         if track:
-            check(m.running_mean, rm_ref, dtype, tol, f"running_mean step {step}")
-            check(m.running_var, rv_ref, dtype, tol, f"running_var step {step}")
+            check_close(m.running_mean, rm_ref, dtype, f"running_mean step {step}", tol=tol)
+            check_close(m.running_var, rv_ref, dtype, f"running_var step {step}", tol=tol)
             assert m.num_batches_tracked.item() == (step if training else 0)
         else:
             assert m.running_mean is None and m.running_var is None and m.num_batches_tracked is None
@@ -277,7 +190,7 @@ def test_non_contiguous_input_is_written_through_view(backend):
     view = base.transpose(-1, -2)
     y = inplace_abn(view, None, None, None, None, True, 0.1, EPS, "leaky_relu", 0.01)
     assert y is view
-    check(base.transpose(-1, -2), expected, torch.float64)
+    check_close(base.transpose(-1, -2), expected, torch.float64, "output seen through the base buffer")
 
 
 @pytest.mark.parametrize("grad_mode", ["expanded", "sum", "transposed"])
@@ -307,12 +220,12 @@ def test_zero_weight_float64(backend, activation, param, training):
     yr = batch_norm_act(xr, wr, br, rm_ref, rv_ref, training, 0.1, EPS, activation, param)
     yr.backward(g)
     tol = ZERO_WEIGHT_F64_TOL
-    check(y, yr, torch.float64, tol, "output")
-    check(x0.grad, xr.grad, torch.float64, tol, "dx")
-    check(w.grad, wr.grad, torch.float64, tol, "dweight")
-    check(b.grad, br.grad, torch.float64, tol, "dbias")
-    check(rm, rm_ref, torch.float64, tol, "running_mean")
-    check(rv, rv_ref, torch.float64, tol, "running_var")
+    check_close(y, yr, torch.float64, "output", tol=tol)
+    check_close(x0.grad, xr.grad, torch.float64, "dx", tol=tol)
+    check_close(w.grad, wr.grad, torch.float64, "dweight", tol=tol)
+    check_close(b.grad, br.grad, torch.float64, "dbias", tol=tol)
+    check_close(rm, rm_ref, torch.float64, "running_mean", tol=tol)
+    check_close(rv, rv_ref, torch.float64, "running_var", tol=tol)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -365,15 +278,15 @@ def test_against_batchnorm(backend, dtype, zero, activation, param, training, sh
         g = torch.randn(shape, dtype=dtype)
         y = m(x0.clone())
         yr = ref(xr)
-        check(y, yr, dtype, tol, "output")
+        check_close(y, yr, dtype, "output", tol=tol)
         y.backward(g)
         yr.backward(g)
-        check(x0.grad, xr.grad, dtype, tol, "dx")
+        check_close(x0.grad, xr.grad, dtype, "dx", tol=tol)
         sign = torch.where(w >= 0, 1.0, -1.0).to(dtype)
-        check(m.weight.grad, bn.weight.grad * sign, dtype, tol, "dweight = dBN/dw_bn * sign(w)")
-        check(m.bias.grad, bn.bias.grad, dtype, tol, "dbias")
-        check(m.running_mean, bn.running_mean, dtype, tol, "running_mean")
-        check(m.running_var, bn.running_var, dtype, tol, "running_var")
+        check_close(m.weight.grad, bn.weight.grad * sign, dtype, "dweight = dBN/dw_bn * sign(w)", tol=tol)
+        check_close(m.bias.grad, bn.bias.grad, dtype, "dbias", tol=tol)
+        check_close(m.running_mean, bn.running_mean, dtype, "running_mean", tol=tol)
+        check_close(m.running_var, bn.running_var, dtype, "running_var", tol=tol)
         assert m.num_batches_tracked.item() == bn.num_batches_tracked.item() == (step if training else 0)
 
 
@@ -393,10 +306,10 @@ def test_against_batchnorm_momentum_and_no_buffers(backend, momentum):
             m.train(mode == "train")
             ref.train(mode == "train")
             x = torch.randn(4, c, 5, 5, dtype=torch.float64)
-            check(m(x.clone()), ref(x), torch.float64, msg=f"output {mode} track={track}")
+            check_close(m(x.clone()), ref(x), torch.float64, f"output {mode} track={track}")
             if track:
-                check(m.running_mean, bn.running_mean, torch.float64)
-                check(m.running_var, bn.running_var, torch.float64)
+                check_close(m.running_mean, bn.running_mean, torch.float64, f"running_mean {mode}")
+                check_close(m.running_var, bn.running_var, torch.float64, f"running_var {mode}")
                 assert m.num_batches_tracked.item() == bn.num_batches_tracked.item()
 
 
@@ -447,10 +360,18 @@ def test_mixed_precision(backend, dtype, activation, param, training):
     """Half-precision activations with float32 parameters and buffers (autocast-style)."""
     tol = ELU_HALF_TOL if activation == "elu" and training else None
     run_equivalence((4, 3, 6, 7), activation, param, training, dtype, param_dtype=torch.float32, steps=2, tol=tol)
-    m = InPlaceABN(3)
+    # A default float32 layer (weight 1, bias 0, stats 0 / 1) on a half input: half output, float32 state,
+    # and the values of the float64 reference on the same (half-rounded) input.
+    m = InPlaceABN(3).train(training)
     x = torch.randn(2, 3, 4, 4).to(dtype)
+    rm_ref, rv_ref = m.running_mean.double().clone(), m.running_var.double().clone()
+    expected = batch_norm_act(x.double(), m.weight.double(), m.bias.double(), rm_ref, rv_ref, training, 0.1, EPS,
+                              "leaky_relu", 0.01)  # fmt: skip
     y = m(x)
     assert y.dtype == dtype and m.weight.dtype == torch.float32 and m.running_mean.dtype == torch.float32
+    check_close(y, expected, dtype, "output of a default layer")
+    check_close(m.running_mean, rm_ref, dtype, "running_mean of a default layer")
+    check_close(m.running_var, rv_ref, dtype, "running_var of a default layer")
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -466,4 +387,12 @@ def test_converted_module(backend, convert, training):
     run_equivalence((4, 3, 6, 7), "leaky_relu", 0.1, training, dtype, param_dtype=dtype, steps=2)
     m2 = copy.deepcopy(m).train(training)
     x = torch.randn(4, 3, 6, 7).to(dtype)
-    assert m2(x).dtype == dtype
+    rm_ref, rv_ref = m.running_mean.double().clone(), m.running_var.double().clone()
+    expected = batch_norm_act(x.double(), m.weight.double(), m.bias.double(), rm_ref, rv_ref, training, 0.1, EPS,
+                              "leaky_relu", 0.1)  # fmt: skip
+    y = m2(x)
+    assert y.dtype == dtype and m2.running_mean.dtype == dtype
+    check_close(y, expected, dtype, "output of the converted copy")
+    check_close(m2.running_mean, rm_ref, dtype, "running_mean of the converted copy")
+    check_close(m2.running_var, rv_ref, dtype, "running_var of the converted copy")
+    assert m2.num_batches_tracked.item() == (1 if training else 0)

@@ -11,27 +11,18 @@ from torch import nn
 from inplace_abn import InPlaceABN
 from inplace_abn.memory import parameters_of, saved_tensor_bytes
 
-SHAPE = (4, 16, 12, 10)
-ACT_BYTES = 4 * 16 * 12 * 10 * 4  # one float32 activation
-VEC_BYTES = 16 * 4  # one float32 per-channel vector
+from helpers import ACT_BYTES, MEMORY_SHAPE, VEC_BYTES, norm_stack, saved_bytes
+
 # Per-channel vectors a training layer keeps besides y: the variance, on both backends (the saved state of
 # InPlaceABNFunction is the same for every backend and mode).
 STATE_VECTORS = {"cpp": 1, "python": 1}
-
-
-def _saved(layer: nn.Module, device: str = "cpu") -> int:
-    layer = layer.to(device)
-    base = torch.randn(SHAPE, device=device, requires_grad=True)
-    # The layer input is a fresh non-leaf (a conv output in a real network).
-    total, _, _ = saved_tensor_bytes(lambda: layer(base * 1.0), exclude=parameters_of(layer) + [base])
-    return total
 
 
 @pytest.mark.parametrize("activation,param", [("leaky_relu", 0.01), ("elu", 1.0), ("identity", 0.0)])
 def test_inplace_abn_saves_one_activation(backend, activation, param):
     """Exactly y plus the backend's per-channel vectors (STATE_VECTORS); weight/bias are parameters."""
     expected = ACT_BYTES + STATE_VECTORS[backend] * VEC_BYTES
-    assert _saved(InPlaceABN(16, activation=activation, activation_param=param)) == expected
+    assert saved_bytes(InPlaceABN(16, activation=activation, activation_param=param)) == expected
 
 
 def test_batchnorm_leaky_relu_inplace_saves_two_activations():
@@ -40,12 +31,12 @@ def test_batchnorm_leaky_relu_inplace_saves_two_activations():
     Parameters and buffers (running stats) are resident anyway and not counted, for every variant.
     """
     pair = nn.Sequential(nn.BatchNorm2d(16), nn.LeakyReLU(0.01, inplace=True))
-    assert _saved(pair) == 2 * ACT_BYTES + 2 * VEC_BYTES
+    assert saved_bytes(pair) == 2 * ACT_BYTES + 2 * VEC_BYTES
 
 
 def test_batchnorm_leaky_relu_saves_two_activations():
     pair = nn.Sequential(nn.BatchNorm2d(16), nn.LeakyReLU(0.01))
-    assert _saved(pair) == 2 * ACT_BYTES + 2 * VEC_BYTES
+    assert saved_bytes(pair) == 2 * ACT_BYTES + 2 * VEC_BYTES
 
 
 def test_relu_layer_keeps_pre_activation(backend):
@@ -53,24 +44,13 @@ def test_relu_layer_keeps_pre_activation(backend):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         layer = InPlaceABN(16, activation="relu")
-    assert _saved(layer) == 2 * ACT_BYTES + STATE_VECTORS[backend] * VEC_BYTES
+    assert saved_bytes(layer) == 2 * ACT_BYTES + STATE_VECTORS[backend] * VEC_BYTES
 
 
 def test_eval_mode_saves_one_activation(backend):
     """In eval the variance is the running_var buffer itself: only y is added."""
     layer = InPlaceABN(16).eval()
-    assert _saved(layer) == ACT_BYTES
-
-
-def _stack(norm: str, depth: int) -> nn.Sequential:
-    layers = []
-    for _ in range(depth):
-        layers.append(nn.Conv2d(16, 16, 3, padding=1, bias=False))
-        if norm == "iabn":
-            layers.append(InPlaceABN(16))
-        else:
-            layers += [nn.BatchNorm2d(16), nn.LeakyReLU(0.01, inplace=True)]
-    return nn.Sequential(*layers)
+    assert saved_bytes(layer) == ACT_BYTES
 
 
 @pytest.mark.parametrize("device", ["cpu", "meta"])
@@ -85,8 +65,8 @@ def test_conv_stack_saving(backend, device):
     depth = 5
     saved = {}
     for norm in ("iabn", "bn"):
-        model = _stack(norm, depth).to(device)
-        x = torch.randn(SHAPE, device=device)
+        model = norm_stack(norm, depth).to(device)
+        x = torch.randn(MEMORY_SHAPE, device=device)
         saved[norm], _, _ = saved_tensor_bytes(lambda: model(x), exclude=parameters_of(model))
     # the input x (saved by conv_0) + per layer: activations and per-channel vectors
     assert saved["iabn"] == ACT_BYTES + depth * (ACT_BYTES + STATE_VECTORS[backend] * VEC_BYTES)

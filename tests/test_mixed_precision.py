@@ -20,40 +20,14 @@ from torch.testing import assert_close
 import inplace_abn
 from inplace_abn import InPlaceABN
 
-# (dtype, autocast?) -> (atol, rtol, reason). atol is scaled by max(1, max|expected|) (see `check`).
-TOL = {
-    (torch.bfloat16, True): (6e-2, 6e-2,
-        "autocast bf16 vs float32 model: the conv runs in bf16 (u = 3.9e-3, sums over 27-72 products), the "
-        "layer normalises that rounded input and rounds y to bf16; after two such stages errors are ~10 u"),
-    (torch.float16, True): (1e-2, 1e-2,
-        "autocast fp16 vs float32 model: as bf16 with an 8x finer unit roundoff (u = 4.9e-4)"),
-    (torch.bfloat16, False): (6e-2, 6e-2,
-        "model.bfloat16(): conv and parameters in bf16 as well; y rounded to bf16, x_hat recovered from it"),
-    (torch.float16, False): (1e-2, 1e-2,
-        "model.half(): fp16 everywhere; statistics and per-channel sums accumulate in float32"),
-    (torch.float32, False): (2e-5, 2e-5,
-        "layer-only reference on the same half-valued input: float32 vs float32, summation order only"),
-}  # fmt: skip
-
-# Layer-only comparison: the half layer vs the float32 layer on *the same* (half-valued) input. Only the
-# rounding of y (and of dx) to the half type differs: 2 u relative, plus the inversion of the rounded y in
-# backward (x_hat = (z - b) / g amplifies by |b| / g, <= ~3 with the weights used here).
-LAYER_TOL = {
-    torch.bfloat16: (3e-2, 3e-2, "y and dx rounded to bf16 (u = 3.9e-3), x_hat recovered from the rounded y"),
-    torch.float16: (4e-3, 4e-3, "y and dx rounded to fp16 (u = 4.9e-4), x_hat recovered from the rounded y"),
-}
-
-# Statistics are accumulated in float32 whatever the input: the running mean after one step from zero is
-# momentum * mean(x) and must match the float64 mean of the (exactly representable) half input to float32
-# accuracy. Computed in bf16 it would be off by ~1e-3 relative.
-STATS_RTOL = 1e-5
-
-# Whole-model dx in bf16 vs float32: pre-activations within a rounding error of 0 take the other leaky_relu
-# branch (slope 1 vs 0.01) in one model, so ~1% of dx elements differ entirely (inherent to comparing two
-# precisions through a kink, seen identically on both backends); dx is compared by relative L2 norm there.
-# The per-channel parameter grads are sums with cancellation (dweight = sum dz * x_hat over N*H*W), so one
-# channel can carry a large relative error; they are compared the same way (norm over all channels).
-DX_NORM_RTOL = {torch.bfloat16: 1e-1, torch.float16: 1e-2}
+from helpers import (
+    HALF_LAYER_TOLERANCES,
+    HALF_MODEL_GRAD_NORM_RTOL,
+    HALF_MODEL_TOLERANCES,
+    LAYOUT_TOLERANCES,
+    STATS_RTOL,
+    check_close,
+)
 
 
 def check_norm(actual, expected, rtol, msg=""):
@@ -61,29 +35,23 @@ def check_norm(actual, expected, rtol, msg=""):
     err = ((a - e).norm() / e.norm()).item()
     assert err <= rtol, f"{msg}: relative L2 error {err:.3e} > {rtol}"
 
+
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 C = 8
 
 
-def check_step(got, ref, dtype, tol):
-    """Every result of ``step`` against the float32 reference: gradients by relative norm (a few elements
-    may sit on the other side of the activation's kink in reduced precision), the rest elementwise."""
+def check_step(got, ref, dtype, mode):
+    """Every result of ``step`` against the float32 reference: gradients by relative norm
+    (HALF_MODEL_GRAD_NORM_RTOL: a few elements may sit on the other side of the activation's kink in reduced
+    precision), the rest elementwise (HALF_MODEL_TOLERANCES)."""
     for key in ref:
         if key == "conv_out" or key.endswith("num_batches_tracked"):
             continue
         if key == "dx" or key.startswith("grad."):
-            check_norm(got[key], ref[key], DX_NORM_RTOL[dtype], msg=key)
+            check_norm(got[key], ref[key], HALF_MODEL_GRAD_NORM_RTOL[dtype], msg=key)
         else:
-            check(got[key], ref[key], tol, msg=f"{key} ({tol[2]})")
-
-
-def check(actual, expected, tol, msg=""):
-    atol, rtol = tol[:2]
-    expected = expected.detach().to(torch.float64)
-    actual = actual.detach().to(torch.float64)
-    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
-    assert_close(actual, expected, atol=atol * scale, rtol=rtol, msg=lambda m: f"{msg}: {m}")
+            check_close(got[key], ref[key], dtype, f"{key} ({mode} vs float32 model)", tol=HALF_MODEL_TOLERANCES[dtype])
 
 
 def make_model(seed=0):
@@ -132,8 +100,6 @@ def _autocast_case(device, dtype, backend):
     w = torch.randn(4, C, 10, 12, generator=gen).to(device)
     mixed = step(model, x, w, device, dtype)
     ref = step(reference, x, w)
-    tol = TOL[(dtype, True)]
-
     layer = model[1]
     assert mixed["conv_out"].dtype == dtype, "autocast should run the conv in the half type"
     assert mixed["out"].dtype == dtype
@@ -141,7 +107,7 @@ def _autocast_case(device, dtype, backend):
     for name in ("running_mean", "running_var"):
         assert getattr(layer, name).dtype == torch.float32, name
     assert layer.num_batches_tracked.item() == 1
-    check_step(mixed, ref, dtype, tol)
+    check_step(mixed, ref, dtype, "autocast")
 
     # statistics in float32: running_mean = momentum * mean, running_var = (1 - m) + m * unbiased var
     xin = mixed["conv_out"].to(torch.float64)
@@ -151,7 +117,7 @@ def _autocast_case(device, dtype, backend):
     assert_close(layer.running_var.double(), 0.9 + 0.1 * var, rtol=STATS_RTOL, atol=1e-7)
 
     # layer-only: the half layer vs the float32 layer on the same half-valued input
-    lt = LAYER_TOL[dtype]
+    lt = HALF_LAYER_TOLERANCES[dtype]
     ref_layer = copy.deepcopy(layer)
     ref_layer.reset_running_stats()
     half_layer = copy.deepcopy(ref_layer)
@@ -163,10 +129,10 @@ def _autocast_case(device, dtype, backend):
     y32 = ref_layer(x32.clone())
     (y16.float() * dy).sum().backward()
     (y32 * dy).sum().backward()
-    check(y16, y32, lt, "layer y")
-    check(x16.grad, x32.grad, lt, "layer dx")
-    check(half_layer.weight.grad, ref_layer.weight.grad, lt, "layer dweight")
-    check(half_layer.bias.grad, ref_layer.bias.grad, lt, "layer dbias")
+    check_close(y16, y32, dtype, "layer y", tol=lt)
+    check_close(x16.grad, x32.grad, dtype, "layer dx", tol=lt)
+    check_close(half_layer.weight.grad, ref_layer.weight.grad, dtype, "layer dweight", tol=lt)
+    check_close(half_layer.bias.grad, ref_layer.bias.grad, dtype, "layer dbias", tol=lt)
     assert_close(half_layer.running_mean, ref_layer.running_mean, rtol=STATS_RTOL, atol=1e-7)
     assert_close(half_layer.running_var, ref_layer.running_var, rtol=STATS_RTOL, atol=1e-7)
 
@@ -175,11 +141,10 @@ def test_cpu_autocast_bf16(backend):
     _autocast_case("cpu", torch.bfloat16, backend)
 
 
-@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_cuda_autocast(dtype):
+def test_cuda_autocast(cuda_device, dtype):
     with inplace_abn.use_backend("cpp"):
-        _autocast_case("cuda", dtype, "cpp")
+        _autocast_case(cuda_device, dtype, "cpp")
 
 
 # ---------------------------------------------------------------------------------- (b) cast modules
@@ -193,11 +158,10 @@ def _cast_case(device, dtype):
     w = torch.randn(4, C, 10, 12, generator=gen).to(device)
     half = step(model, x, w)
     ref = step(reference, x.float(), w)
-    tol = TOL[(dtype, False)]
     layer = model[1]
     assert half["out"].dtype == dtype and half["dx"].dtype == dtype
     assert layer.running_mean.dtype == dtype  # .to(dtype) converts the buffers, as for nn.BatchNorm2d
-    check_step(half, ref, dtype, tol)
+    check_step(half, ref, dtype, f"model.to({dtype})")
     assert layer.num_batches_tracked.item() == 1
     # statistics computed in float32 then stored in the buffer dtype: equal to the float64 mean of the
     # half conv output, up to the final rounding to the buffer dtype (half an ulp)
@@ -212,11 +176,10 @@ def test_cast_module_cpu(backend, dtype):
     _cast_case("cpu", dtype)
 
 
-@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_cast_module_cuda(dtype):
+def test_cast_module_cuda(cuda_device, dtype):
     with inplace_abn.use_backend("cpp"):
-        _cast_case("cuda", dtype)
+        _cast_case(cuda_device, dtype)
 
 
 # ------------------------------------------------------------------------------------- (c) channels_last
@@ -246,7 +209,7 @@ def test_memory_format_kept(backend, shape, fmt, dtype, train):
     # and the result equals the contiguous computation
     ref_layer = InPlaceABN(C, activation="elu", activation_param=1.0).train(train)
     y_ref = ref_layer(x0.detach().contiguous().clone())
-    check(y, y_ref, (1e-6, 1e-6) if dtype == torch.float32 else (1e-2, 1e-2), "y vs contiguous")
+    check_close(y, y_ref, dtype, "y vs contiguous", tol=LAYOUT_TOLERANCES[dtype])
 
 
 _COPY_OPS = {"aten::copy_", "aten::clone", "aten::contiguous", "aten::_to_copy", "aten::to", "aten::empty_like",

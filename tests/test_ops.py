@@ -13,60 +13,11 @@ import torch
 import inplace_abn
 from inplace_abn import pure_backend
 
+from helpers import OPS, op_samples, random_input
+
 pytestmark = pytest.mark.skipif(not inplace_abn.extension_loaded(), reason="compiled extension not built")
 
-OPS = ["statistics", "forward_", "backward_reduce", "backward", "invert", "forward_train_", "backward_train"]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-ACTIVATIONS = [("leaky_relu", 0.01), ("elu", 1.0), ("identity", 0.0)]
-
-
-def _inputs(shape, dtype, layout):
-    """An input of ``shape`` in the given memory layout: contiguous, channels_last or a strided view."""
-    if layout == "channels_last":
-        return torch.randn(shape, dtype=dtype).contiguous(memory_format=torch.channels_last)
-    if layout == "strided":
-        # A non-dense view: every other column of a wider tensor.
-        wide = torch.randn(shape[:-1] + (2 * shape[-1],), dtype=dtype)
-        return wide[..., ::2]
-    return torch.randn(shape, dtype=dtype)
-
-
-def _samples(op, dtype):
-    shapes = [((4, 3, 5, 6), "contiguous"), ((4, 3, 5, 6), "channels_last"), ((4, 3, 5, 6), "strided"),
-              ((7, 5), "contiguous"), ((2, 3, 2, 3, 4), "contiguous"), ((0, 3, 4), "contiguous")]  # fmt: skip
-    op_dtype = pure_backend.opmath_dtype(dtype)
-    for (shape, layout), (act, p) in zip(shapes, ACTIVATIONS * 2):
-        x = _inputs(shape, dtype, layout)
-        c = shape[1]
-        w = torch.randn(c, dtype=op_dtype)
-        b = torch.randn(c, dtype=op_dtype)
-        mean, var = torch.randn(c, dtype=op_dtype), torch.rand(c, dtype=op_dtype) + 0.5
-        if act == "elu":
-            y = torch.nn.functional.elu(x.float(), p).to(dtype)  # a valid ELU output (> -alpha)
-        else:
-            y = x
-        dy = _inputs(shape, dtype, "contiguous")
-        weight, bias = (w, b) if layout != "strided" else (None, None)
-        if op == "statistics":
-            if x.numel() > 0:  # the statistics of nothing are NaN, which opcheck's comparison rejects
-                yield (x,)
-        elif op == "forward_":
-            yield (x, mean, var, weight, bias, 1e-5, act, p)
-        elif op == "backward_reduce":
-            yield (y, dy, weight, bias, 1e-5, act, p)
-        elif op == "backward":
-            yield (y, dy, var, weight, bias, mean, var, 1e-5, act, p)
-            yield (y, dy, var, weight, bias, None, None, 1e-5, act, p)  # eval mode
-        elif op == "invert":
-            yield (y, weight, bias, 1e-5, act, p)
-        elif op == "forward_train_":
-            if x.numel() > 0:
-                yield (x, weight, bias, None, None, 0.1, 1e-5, act, p)
-                # running statistics in the opmath dtype, and (the usual buffers) in float32
-                yield (x, weight, bias, torch.zeros(c, dtype=op_dtype), torch.ones(c, dtype=op_dtype), 0.1, 1e-5, act, p)
-                yield (x, weight, bias, torch.zeros(c), torch.ones(c), 1.0, 1e-5, act, p)
-        elif op == "backward_train":
-            yield (y, dy, var, weight, bias, 1e-5, act, p)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -74,7 +25,7 @@ def _samples(op, dtype):
 def test_opcheck(op, dtype):
     """Every op passes all of torch.library.opcheck's checks on every sample."""
     overload = getattr(torch.ops.inplace_abn, op).default
-    samples = list(_samples(op, dtype))
+    samples = list(op_samples(op, dtype))
     assert samples, "no samples generated"
     for args in samples:
         # the mutating ops write into x: give every opcheck run a private copy (keeping its strides)
@@ -96,7 +47,7 @@ def test_every_op_has_a_cpu_kernel_and_fake_kernel():
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
 def test_forward_writes_in_place(layout):
     """forward_ writes its result into the input's own memory for every stride pattern."""
-    x = _inputs((4, 3, 5, 6), torch.float32, layout)
+    x = random_input((4, 3, 5, 6), torch.float32, layout)
     ptr, strides = x.data_ptr(), x.stride()
     expected = x.clone()
     mean, var = torch.zeros(3), torch.ones(3)
@@ -109,7 +60,7 @@ def test_forward_writes_in_place(layout):
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
 def test_outputs_keep_the_input_strides(layout):
     """backward and invert return tensors with y's strides, as their fake kernels promise."""
-    y = _inputs((4, 3, 5, 6), torch.float32, layout)
+    y = random_input((4, 3, 5, 6), torch.float32, layout)
     dy = torch.randn(4, 3, 5, 6)
     var = torch.ones(3)
     dx = torch.ops.inplace_abn.backward(y, dy, var, None, None, None, None, 1e-5, "leaky_relu", 0.1)
@@ -126,7 +77,7 @@ def test_train_ops_equal_the_split_ops(dtype, layout):
     parameters' dtypes, on both backends."""
     torch.manual_seed(0)
     op_dtype = pure_backend.opmath_dtype(dtype)
-    x = _inputs((4, 5, 3, 7), dtype, layout)
+    x = random_input((4, 5, 3, 7), dtype, layout)
     w = torch.tensor([0.5, -1.0, 0.0, 2.0, -0.25], dtype=op_dtype)  # negative and zero weights
     b = torch.randn(5, dtype=op_dtype)
     count = x.numel() // 5
