@@ -20,6 +20,8 @@ from densenet import DenseNet, densenet_bc  # noqa: E402
 from inplace_abn import InPlaceABN  # noqa: E402
 from inplace_abn.memory import parameters_of, saved_tensor_bytes  # noqa: E402
 
+from helpers import check_close  # noqa: E402
+
 MiB = 2**20
 
 
@@ -109,21 +111,46 @@ def test_checkpoint_matches_naive(norm):
 
 @pytest.mark.parametrize("norm", ["bn", "iabn"])
 def test_imagenet_stem_runs(norm):
-    model = densenet.DenseNet(
-        growth_rate=4, block_config=(1, 1), num_init_features=8, small_inputs=False, num_classes=5, norm=norm
-    )
-    x = torch.randn(2, 3, 32, 32, requires_grad=True)
-    out = model(x)
-    assert out.shape == (2, 5)
-    out.sum().backward()
-    assert x.grad is not None and all(p.grad is not None for p in model.parameters())
+    """The ImageNet stem (7x7 conv, max-pool): (N, classes) logits, and the checkpointed model computes the
+    naive model's loss and gradients (float64), every parameter receiving a finite, non-zero gradient."""
+    torch.manual_seed(0)
+    kwargs = dict(growth_rate=4, block_config=(1, 1), num_init_features=8, small_inputs=False, num_classes=5)
+    naive = densenet.DenseNet(norm=norm, memory="naive", **kwargs).double()
+    ckpt = densenet.DenseNet(norm=norm, memory="checkpoint", **kwargs).double()
+    ckpt.load_state_dict(naive.state_dict())
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        assert naive(x).shape == (2, 5)
+    loss_n, gx_n, g_n = _loss_and_grads(naive, x)
+    loss_c, gx_c, g_c = _loss_and_grads(ckpt, x)
+    names = {n for n, _ in naive.named_parameters()}
+    assert set(g_n) == names and set(g_c) == names, "every parameter must get a gradient"
+    for name, g in g_n.items():
+        assert torch.isfinite(g).all() and g.abs().sum() > 0, name
+    assert _close(loss_c, loss_n)
+    assert _close(gx_c, gx_n)
+    for name in names:
+        assert _close(g_c[name], g_n[name]), name
 
 
 def test_eval_and_no_grad_forward():
-    model = densenet_bc(10, norm="iabn", memory="checkpoint").eval()
+    """Eval under no_grad (checkpoint mode, which then runs plainly) gives the naive model's eval logits,
+    with grad mode on or off, and leaves the running statistics untouched."""
+    torch.manual_seed(0)
+    naive = densenet_bc(10, norm="iabn", memory="naive").double()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    naive(x).sum().backward()  # one training step: running statistics away from (0, 1)
+    model = densenet_bc(10, norm="iabn", memory="checkpoint").double()
+    model.load_state_dict(naive.state_dict())
+    model.eval(), naive.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
-        out = model(torch.randn(2, 3, 32, 32))
+        out = model(x)
     assert out.shape == (2, 10)
+    assert _close(out, naive(x.clone()).detach())
+    with torch.no_grad():
+        assert _close(out, naive(x))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def _first_norm1(model: nn.Module) -> nn.Module:
@@ -277,10 +304,20 @@ def test_efficient_no_grad_and_frozen():
 
 
 def test_efficient_float32_runs():
+    """float32 with dropout: the efficient model's loss and gradients are the naive model's (same dropout
+    masks), to float32 accuracy (inplace_abn.testing.TOLERANCES), for every parameter."""
+    torch.manual_seed(0)
+    naive = densenet_bc(10, growth_rate=4, norm="iabn", memory="naive", drop_rate=0.1)
     model = densenet_bc(10, growth_rate=4, norm="iabn", memory="efficient", drop_rate=0.1)
-    x = torch.randn(2, 3, 16, 16, requires_grad=True)
-    model(x).sum().backward()
-    assert x.grad is not None and all(p.grad is not None for p in model.parameters())
+    model.load_state_dict(naive.state_dict())
+    x = torch.randn(2, 3, 16, 16)
+    loss_n, gx_n, g_n = _step(naive, x, 0)
+    loss_e, gx_e, g_e = _step(model, x, 0)
+    assert set(g_e) == set(g_n) == {n for n, _ in model.named_parameters()}
+    check_close(loss_e, loss_n, torch.float32, "loss")
+    check_close(gx_e, gx_n, torch.float32, "dx")
+    for name in g_n:
+        check_close(g_e[name], g_n[name], torch.float32, f"grad {name}")
 
 
 def test_saved_memory_efficient_depth40():

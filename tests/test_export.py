@@ -60,13 +60,29 @@ def test_torch_export_lowers_to_standard_ops(activation, param, dims):
 def test_export_does_not_touch_training_or_eager_eval():
     """Outside export the fused op runs (in place); training is never lowered."""
     model, x = _model("leaky_relu", 0.01), _input()
+    layer = model[1]
+
+    def reference(inp, training):
+        return inplace_abn.reference.batch_norm_act(
+            inp, layer.weight, layer.bias, layer.running_mean.clone(), layer.running_var.clone(), training,
+            layer.momentum, layer.eps, "leaky_relu", 0.01,
+        ).float()  # fmt: skip
+
     with torch.no_grad():
         inp = model[0](x)
-        out = model[1](inp)
+        expected = reference(inp, False)
+        out = layer(inp)
     assert out is inp  # eager eval: in place, fused kernel
+    torch.testing.assert_close(out, expected)
     model.train()
     inp = model[0](x)
-    assert model[1](inp) is inp
+    expected = reference(inp.detach(), True)
+    rm, rv = layer.running_mean.clone(), layer.running_var.clone()
+    out = layer(inp)
+    assert out is inp
+    torch.testing.assert_close(out.detach(), expected.detach())
+    assert not torch.equal(layer.running_mean, rm) and not torch.equal(layer.running_var, rv)  # trained
+    assert layer.num_batches_tracked.item() == 1
 
 
 _ONNX = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime", "onnxscript"))

@@ -192,10 +192,29 @@ def test_iabn_sync_runs_on_one_process(monkeypatch) -> None:
 
 
 def test_batch_of_one_trains() -> None:
-    """The image-pooling branch has no norm: N=1 works in training mode for every norm."""
-    for norm in ("bn", "iabn"):
-        model = build_model("wrn38", 3, norm=norm, width=WIDTH).train()
-        model(torch.randn(1, 3, 48, 48)).sum().backward()
+    """The image-pooling branch has no norm: N=1 works in training mode for every norm, and the two norms
+    compute the same training step (float64, BatchNorm weight = |w| + eps): output, dx, every conv / norm
+    gradient, the running statistics; every norm layer counts one batch."""
+    gen = torch.Generator().manual_seed(2)
+    iabn = build_model("wrn38", 3, norm="iabn", width=WIDTH).double().train()
+    bn = build_model("wrn38", 3, norm="bn", width=WIDTH).double().train()
+    _randomize(iabn, gen)
+    _copy_iabn_to_bn(iabn, bn)
+    x = torch.randn(1, 3, 48, 48, generator=gen, dtype=torch.float64)
+    out_i, dx_i, g_i = _step(iabn, x, seed=5)
+    out_b, dx_b, g_b = _step(bn, x, seed=5)
+    assert out_i.shape == (1, 3, 48, 48) and torch.isfinite(out_i).all()
+    torch.testing.assert_close(out_i, out_b)
+    torch.testing.assert_close(dx_i, dx_b)
+    assert len(g_i) == len(g_b) > 0
+    for a, b in zip(g_i, g_b):
+        torch.testing.assert_close(a, b)
+    pool_grad = iabn.head.aspp.pool_conv.weight.grad
+    assert pool_grad is not None and pool_grad.abs().sum() > 0  # the N=1 image-pooling branch is trained
+    for s_, d in zip(_norm_layers(iabn), _norm_layers(bn)):
+        torch.testing.assert_close(s_.running_mean, d.running_mean)
+        torch.testing.assert_close(s_.running_var, d.running_var)
+        assert int(s_.num_batches_tracked) == int(d.num_batches_tracked) == 1
 
 
 # -------------------------------------------------------------------------------------------- memory
