@@ -84,7 +84,7 @@ def load_model(path: str, device: torch.device = torch.device("cpu")) -> Tuple[n
     except (RuntimeError, KeyError, ValueError, TypeError) as e:  # size/key mismatch, a malformed state dict
         raise CheckpointError(f"--checkpoint {path!r}: the weights do not fit {saved['arch']} width={saved['width']} "
                               f"({type(e).__name__}: {e})") from e
-    return model.to(device).eval(), ckpt
+    return model.to(device, getattr(torch, saved.get("dtype", "float32"))).eval(), ckpt
 
 
 def run(args: argparse.Namespace, info: Optional[DistInfo] = None) -> Dict[str, Any]:

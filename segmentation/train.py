@@ -149,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--amp", action="store_true",
                    help="automatic mixed precision: bfloat16 autocast on CPU, float16 + GradScaler on CUDA")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                   help="dtype of parameters and inputs (float64: exact comparisons, e.g. DDP against one process)")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda if available")
     g.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     g = p.add_argument_group("evaluation and output")
@@ -196,6 +198,9 @@ def _check_args(args: argparse.Namespace, info: DistInfo) -> None:
         raise ValueError(f"--save-predictions must be >= 0, got {args.save_predictions}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if args.amp and args.dtype != "float32":
+        raise ValueError(f"--amp computes in half precision from float32 parameters; it cannot be combined "
+                         f"with --dtype {args.dtype}")
     check_stop_after(args.stop_after)
     if not os.path.isdir(args.data):
         raise DataError(f"--data folder {args.data!r} does not exist. Point --data at a Cityscapes-layout folder "
@@ -291,6 +296,11 @@ def _memory_line(mem: SavedMemory, batch: int, crop: int) -> str:
 # ------------------------------------------------------------------------------------------------ evaluation
 
 
+def _input_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype the model's inputs take: its parameters' (``--dtype``)."""
+    return next(model.parameters()).dtype
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
@@ -354,7 +364,7 @@ def evaluate(
     bar = progress(stop - start, "eval", enabled=show_progress and info.is_main)
     for pos, (x, y) in enumerate(loader):
         with _autocast(device, amp):
-            logits = net(x.to(device, non_blocking=True))
+            logits = net(x.to(device, _input_dtype(net), non_blocking=True))
         pred = logits.argmax(1).cpu()
         cm.update(pred, y)
         index = start + pos
@@ -471,7 +481,7 @@ def train_one_epoch(
         for x, y in data_loader:
             if iteration >= max_iters:
                 break
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, y = x.to(device, _input_dtype(model), non_blocking=True), y.to(device, non_blocking=True)
             with _autocast(device, args.amp):
                 logits = model(x)
             loss = criterion(logits, y)
@@ -547,6 +557,10 @@ def _train(args: argparse.Namespace, info: DistInfo, return_model: bool) -> Dict
     ckpt = (load_resume_checkpoint(args.resume, vars(args), _RESUME_MUST_MATCH, kind="segmentation.train",
                                    required=CHECKPOINT_KEYS, checkpoint_name=CHECKPOINT_NAME)
             if args.resume else None)
+    if ckpt is not None and ckpt["args"].get("dtype", "float32") != args.dtype:  # older checkpoints: float32
+        raise ResumeError(f"--resume checkpoint {args.resume!r} was written with --dtype "
+                          f"{ckpt['args'].get('dtype', 'float32')!r} (now {args.dtype!r}). "
+                          "Pass the same options to continue exactly.")
 
     # Data: epoch e's order is DistributedSampler's permutation of (seed, e); the loader's generator (worker
     # seeds) is reseeded with (seed, e, rank) every epoch; fixed-size batches (the last incomplete one dropped).
@@ -565,7 +579,7 @@ def _train(args: argparse.Namespace, info: DistInfo, return_model: bool) -> Dict
 
     seed_everything(args.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
     model = build_model(args.arch, NUM_CLASSES, norm=args.norm, output_stride=args.output_stride,
-                        width=args.width).to(device)
+                        width=args.width).to(device, getattr(torch, args.dtype))
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
     scheduler = PolyLR(optimizer, max_iters, power=args.poly_power)
