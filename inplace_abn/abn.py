@@ -95,10 +95,9 @@ class ABN(nn.Module):
             nn.init.zeros_(self.bias)
 
     def _batch_norm_args(self) -> Tuple[bool, float, Optional[Tensor], Optional[Tensor]]:
-        """Applies nn.BatchNorm's rules; returns (use batch statistics,
-        momentum, running_mean, running_var) for the functional call. Changes no state: the caller
-        advances ``num_batches_tracked`` with :meth:`_count_batch` once the call succeeded, so a refused
-        call leaves it alone.
+        """Applies nn.BatchNorm's rules; returns (use batch statistics, momentum, running_mean, running_var)
+        for the functional call. Changes no state: the caller advances ``num_batches_tracked`` with
+        :meth:`_count_batch` once the call succeeded, so a refused call leaves it alone.
 
         Rules: momentum None is a cumulative average over the batches counted so far, this one included;
         eval without buffers uses batch statistics; training without track_running_stats passes no buffers.
