@@ -498,7 +498,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             continue
         if str(r["variant"]).endswith(CHANNELS_LAST):
             continue  # reported below, against the contiguous run of the same variant
-        limit = 0.8 if r["variant"] == "InPlaceABN[cpp]" else 1.3
+        # The pure-PyTorch path is the fallback, written for clarity: its budget is 1.5x (README, Benchmarks).
+        limit = 0.8 if r["variant"] == "InPlaceABN[cpp]" else 1.5
         ok = float(r["ratio_vs_bn_inplace"]) <= limit
         print(f"  {r['shape']:>14s} t={r['threads']} {r['variant']:20s} x{float(r['ratio_vs_bn_inplace']):.3f} "
               f"(<= {limit}) {'OK' if ok else 'MISSED'}   saved {r['saved_activations']} act, "
