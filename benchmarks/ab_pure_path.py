@@ -1,6 +1,6 @@
 """A/B of the pure-PyTorch path at several revisions, interleaved in one process (a tool for changes to it).
 
-The pure path of a small layer is a chain of ~25 ATen calls, and a change to it typically moves a training
+The pure path of a small layer is a chain of ~30 ATen calls, and a change to it typically moves a training
 step by 0.5-2 %: less than the spread between two runs of ``bench_inplace_abn.py`` (about +-0.02 of the
 ratio, mostly from the process's heap state, see below). Comparing two revisions in ONE process, with
 their steps interleaved, removes that spread. Each revision's ``inplace_abn/`` package is exported with

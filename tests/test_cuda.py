@@ -126,7 +126,7 @@ DTYPE_IDS = {torch.float64: "f64", torch.float32: "f32", torch.float16: "f16", t
 def test_cuda_kernels_registered(cuda_device):
     """Every op has a CUDA kernel: otherwise CUDA tensors silently take the pure-PyTorch path."""
     assert inplace_abn.extension_loaded(), f"extension not loaded: {inplace_abn._backend.extension_error()}"
-    missing = [op for op in OPS if not torch._C._dispatch_has_kernel_for_dispatch_key(f"inplace_abn::{op}", "CUDA")]
+    missing = [op for op in OPS if not getattr(torch.ops.inplace_abn, op).default.has_kernel_for_dispatch_key("CUDA")]
     assert not missing, f"no CUDA kernel for {missing}: the extension was built without CUDA (FORCE_CUDA=1, CUDA_HOME)"
     assert inplace_abn._backend.has_kernel("cuda")
 

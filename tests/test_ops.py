@@ -39,9 +39,9 @@ def test_opcheck(op, dtype):
 def test_every_op_has_a_cpu_kernel_and_fake_kernel():
     """The schemas of src/ops.cpp all have CPU kernels and fake kernels (or are mutating with no output)."""
     for op in OPS:
-        name = f"inplace_abn::{op}"
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU"), f"{name} has no CPU kernel"
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "Meta"), f"{name} has no Meta/fake kernel"
+        name, overload = f"inplace_abn::{op}", getattr(torch.ops.inplace_abn, op).default
+        assert overload.has_kernel_for_dispatch_key("CPU"), f"{name} has no CPU kernel"
+        assert overload.has_kernel_for_dispatch_key("Meta"), f"{name} has no Meta/fake kernel"
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
