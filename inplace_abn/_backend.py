@@ -9,12 +9,14 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import sys
 import warnings
+from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
 
-__all__ = ["get_backend", "set_backend", "extension_loaded", "extension_error", "has_kernel"]
+__all__ = ["get_backend", "set_backend", "extension_loaded", "extension_error", "has_kernel", "shadowed_build"]
 
 _BACKENDS = ("cpp", "python")
 _extension_error: Optional[BaseException] = None
@@ -36,6 +38,40 @@ def extension_error() -> Optional[BaseException]:
     return _extension_error
 
 
+def shadowed_build() -> Optional[str]:
+    """The folder of another copy of this package, with a compiled ``_C``, that this import shadows.
+
+    The usual case: ``pip install --no-build-isolation .`` put a built copy into site-packages, and Python
+    run from the repository root imports the source tree (first on ``sys.path``), which has no ``_C``.
+    None when the extension loaded or no such copy exists on ``sys.path``.
+    """
+    if extension_loaded():
+        return None
+    here = Path(__file__).resolve().parent
+    for entry in sys.path:
+        candidate = Path(entry or os.getcwd()) / __package__
+        try:
+            built = any(candidate.glob("_C*.so")) or any(candidate.glob("_C*.pyd"))
+            if built and candidate.resolve() != here:
+                return str(candidate)
+        except OSError:  # an unreadable or vanished sys.path entry
+            continue
+    return None
+
+
+def _missing_extension_advice() -> str:
+    """Why the extension is missing and what fixes it, for the warning and the ImportError."""
+    shadowed = shadowed_build()
+    if shadowed is not None:
+        return (
+            f"This import is the source tree {Path(__file__).resolve().parent}, which has no compiled _C, and it "
+            f"shadows the built copy in {shadowed} (Python puts the current directory first on sys.path). Run "
+            "from another directory, or install the source tree in development mode so that _C is built into "
+            "it: `pip install --no-build-isolation -e .`"
+        )
+    return "Rebuild with `pip install --no-build-isolation .`"
+
+
 def _initial_backend() -> str:
     requested = os.environ.get("INPLACE_ABN_BACKEND", "").strip().lower()
     if requested and requested not in _BACKENDS:
@@ -47,11 +83,11 @@ def _initial_backend() -> str:
     if requested == "cpp":
         raise ImportError(
             "INPLACE_ABN_BACKEND=cpp but the compiled extension inplace_abn._C could not be imported: "
-            f"{_extension_error}. Rebuild with `pip install --no-build-isolation .`"
+            f"{_extension_error}. {_missing_extension_advice()}"
         ) from _extension_error
     warnings.warn(
         f"inplace_abn: the compiled extension is not available ({_extension_error}); running on the "
-        "pure-PyTorch path (same results, slower). Rebuild with `pip install --no-build-isolation .` "
+        f"pure-PyTorch path (same results, slower). {_missing_extension_advice()}; "
         "or set INPLACE_ABN_BACKEND=python to silence this warning.",
         RuntimeWarning,
         stacklevel=3,
