@@ -208,7 +208,7 @@ def _layer(
 ) -> Tensor:
     """The body of :func:`inplace_abn` and :func:`inplace_abn_sync`: validate once, then the Function."""
     activation, activation_param = validation.check_layer_args(
-        x, weight, bias, running_mean, running_var, training, eps, activation, activation_param
+        x, weight, bias, running_mean, running_var, training, momentum, eps, activation, activation_param
     )
     if activation == "leaky_relu" and activation_param == 0.0:
         activations.warn_non_invertible()

@@ -6,6 +6,8 @@ Everything here runs before the layer writes anything (the input, the running st
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any, Optional, Sequence, Tuple
 
 import torch
@@ -27,7 +29,8 @@ def check_layer_args(
     running_mean: Optional[Tensor],
     running_var: Optional[Tensor],
     training: bool,
-    eps: float,
+    momentum: Any,
+    eps: Any,
     activation: Any,
     activation_param: Any,
 ) -> Tuple[str, float]:
@@ -44,6 +47,8 @@ def check_layer_args(
         raise ValueError(f"x must have shape (N, C, *) with at least 2 dimensions, got shape {tuple(x.shape)}")
     if x.dtype not in FLOAT_TYPES:
         raise TypeError(f"x must be float64, float32, float16 or bfloat16, got {x.dtype}; convert it with x.float()")
+    if x.size(1) == 0:
+        raise ValueError(f"x must have at least one channel (dimension 1), got shape {tuple(x.shape)}")
     shape, device = (x.size(1),), x.device
     for name, v, is_param in (
         ("weight", weight, True), ("bias", bias, True), ("running_mean", running_mean, False),
@@ -70,9 +75,16 @@ def check_layer_args(
             )
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be both tensors or both None")
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
+    if not (_is_number(eps) and 0.0 < eps < math.inf):  # NaN fails both comparisons
+        raise ValueError(f"eps must be > 0 and finite, got {eps!r}")
+    if not (_is_number(momentum) and 0.0 <= momentum <= 1.0):
+        raise ValueError(
+            f"momentum must be a number in [0, 1], got {momentum!r}"
+            + ("; the cumulative average (momentum=None) is an option of the modules, e.g. InPlaceABN(C, "
+               "momentum=None)" if momentum is None else "")
+        )
     resolved = activations.resolve(activation, activation_param)
+    _check_invertible_in(resolved, opmath_dtype(x.dtype))
     # The layer overwrites x: refuse a leaf that requires grad before anything is written (autograd's own
     # check would fire only after the overwrite).
     if torch.is_grad_enabled() and x.is_leaf and x.requires_grad:
@@ -90,3 +102,19 @@ def check_count(count: int, shape: Sequence[int]) -> None:
     if count <= 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(shape)}")
 
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_invertible_in(resolved: Tuple[str, float], dtype: torch.dtype) -> None:
+    """The backward divides by the leaky_relu slope / ELU alpha (docs/math.md, inverting the activations): a
+    parameter whose reciprocal overflows in the compute dtype would give inf/NaN gradients."""
+    name, param = resolved
+    if name in ("leaky_relu", "elu") and param > 0.0 and param * torch.finfo(dtype).max < 1.0:
+        what = "leaky_relu negative slope" if name == "leaky_relu" else "ELU alpha"
+        raise ValueError(
+            f"activation_param (the {what}) {param!r} is too small for {dtype} computation: the backward divides "
+            f"by it and 1 / {param!r} overflows; use a value >= {1.0 / torch.finfo(dtype).max:.3g} (e.g. 0.01)"
+        )

@@ -48,6 +48,12 @@ def _elu_alpha_set_after_construction():
     m(_x())
 
 
+def _momentum_set_after_construction():
+    m = InPlaceABN(C)
+    m.momentum = 2.0
+    m(_x())
+
+
 def _output_modified_in_place():
     x = torch.randn(2, C, 4, requires_grad=True)
     y = iabn(x * 1.0, _v(), _v(), None, None)
@@ -105,6 +111,35 @@ BAD_INPUTS = [
     ("eps-zero", lambda: iabn(_x(), _v(), _v(), None, None, True, 0.1, 0.0), ValueError, ("eps must be > 0", "0.0")),
     ("eps-negative", lambda: iabn(_x(), _v(), _v(), None, None, True, 0.1, -1e-5), ValueError,
      ("eps must be > 0", "-1e-05")),
+    ("eps-inf", lambda: iabn(_x(), _v(), _v(), None, None, True, 0.1, float("inf")), ValueError,
+     ("eps must be > 0 and finite", "inf")),
+    ("eps-nan", lambda: iabn(_x(), _v(), _v(), None, None, True, 0.1, float("nan")), ValueError,
+     ("eps must be > 0 and finite", "nan")),
+    ("eps-none", lambda: iabn(_x(), _v(), _v(), None, None, True, 0.1, None), ValueError,
+     ("eps must be > 0 and finite", "None")),
+    ("momentum-above-1-functional", lambda: iabn(_x(), _v(), _v(), *_stats(), True, 1.5), ValueError,
+     ("momentum must be a number in [0, 1]", "1.5")),
+    ("momentum-negative-functional", lambda: iabn(_x(), _v(), _v(), *_stats(), True, -0.1), ValueError,
+     ("momentum must be a number in [0, 1]", "-0.1")),
+    ("momentum-none-functional", lambda: iabn(_x(), _v(), _v(), *_stats(), True, None), ValueError,
+     ("momentum must be a number in [0, 1]", "None", "InPlaceABN(C, momentum=None)")),
+    ("momentum-nan-functional", lambda: iabn(_x(), _v(), _v(), *_stats(), True, float("nan")), ValueError,
+     ("momentum must be a number in [0, 1]", "nan")),
+    ("zero-channels", lambda: iabn(torch.randn(2, 0, 4), None, None, None, None), ValueError,
+     ("x must have at least one channel", "(2, 0, 4)")),
+    ("leaky-slope-reciprocal-overflows-float32", lambda: iabn(_x(), _v(), _v(), None, None, True, 0.1, EPS,
+                                                              "leaky_relu", 1e-40),
+     ValueError, ("leaky_relu negative slope) 1e-40 is too small for torch.float32", "overflows")),
+    ("leaky-slope-rounds-to-0-float32", lambda: iabn(_x(), _v(), _v(), None, None, True, 0.1, EPS,
+                                                     "leaky_relu", 1e-46),
+     ValueError, ("leaky_relu negative slope) 1e-46 is too small for torch.float32",)),
+    ("elu-alpha-reciprocal-overflows-float32", lambda: iabn(_x(), _v(), _v(), None, None, True, 0.1, EPS,
+                                                            "elu", 1e-40),
+     ValueError, ("ELU alpha) 1e-40 is too small for torch.float32",)),
+    ("elu-alpha-too-small-bfloat16-module", lambda: InPlaceABN(C, activation="elu", activation_param=1e-39)(
+        _x(dtype=torch.bfloat16)), ValueError, ("ELU alpha) 1e-39 is too small for torch.float32",)),
+    ("momentum-set-after-construction", _momentum_set_after_construction, ValueError,
+     ("momentum must be a number in [0, 1]", "2.0")),
     ("eval-without-running-stats", lambda: iabn(_x(), _v(), _v(), None, None, False), ValueError,
      ("running_mean and running_var are required when training=False",)),
     ("functional-unknown-activation", lambda: iabn(_x(), _v(), _v(), None, None, True, 0.1, EPS, "swish"),
@@ -334,3 +369,38 @@ def test_use_backend_restores_the_previous_backend_even_on_error(backend):
         with inplace_abn.use_backend("fortran"):
             pass
     assert inplace_abn.get_backend() == backend
+
+
+def test_bad_momentum_after_construction_leaves_every_state_alone(backend):
+    """A momentum set out of range after construction is refused before anything is written: the input,
+    the running statistics and num_batches_tracked are unchanged (both backends)."""
+    m = InPlaceABN(C)
+    with torch.no_grad():
+        m.running_mean.uniform_()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    m.momentum = 1.5
+    x = _x()
+    x0 = x.clone()
+    with pytest.raises(ValueError, match=r"momentum must be a number in \[0, 1\], got 1.5"):
+        m(x)
+    torch.testing.assert_close(x, x0, rtol=0, atol=0)
+    for k, v in m.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0, msg=k)
+
+
+def test_tiny_slope_is_accepted_where_its_reciprocal_fits(backend):
+    """The same slope that float32 refuses (1 / 1e-40 overflows) is exact in float64: output and every
+    gradient match the float64 reference, all finite."""
+    torch.manual_seed(0)
+    base = torch.randn(4, C, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.tensor([0.5, -2.0, 1.0], dtype=torch.float64, requires_grad=True)
+    b = torch.tensor([0.1, -0.3, 0.0], dtype=torch.float64, requires_grad=True)
+    y = iabn(base * 1.0, w, b, None, None, True, 0.1, EPS, "leaky_relu", 1e-40)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (base, w, b), dy)
+    ref = inplace_abn.reference.batch_norm_act(base, w, b, None, None, True, 0.1, EPS, "leaky_relu", 1e-40)
+    ref_grads = torch.autograd.grad(ref, (base, w, b), dy)
+    torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
+    for name, g, r in zip(("dx", "dweight", "dbias"), grads, ref_grads):
+        assert torch.isfinite(g).all(), name
+        torch.testing.assert_close(g, r, rtol=1e-8, atol=1e-8, msg=name)
