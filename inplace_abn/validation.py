@@ -38,7 +38,8 @@ def check_layer_args(
 
     Raises:
         TypeError: a non-tensor or a non-floating dtype, or parameters of a dtype the kernels do not take.
-        ValueError: a shape, device, eps or activation problem, or eval mode without running statistics.
+        ValueError: a shape, device, eps, momentum or activation problem (including a slope / alpha whose
+            reciprocal overflows in the compute dtype), or eval mode without running statistics.
         RuntimeError: ``x`` is a leaf that requires grad (the layer overwrites it).
     """
     if not isinstance(x, Tensor):
