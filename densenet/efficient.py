@@ -157,7 +157,7 @@ def efficient_bottleneck(
     if not isinstance(norm, InPlaceABN):
         raise ValueError(f'memory="efficient" requires norm="iabn" (an InPlaceABN), got {type(norm).__name__}')
     act, slope = activations.resolve(norm.activation, norm.activation_param)
-    if act == "leaky_relu" and slope == 0.0:
+    if not activations.invertible(act, slope):
         raise ValueError('memory="efficient" needs an invertible activation (leaky_relu slope > 0, elu, identity)')
     if (
         conv.bias is not None or conv.kernel_size != (1, 1) or conv.stride != (1, 1) or conv.groups != 1

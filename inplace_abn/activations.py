@@ -25,6 +25,7 @@ __all__ = [
     "NAMES",
     "resolve",
     "get",
+    "invertible",
     "is_invertible",
     "warn_non_invertible",
 ]
@@ -137,10 +138,17 @@ def get(name: str) -> Activation:
     return ACTIVATIONS[name]
 
 
-def is_invertible(activation: str, activation_param: float) -> bool:
-    """True when a layer can recover its pre-activation from its output (everything but ReLU / slope 0)."""
-    name, param = resolve(activation, activation_param)
+def invertible(name: str, param: float) -> bool:
+    """True unless the canonical ``(name, param)`` (as :func:`resolve` returns it) is ReLU: leaky_relu, slope 0."""
     return not (name == "leaky_relu" and param == 0.0)
+
+
+def is_invertible(activation: str, activation_param: float) -> bool:
+    """True when a layer can recover its pre-activation from its output (everything but ReLU / slope 0).
+
+    Validates first (:func:`resolve`); for an already canonical pair use :func:`invertible`.
+    """
+    return invertible(*resolve(activation, activation_param))
 
 
 _warned_non_invertible = False

@@ -86,7 +86,7 @@ class InPlaceABNFunction(torch.autograd.Function):
         running_var: Optional[Tensor],
         config: LayerConfig,
     ) -> Tensor:
-        invertible = not (config.activation == "leaky_relu" and config.activation_param == 0.0)
+        invertible = activations.invertible(config.activation, config.activation_param)
         act, act_param = (config.activation, config.activation_param) if invertible else ("identity", 0.0)
         count = x.numel() // x.size(1)
         if config.training and not config.sync:  # the op also updates the running statistics
@@ -210,7 +210,7 @@ def _layer(
     activation, activation_param = validation.check_layer_args(
         x, weight, bias, running_mean, running_var, training, momentum, eps, activation, activation_param
     )
-    if activation == "leaky_relu" and activation_param == 0.0:
+    if not activations.invertible(activation, activation_param):
         activations.warn_non_invertible()
     if not training and _exporting():
         return _eval_standard_ops(x, weight, bias, running_mean, running_var, eps, activation, activation_param)
@@ -317,6 +317,6 @@ def recover_normalized_input(
         ValueError: for ReLU / slope 0, whose negative half cannot be recovered.
     """
     activation, activation_param = activations.resolve(activation, activation_param)
-    if activation == "leaky_relu" and activation_param == 0.0:
+    if not activations.invertible(activation, activation_param):
         raise ValueError("activation leaky_relu with slope 0 (relu) is not invertible")
     return _ops.invert(y, weight, bias, eps, activation, activation_param)

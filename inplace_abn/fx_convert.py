@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .abn import ABN, InPlaceABN, InPlaceABNSync
-from .activations import ACTIVATIONS, resolve
+from .activations import ACTIVATIONS, invertible, resolve
 from .convert import _copy_state
 
 __all__ = ["convert_model", "ConversionReport", "LayerConversion"]
@@ -138,7 +138,7 @@ def _fusable(name: str, value: Any) -> Optional[Tuple[str, Optional[float]]]:
         name, param = resolve(name, value)
     except ValueError:  # a negative slope or alpha <= 0: not invertible, not fused
         return None
-    return ("relu", None) if name == "leaky_relu" and param == 0.0 else (name, param)
+    return (name, param) if invertible(name, param) else ("relu", None)
 
 
 def _relu_like(node: fx.Node, modules: Dict[str, nn.Module]) -> Optional[Tuple[str, Optional[float]]]:
