@@ -105,8 +105,10 @@ CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "iteration", "rng
 # Options that must match between the run that wrote a checkpoint and the run resuming it.
 _RESUME_MUST_MATCH = (
     "arch", "norm", "width", "output_stride", "crop", "scale_min", "scale_max", "flip_p", "batch_size", "epochs",
-    "iters", "lr", "momentum", "weight_decay", "poly_power", "amp", "seed", "workers", "train_split",
+    "iters", "lr", "momentum", "weight_decay", "poly_power", "amp", "seed", "workers", "train_split", "dtype",
 )
+# What checkpoints written before an option existed ran with.
+_RESUME_DEFAULTS = {"dtype": "float32"}
 
 
 # ------------------------------------------------------------------------------------------------ options
@@ -555,12 +557,9 @@ def _train(args: argparse.Namespace, info: DistInfo, return_model: bool) -> Dict
     _check_args(args, info)
     device = info.device
     ckpt = (load_resume_checkpoint(args.resume, vars(args), _RESUME_MUST_MATCH, kind="segmentation.train",
-                                   required=CHECKPOINT_KEYS, checkpoint_name=CHECKPOINT_NAME)
+                                   required=CHECKPOINT_KEYS, checkpoint_name=CHECKPOINT_NAME,
+                                   defaults=_RESUME_DEFAULTS)
             if args.resume else None)
-    if ckpt is not None and ckpt["args"].get("dtype", "float32") != args.dtype:  # older checkpoints: float32
-        raise ResumeError(f"--resume checkpoint {args.resume!r} was written with --dtype "
-                          f"{ckpt['args'].get('dtype', 'float32')!r} (now {args.dtype!r}). "
-                          "Pass the same options to continue exactly.")
 
     # Data: epoch e's order is DistributedSampler's permutation of (seed, e); the loader's generator (worker
     # seeds) is reseeded with (seed, e, rank) every epoch; fixed-size batches (the last incomplete one dropped).

@@ -98,6 +98,17 @@ def test_check_same_args_names_options():
         check_same_args({"batch_size": 8}, {"batch_size": 4}, ("batch_size",), "x.pt")
 
 
+def test_check_same_args_takes_defaults_for_options_older_checkpoints_lack():
+    """An option added later (segmentation's --dtype) compares as its default when the checkpoint lacks it."""
+    check_same_args({"lr": 0.1}, {"lr": 0.1, "dtype": "float32"}, ("lr", "dtype"), "x.pt",
+                    defaults={"dtype": "float32"})
+    with pytest.raises(CheckpointError, match=r"--dtype 'float32' \(now 'float64'\)"):
+        check_same_args({"lr": 0.1}, {"lr": 0.1, "dtype": "float64"}, ("lr", "dtype"), "x.pt",
+                        defaults={"dtype": "float32"})
+    with pytest.raises(CheckpointError, match=r"--dtype None \(now 'float32'\)"):  # no default: still refused
+        check_same_args({"lr": 0.1}, {"lr": 0.1, "dtype": "float32"}, ("lr", "dtype"), "x.pt")
+
+
 def test_csv_round_trip_and_epoch_filter(tmp_path):
     path = str(tmp_path / "log.csv")
     assert read_csv(path) == []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Any, Dict, Iterable, Mapping, Type
+from typing import Any, Dict, Iterable, Mapping, Optional, Type
 
 import torch
 
@@ -93,6 +93,7 @@ def check_same_args(
     keys: Iterable[str],
     path: str,
     error: Type[Exception] = CheckpointError,
+    defaults: Optional[Mapping[str, Any]] = None,
 ) -> None:
     """Refuses to resume when options that shape the run differ from those stored in the checkpoint.
 
@@ -102,13 +103,17 @@ def check_same_args(
         keys: Option names (argparse ``dest``) that must be equal.
         path: The checkpoint file, for the message.
         error: Exception class raised.
+        defaults: Values of options added after a checkpoint was written: a checkpoint that lacks such an
+            option ran with this value.
 
     Raises:
         error: naming every differing option as ``--name saved (now current)``.
     """
-    diff = [k for k in keys if saved.get(k) != current.get(k)]
+    keys, defaults = list(keys), defaults or {}
+    saved = {k: saved.get(k, defaults.get(k)) for k in keys}
+    diff = [k for k in keys if saved[k] != current.get(k)]
     if diff:
-        detail = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} (now {current.get(k)!r})" for k in diff)
+        detail = ", ".join(f"--{k.replace('_', '-')} {saved[k]!r} (now {current.get(k)!r})" for k in diff)
         raise error(
             f"--resume checkpoint {path!r} was written with different settings: {detail}. "
             "Pass the same options to continue exactly."

@@ -78,6 +78,7 @@ def load_resume_checkpoint(
     kind: str,
     required: Sequence[str] = RESUME_KEYS,
     checkpoint_name: str = "checkpoint.pt",
+    defaults: Optional[Mapping[str, Any]] = None,
 ) -> Dict[str, Any]:
     """Loads a ``--resume`` checkpoint and refuses one written with different run-shaping options.
 
@@ -90,6 +91,8 @@ def load_resume_checkpoint(
         kind: What writes such checkpoints, for messages (e.g. ``"densenet.train"``).
         required: Top-level keys the checkpoint must have.
         checkpoint_name: The usual file name, for messages.
+        defaults: Values of ``must_match`` options added after older checkpoints were written (what those
+            runs used).
 
     Returns:
         The checkpoint dict (for :func:`restore_training_state`).
@@ -98,7 +101,7 @@ def load_resume_checkpoint(
         ResumeError: not found, corrupt, not a ``kind`` checkpoint, or different options (each named).
     """
     ckpt = load_checkpoint(path, required=required, kind=kind, error=ResumeError, checkpoint_name=checkpoint_name)
-    check_same_args(ckpt["args"], args, must_match, path, error=ResumeError)
+    check_same_args(ckpt["args"], args, must_match, path, error=ResumeError, defaults=defaults)
     return ckpt
 
 
