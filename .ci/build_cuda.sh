@@ -35,7 +35,7 @@ import torch
 import inplace_abn
 
 assert inplace_abn.get_backend() == "cpp", inplace_abn.get_backend()
-ops = ["statistics", "forward_", "backward_reduce", "backward", "invert", "forward_train_", "backward_train"]
+ops = ["statistics", "absmax", "forward_", "backward_reduce", "backward", "invert", "forward_train_", "backward_train"]
 for key in ("CPU", "CUDA"):
     missing = [op for op in ops if not getattr(torch.ops.inplace_abn, op).default.has_kernel_for_dispatch_key(key)]
     assert not missing, f"no {key} kernel registered for {missing}"

@@ -124,7 +124,9 @@ class EfficientBottleneckFunction(torch.autograd.Function):
         dx = dweight = dbias = None
         if need_dy:
             count = y.numel() // y.size(1)
-            dx, dweight, dbias = layer_backward(y, dy, var, weight, bias, config, count, (need_dx, need_w, need_b))
+            dx, dweight, dbias, _ = layer_backward(
+                y, dy, var, weight, bias, config, count, (need_dx, need_w, need_b, False)
+            )
         del y
         if need_dx:
             parts = torch.split(dx, ctx.sizes, 1)

@@ -17,6 +17,7 @@ from .pure_backend import opmath_dtype
 
 __all__ = [
     "statistics",
+    "absmax",
     "forward_",
     "forward_train_",
     "backward_reduce",
@@ -46,6 +47,13 @@ def statistics(x: Tensor) -> Tuple[Tensor, Tensor]:
     return pure_backend.statistics(x)
 
 
+def absmax(x: Tensor) -> Tensor:
+    """Per-channel ``max |x|`` of ``x`` (N, C, *), in the opmath dtype (C,); NaN where a channel holds one."""
+    if _compiled(x):
+        return torch.ops.inplace_abn.absmax(x)
+    return pure_backend.absmax(x)
+
+
 def forward_(
     x: Tensor,
     mean: Tensor,
@@ -55,9 +63,10 @@ def forward_(
     eps: float,
     activation: str,
     activation_param: float,
+    residual: Optional[Tensor] = None,
 ) -> None:
-    """Overwrites ``x`` (N, C, *) with ``act((|w| + eps) * (x - mean) / sqrt(var + eps) + b)``."""
-    args = (x, mean, var, weight, bias, eps, activation, activation_param)
+    """Overwrites ``x`` (N, C, *) with ``act((|w| + eps) * (x - mean) / sqrt(var + eps) + b [+ residual])``."""
+    args = (x, mean, var, weight, bias, eps, activation, activation_param, residual)
     if _compiled(x):
         torch.ops.inplace_abn.forward_(*args)
     else:
@@ -74,10 +83,11 @@ def forward_train_(
     eps: float,
     activation: str,
     activation_param: float,
+    residual: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Training forward on local statistics: ``statistics`` then ``forward_``, and the running statistics
     (C,) (when given) updated as nn.BatchNorm does; returns (mean, biased var) (C,)."""
-    args = (x, weight, bias, running_mean, running_var, momentum, eps, activation, activation_param)
+    args = (x, weight, bias, running_mean, running_var, momentum, eps, activation, activation_param, residual)
     if _compiled(x):
         return torch.ops.inplace_abn.forward_train_(*args)
     return pure_backend.forward_train_(*args)
@@ -91,9 +101,11 @@ def backward_reduce(
     eps: float,
     activation: str,
     activation_param: float,
+    residual: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
-    """Per-channel (C,) sums of dz and dz * x_hat, recovered from the output ``y`` (N, C, *)."""
-    args = (y, dy, weight, bias, eps, activation, activation_param)
+    """Per-channel (C,) sums of dz and dz * x_hat, recovered from the output ``y`` (N, C, *) (and the
+    ``residual`` the forward added, if any)."""
+    args = (y, dy, weight, bias, eps, activation, activation_param, residual)
     if _compiled(y):
         return torch.ops.inplace_abn.backward_reduce(*args)
     return pure_backend.backward_reduce(*args)
@@ -110,9 +122,13 @@ def backward(
     eps: float,
     activation: str,
     activation_param: float,
-) -> Tensor:
-    """dx (N, C, *) with ``y``'s strides; ``mean_dz``/``mean_dz_xhat`` None selects eval mode."""
-    args = (y, dy, var, weight, bias, mean_dz, mean_dz_xhat, eps, activation, activation_param)
+    residual: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
+    """(dx (N, C, *) with ``y``'s strides, grad_residual); ``mean_dz``/``mean_dz_xhat`` None selects eval mode.
+
+    grad_residual is dL/dresidual = dz (N, C, *) with a ``residual``, an empty (0,) tensor without.
+    """
+    args = (y, dy, var, weight, bias, mean_dz, mean_dz_xhat, eps, activation, activation_param, residual)
     if _compiled(y):
         return torch.ops.inplace_abn.backward(*args)
     return pure_backend.backward(*args)
@@ -127,13 +143,16 @@ def backward_train(
     eps: float,
     activation: str,
     activation_param: float,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """Training backward on local statistics; returns (dx (N, C, *), grad_weight (C,), grad_bias (C,)).
+    residual: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Training backward on local statistics; returns (dx (N, C, *), grad_weight (C,), grad_bias (C,),
+    grad_residual).
 
     grad_weight = sign(weight) * sum(dz * x_hat) with sign(0) = +1, grad_bias = sum(dz), each in its
-    parameter's dtype (the opmath dtype when the parameter is None).
+    parameter's dtype (the opmath dtype when the parameter is None). grad_residual is dz (N, C, *) with a
+    ``residual``, an empty (0,) tensor without.
     """
-    args = (y, dy, var, weight, bias, eps, activation, activation_param)
+    args = (y, dy, var, weight, bias, eps, activation, activation_param, residual)
     if _compiled(y):
         return torch.ops.inplace_abn.backward_train(*args)
     return pure_backend.backward_train(*args)
@@ -146,9 +165,11 @@ def invert(
     eps: float,
     activation: str,
     activation_param: float,
+    residual: Optional[Tensor] = None,
 ) -> Tensor:
-    """x_hat (N, C, *) recovered from the output ``y``, in ``y``'s dtype and strides."""
-    args = (y, weight, bias, eps, activation, activation_param)
+    """x_hat (N, C, *) recovered from the output ``y`` (and the ``residual`` the forward added), in ``y``'s
+    dtype and strides."""
+    args = (y, weight, bias, eps, activation, activation_param, residual)
     if _compiled(y):
         return torch.ops.inplace_abn.invert(*args)
     return pure_backend.invert(*args)
@@ -167,12 +188,21 @@ if _backend.extension_loaded():
         if y.shape != dy.shape:
             raise RuntimeError(f"dy must have the shape of y {tuple(y.shape)}, got {tuple(dy.shape)}")
 
+    def _check_residual(x: Tensor, residual: Optional[Tensor]) -> None:
+        if residual is not None and residual.shape != x.shape:
+            raise RuntimeError(f"residual must have the shape of x {tuple(x.shape)}, got {tuple(residual.shape)}")
+
     def _channel_vectors(t: Tensor, count: int) -> Tuple[Tensor, ...]:
         return tuple(t.new_empty((t.size(1),), dtype=opmath_dtype(t.dtype)) for _ in range(count))
 
     @torch.library.impl("inplace_abn::forward_", "Meta")
-    def _forward_meta(x, mean, var, weight, bias, eps, activation, activation_param):
+    def _forward_meta(x, mean, var, weight, bias, eps, activation, activation_param, residual=None):
         return None
+
+    @torch.library.register_fake("inplace_abn::absmax")
+    def _absmax_fake(x):
+        _check_input(x, "x")
+        return _channel_vectors(x, 1)[0]
 
     @torch.library.register_fake("inplace_abn::statistics")
     def _statistics_fake(x):
@@ -180,27 +210,39 @@ if _backend.extension_loaded():
         return _channel_vectors(x, 2)
 
     @torch.library.register_fake("inplace_abn::forward_train_")
-    def _forward_train_fake(x, weight, bias, running_mean, running_var, momentum, eps, activation, activation_param):
+    def _forward_train_fake(
+        x, weight, bias, running_mean, running_var, momentum, eps, activation, activation_param, residual=None
+    ):
         _check_input(x, "x")
+        _check_residual(x, residual)
         return _channel_vectors(x, 2)
 
     @torch.library.register_fake("inplace_abn::backward_reduce")
-    def _backward_reduce_fake(y, dy, weight, bias, eps, activation, activation_param):
+    def _backward_reduce_fake(y, dy, weight, bias, eps, activation, activation_param, residual=None):
         _check_same_shape(y, dy)
+        _check_residual(y, residual)
         return _channel_vectors(y, 2)
 
+    def _grad_residual_fake(y: Tensor, residual: Optional[Tensor]) -> Tensor:
+        return torch.empty_like(y) if residual is not None else y.new_empty((0,))
+
     @torch.library.register_fake("inplace_abn::backward")
-    def _backward_fake(y, dy, var, weight, bias, mean_dz, mean_dz_xhat, eps, activation, activation_param):
+    def _backward_fake(
+        y, dy, var, weight, bias, mean_dz, mean_dz_xhat, eps, activation, activation_param, residual=None
+    ):
         _check_same_shape(y, dy)
-        return torch.empty_like(y)
+        _check_residual(y, residual)
+        return torch.empty_like(y), _grad_residual_fake(y, residual)
 
     @torch.library.register_fake("inplace_abn::backward_train")
-    def _backward_train_fake(y, dy, var, weight, bias, eps, activation, activation_param):
+    def _backward_train_fake(y, dy, var, weight, bias, eps, activation, activation_param, residual=None):
         _check_same_shape(y, dy)
+        _check_residual(y, residual)
         dtype = opmath_dtype(y.dtype)
         grads = tuple(y.new_empty((y.size(1),), dtype=dtype if p is None else p.dtype) for p in (weight, bias))
-        return (torch.empty_like(y),) + grads
+        return (torch.empty_like(y),) + grads + (_grad_residual_fake(y, residual),)
 
     @torch.library.register_fake("inplace_abn::invert")
-    def _invert_fake(y, weight, bias, eps, activation, activation_param):
+    def _invert_fake(y, weight, bias, eps, activation, activation_param, residual=None):
+        _check_residual(y, residual)
         return torch.empty_like(y)

@@ -129,12 +129,15 @@ class ABN(nn.Module):
                 f"(shape {tuple(x.shape)}); num_features must equal the size of dimension 1"
             )
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        """``act(BN(x) [+ residual])``; ``residual`` (optional) has x's shape (N, C, *)."""
         self._check_input_dim(x)
         training, momentum, running_mean, running_var = self._batch_norm_args()
         activation, param = activations.resolve(self.activation, self.activation_param)
         y = F.batch_norm(x, running_mean, running_var, self.weight, self.bias, training, momentum, self.eps)
         self._count_batch()
+        if residual is not None:
+            y = y + residual  # out of place: y may be the input of ReLU's backward below, never the residual
         return activations.get(activation).apply_(y, param)
 
     def _load_from_state_dict(
@@ -172,8 +175,12 @@ class InPlaceABN(ABN):
     Arguments as :class:`ABN`. ``relu`` (leaky_relu with slope 0) is accepted but not invertible: such a
     layer keeps its pre-activation and saves nothing (a RuntimeWarning says so).
 
+    The forward takes an optional ``residual`` of the input's shape: ``act(BN(x) + residual)``, the fused
+    end of a post-activation residual block, still keeping only the output (and the residual, by
+    reference); see :func:`~inplace_abn.functions.inplace_abn`.
+
     Shape:
-        Input (N, C, *), overwritten; the same tensor is returned.
+        Input (N, C, *), overwritten; the same tensor is returned. Residual: (N, C, *), read only.
     """
 
     def __init__(
@@ -190,12 +197,13 @@ class InPlaceABN(ABN):
         if not activations.is_invertible(activation, activation_param):
             activations.warn_non_invertible()
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        """Writes ``act(BN(x) [+ residual])`` over ``x`` (N, C, *) and returns it."""
         self._check_input_dim(x)
         training, momentum, running_mean, running_var = self._batch_norm_args()
         y = inplace_abn(
             x, self.weight, self.bias, running_mean, running_var, training, momentum, self.eps,
-            self.activation, self.activation_param,
+            self.activation, self.activation_param, residual=residual,
         )  # fmt: skip
         self._count_batch()
         return y
@@ -226,12 +234,13 @@ class InPlaceABNSync(ABN):
         """Sets the process group to synchronise with (None = default). Never call between forward and backward."""
         self.group = group
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        """Writes ``act(BN(x) [+ residual])`` over ``x`` (N, C, *) and returns it; statistics of x alone."""
         self._check_input_dim(x)
         training, momentum, running_mean, running_var = self._batch_norm_args()
         y = inplace_abn_sync(
             x, self.weight, self.bias, running_mean, running_var, training, momentum, self.eps,
-            self.activation, self.activation_param, self.group,
+            self.activation, self.activation_param, self.group, residual=residual,
         )  # fmt: skip
         self._count_batch()
         return y

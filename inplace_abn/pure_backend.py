@@ -1,4 +1,4 @@
-"""The pure-PyTorch backend: the seven ``inplace_abn`` ops (schemas in src/ops.cpp) written with ATen calls.
+"""The pure-PyTorch backend: the eight ``inplace_abn`` ops (schemas in src/ops.cpp) written with ATen calls.
 
 It runs when the compiled extension is not built, when ``INPLACE_ABN_BACKEND=python`` is set, and for
 devices without compiled kernels. Same signatures, same dtype rules (statistics in the opmath dtype:
@@ -22,6 +22,7 @@ from . import activations
 
 __all__ = [
     "statistics",
+    "absmax",
     "forward_",
     "forward_train_",
     "backward_reduce",
@@ -97,20 +98,28 @@ def _normalise_(
     eps: float,
     activation: str,
     activation_param: float,
+    residual: Optional[Tensor],
 ) -> None:
-    """Turns centred values ``xc`` (N, C, *), in the opmath dtype, into ``act(gamma * xc * rstd + beta)``
-    in place (docs/math.md, forward)."""
+    """Turns centred values ``xc`` (N, C, *), in the opmath dtype, into ``act(gamma * xc * rstd + beta [+ r])``
+    in place (docs/math.md, forward and "Residual fusion")."""
     gamma = None if weight is None else _gamma(weight, eps, xc.dtype)
     shape = _channel_shape(xc)
     xc.mul_(_scale(var, gamma, eps, xc.dtype).view(shape))
     if bias is not None:
         xc.add_(_cast(bias, xc.dtype).view(shape))
+    if residual is not None:
+        xc.add_(residual)  # type promotion: a half residual is added in xc's float32
     activations.get(activation).apply_(xc, activation_param)
 
 
 def statistics(x: Tensor) -> Tuple[Tensor, Tensor]:
     """Per-channel mean and biased variance of ``x`` (N, C, *), in the opmath dtype (C,)."""
     return _centre_(x.to(opmath_dtype(x.dtype), copy=True))  # a copy: statistics writes nothing
+
+
+def absmax(x: Tensor) -> Tensor:
+    """Per-channel ``max |x|`` of ``x`` (N, C, *), in the opmath dtype (C,); NaN where a channel holds one."""
+    return torch.linalg.vector_norm(x, float("inf"), _reduce_dims(x), dtype=opmath_dtype(x.dtype))
 
 
 def forward_(
@@ -122,11 +131,13 @@ def forward_(
     eps: float,
     activation: str,
     activation_param: float,
+    residual: Optional[Tensor] = None,
 ) -> None:
-    """Writes ``act(gamma * (x - mean) / sqrt(var + eps) + beta)`` over ``x`` (N, C, *)."""
+    """Writes ``act(gamma * (x - mean) / sqrt(var + eps) + beta [+ residual])`` over ``x`` (N, C, *)."""
+    _check_residual(x, "x", residual)
     xs = _cast(x, opmath_dtype(x.dtype))  # half types: computed in float32, rounded once below
     xs.sub_(_cast(mean, xs.dtype).view(_channel_shape(x)))
-    _normalise_(xs, var, weight, bias, eps, activation, activation_param)
+    _normalise_(xs, var, weight, bias, eps, activation, activation_param, residual)
     if xs is not x:
         x.copy_(xs)
 
@@ -149,6 +160,7 @@ def forward_train_(
     eps: float,
     activation: str,
     activation_param: float,
+    residual: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     """``statistics`` then ``forward_`` in one pass structure (x is centred in place, so no full-size
     temporary for float32/float64), and the running statistics (when given) updated; returns
@@ -159,9 +171,10 @@ def forward_train_(
             "running_var: the unbiased batch variance needs more than 1 value per channel, got input size "
             f"{list(x.shape)}"
         )
+    _check_residual(x, "x", residual)
     xs = _cast(x, opmath_dtype(x.dtype))  # half types: computed in float32, rounded once below
     mean, var = _centre_(xs)
-    _normalise_(xs, var, weight, bias, eps, activation, activation_param)
+    _normalise_(xs, var, weight, bias, eps, activation, activation_param, residual)
     if xs is not x:
         x.copy_(xs)
     if running_mean is not None:
@@ -177,10 +190,15 @@ def _invert(
     eps: float,
     activation: str,
     activation_param: float,
+    residual: Optional[Tensor],
 ) -> Tuple[Tensor, Optional[Tensor]]:
-    """Recovers (x_hat, dz) from the output (docs/math.md steps 1-2), in the opmath dtype."""
+    """Recovers (x_hat, dz) from the output (docs/math.md steps 1-2; the residual, if any, is removed first),
+    in the opmath dtype."""
+    _check_residual(y, "y", residual)
     dtype = opmath_dtype(y.dtype)
     z, dz = _invert_activation(y, dy, activation, activation_param, dtype)
+    if residual is not None:
+        z = z - residual
     gamma, beta = _gamma_beta(weight, bias, y, eps, dtype)
     shape = _channel_shape(y)
     return (z - beta.view(shape)) / gamma.view(shape), dz
@@ -208,9 +226,10 @@ def backward_reduce(
     eps: float,
     activation: str,
     activation_param: float,
+    residual: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Per-channel sums (C,) of dz and dz * x_hat, recovered from the output ``y`` (N, C, *)."""
-    xhat, dz = _invert(y, dy, weight, bias, eps, activation, activation_param)
+    xhat, dz = _invert(y, dy, weight, bias, eps, activation, activation_param, residual)
     dims = _reduce_dims(y)
     return dz.sum(dims), (dz * xhat).sum(dims)
 
@@ -226,16 +245,35 @@ def backward(
     eps: float,
     activation: str,
     activation_param: float,
-) -> Tensor:
-    """dx of the layer (N, C, *) with ``y``'s dtype and strides; ``mean_dz``/``mean_dz_xhat`` None: eval mode."""
+    residual: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
+    """(dx, grad_residual) of the layer (N, C, *) with ``y``'s dtype and strides; ``mean_dz``/``mean_dz_xhat``
+    None: eval mode. grad_residual = dz with a residual, an empty (0,) tensor without."""
     dtype = opmath_dtype(y.dtype)
-    xhat, dz = _invert(y, dy, weight, bias, eps, activation, activation_param)
+    xhat, dz = _invert(y, dy, weight, bias, eps, activation, activation_param, residual)
+    grad_residual = _grad_residual(y, dz, residual)
     gamma, _ = _gamma_beta(weight, bias, y, eps, dtype)
     shape = _channel_shape(y)
     gamma_rstd = _scale(var, gamma, eps, dtype).view(shape)
     if mean_dz is not None:
         dz = dz - _cast(mean_dz, dtype).view(shape) - xhat * _cast(mean_dz_xhat, dtype).view(shape)
-    return torch.empty_like(y).copy_(dz * gamma_rstd)
+    return torch.empty_like(y).copy_(dz * gamma_rstd), grad_residual
+
+
+def _check_residual(x: Tensor, name: str, residual: Optional[Tensor]) -> None:
+    """The compiled ops' rule: the residual has x's shape, dtype and device (no broadcasting)."""
+    if residual is not None and (
+        residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device
+    ):
+        raise RuntimeError(
+            f"residual and {name} must have the same shape, dtype and device, got {list(residual.shape)} "
+            f"{residual.dtype} {residual.device} and {list(x.shape)} {x.dtype} {x.device}"
+        )
+
+
+def _grad_residual(y: Tensor, dz: Tensor, residual: Optional[Tensor]) -> Tensor:
+    """dL/dresidual = dz in y's dtype and strides, or an empty (0,) tensor without a residual."""
+    return y.new_empty((0,)) if residual is None else torch.empty_like(y).copy_(dz)
 
 
 def weight_grad(weight: Tensor, sum_dz_xhat: Tensor) -> Tensor:
@@ -274,14 +312,21 @@ def backward_train(
     eps: float,
     activation: str,
     activation_param: float,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """Training backward on local statistics; returns (dx (N, C, *), grad_weight (C,), grad_bias (C,)).
+    residual: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Training backward on local statistics; returns (dx (N, C, *), grad_weight (C,), grad_bias (C,),
+    grad_residual).
 
     z and dz are recovered in the opmath dtype, then ONE ATen batch-norm backward gives dx and both
-    parameter gradients (see ``_batch_norm_backward_weights``).
+    parameter gradients (see ``_batch_norm_backward_weights``). With a residual, z - residual is the
+    batch-norm output, and grad_residual = dz (an empty (0,) tensor without a residual).
     """
+    _check_residual(y, "y", residual)
     dtype = opmath_dtype(y.dtype)
     z, dz = _invert_activation(y, dy, activation, activation_param, dtype)
+    if residual is not None:
+        z = z - residual
+    grad_residual = _grad_residual(y, dz, residual)
     gamma = None if weight is None else _gamma(weight, eps, dtype)
     nb_weight, nb_invstd = _batch_norm_backward_weights(_scale(var, gamma, eps, dtype), gamma, weight)
     beta = torch.zeros_like(nb_invstd) if bias is None else _cast(bias, dtype)
@@ -294,7 +339,7 @@ def backward_train(
         grad_weight = _cast(grad_weight, weight.dtype)
     if bias is not None:
         grad_bias = _cast(grad_bias, bias.dtype)
-    return dx, grad_weight, grad_bias
+    return dx, grad_weight, grad_bias, grad_residual
 
 
 def invert(
@@ -304,7 +349,9 @@ def invert(
     eps: float,
     activation: str,
     activation_param: float,
+    residual: Optional[Tensor] = None,
 ) -> Tensor:
-    """x_hat recovered from the output ``y`` (N, C, *), in ``y``'s dtype and strides."""
-    xhat, _ = _invert(y, None, weight, bias, eps, activation, activation_param)
+    """x_hat recovered from the output ``y`` (N, C, *) (and the ``residual`` the forward added), in ``y``'s
+    dtype and strides."""
+    xhat, _ = _invert(y, None, weight, bias, eps, activation, activation_param, residual)
     return torch.empty_like(y).copy_(xhat)

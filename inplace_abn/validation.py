@@ -12,11 +12,12 @@ from typing import Any, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from . import activations
 from .pure_backend import opmath_dtype
 
-__all__ = ["FLOAT_TYPES", "check_layer_args", "check_count"]
+__all__ = ["FLOAT_TYPES", "check_layer_args", "check_count", "check_residual"]
 
 #: The input dtypes of the layer (parameters: the input's dtype or its opmath dtype).
 FLOAT_TYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -96,6 +97,39 @@ def check_layer_args(
     if not training and running_mean is None:
         raise ValueError("running_mean and running_var are required when training=False")
     return resolved
+
+
+def check_residual(x: Tensor, residual: Optional[Tensor], name: str = "x") -> None:
+    """The fused layer's residual: a tensor of x's shape, dtype and device that shares no memory with x.
+
+    Raises:
+        TypeError: not a tensor, or another dtype.
+        ValueError: another shape or device, or memory shared with x (which the layer overwrites).
+    """
+    if residual is None:
+        return
+    if not isinstance(residual, Tensor):
+        raise TypeError(f"residual must be a torch.Tensor or None, got {type(residual).__name__}")
+    if residual.shape != x.shape:
+        raise ValueError(
+            f"residual must have the shape of {name} {tuple(x.shape)}, got {tuple(residual.shape)}; no broadcasting: "
+            "a projected shortcut (downsample) must produce the block output's shape"
+        )
+    if residual.dtype != x.dtype:
+        raise TypeError(f"residual has dtype {residual.dtype} but {name} has dtype {x.dtype}; convert it with .to({x.dtype})")
+    if residual.device != x.device:
+        raise ValueError(f"residual is on {residual.device} but {name} is on {x.device}; move it with .to({x.device})")
+    if name == "x" and _shares_memory(x, residual):
+        raise ValueError(
+            "residual shares memory with x, which the layer overwrites; pass a separate tensor (e.g. residual.clone())"
+        )
+
+
+def _shares_memory(a: Tensor, b: Tensor) -> bool:
+    """Whether a and b view the same storage (compared as objects: meta and fake storages have no address)."""
+    if torch.compiler.is_compiling():
+        return False  # traced tensors: aliasing is autograd's and the functionaliser's business
+    return StorageWeakRef(a.untyped_storage()) == StorageWeakRef(b.untyped_storage())
 
 
 def check_count(count: int, shape: Sequence[int]) -> None:

@@ -9,10 +9,13 @@ In-place safety (``norm="iabn"``/``"iabn_sync"``: the layer overwrites its input
   shortcut is ``proj_conv(bn1(x))``; without one it is ``x`` itself, so ``x`` is copied (``x.clone()``)
   before ``bn1`` overwrites it (only in the in-place modes; BatchNorm leaves ``x`` intact). The residual
   addition ``out.add_(shortcut)`` writes into the last conv's output, which no layer saved.
-* ResNet (post-activation): the BatchNorm before the residual addition is an in-place layer with
-  ``activation="identity"``, which keeps its output for backward, so the addition is out of place
-  (``out + shortcut``); the leaky ReLU after the addition then runs in place on that fresh sum. With
-  ``norm="bn"`` the addition writes into the BatchNorm output (BatchNorm keeps its input, not its output).
+* ResNet (post-activation): in the in-place modes the BatchNorm before the residual addition, the
+  addition and the leaky ReLU are ONE fused layer, ``bn3(conv3_out, residual=shortcut)``
+  (docs/math.md, "Residual fusion"): it overwrites the conv output and keeps that output plus the
+  shortcut by reference (the block input, which ``conv1`` keeps anyway, or the projection's output),
+  one activation less per block than an identity In-Place ABN before an out-of-place add. With
+  ``norm="bn"`` the addition writes into the BatchNorm output (BatchNorm keeps its input, not its
+  output), then the leaky ReLU runs in place. Both compute the same function, with the same state dict.
 * DeepLabV3 head: every norm input is a conv output.
 
 Max pooling (:class:`MaxPool2d`, both backbones, every ``norm``): an autograd Function that keeps only
@@ -266,7 +269,9 @@ class Bottleneck(nn.Module):
     """Post-activation ResNet bottleneck (torchvision layout, stride on the 3x3 conv), leaky ReLU 0.01.
 
     ``act(bn3(conv3(bn1(conv1(x)) -> bn2(conv2(.)))) + shortcut)`` where ``bn1``, ``bn2`` are
-    norm-activations, ``bn3`` (and the projection's norm) a norm with identity activation.
+    norm-activations and the projection's norm has identity activation. In the in-place modes ``bn3``
+    is the fused layer ``act(BN(.) + shortcut)``; with ``norm="bn"`` it is a BatchNorm followed by the
+    addition and ``act``.
 
     Args:
         in_channels: C_in.
@@ -292,24 +297,29 @@ class Bottleneck(nn.Module):
         self.conv2 = _conv3x3(planes, planes, stride, dilation)
         self.bn2 = norm_act(norm, planes)
         self.conv3 = _conv1x1(planes, out_channels)
-        self.bn3 = norm_act(norm, out_channels, activation="identity")
         self.downsample: Optional[nn.Sequential] = None
         if downsample:
             self.downsample = nn.Sequential(
                 _conv1x1(in_channels, out_channels, stride), norm_act(norm, out_channels, activation="identity")
             )
-        self.act = nn.LeakyReLU(SLOPE, inplace=True)
-        # An in-place bn3 keeps its output for backward: the residual addition must not write into it.
-        self._add_out_of_place = overwrites_input(self.bn3)
+        # The in-place layers take the residual add and the activation into bn3 (the same parameters and
+        # buffers as the BatchNorm, so one state dict serves every norm).
+        self._fused = overwrites_input(self.bn1)
+        if self._fused:
+            self.bn3 = norm_act(norm, out_channels, activation_param=SLOPE)
+        else:
+            self.bn3 = norm_act(norm, out_channels, activation="identity")
+            self.act = nn.LeakyReLU(SLOPE, inplace=True)
 
     def forward(self, x: Tensor) -> Tensor:
-        # x is the previous block's activation output: saved by autograd, read here, never overwritten.
+        # x is the previous block's activation output: saved by autograd, read here, never overwritten
+        # (the fused bn3 keeps it by reference, so it must stay unmodified until backward).
         shortcut = x if self.downsample is None else self.downsample(x)
         out = self.bn1(self.conv1(x))
         out = self.bn2(self.conv2(out))
-        out = self.bn3(self.conv3(out))
-        out = out + shortcut if self._add_out_of_place else out.add_(shortcut)
-        return self.act(out)
+        if self._fused:
+            return self.bn3(self.conv3(out), residual=shortcut)
+        return self.act(self.bn3(self.conv3(out)).add_(shortcut))
 
 
 class ResNet(nn.Module):

@@ -123,40 +123,51 @@ C10_HOST_DEVICE inline T affine_invert(T z, AffineParams<T> a) {
   return (z - a.beta) * a.inv_gamma;
 }
 
-// Forward transform of one element: y = act(scale * x + shift), where the caller folded
+// Residual fusion (docs/math.md, "Residual fusion"): every element function takes the residual r added
+// after the affine map, z = gamma * x_hat + beta + r; layers without a residual pass r = 0, which leaves
+// their arithmetic bit for bit unchanged (z - 0 == z).
+
+// Forward transform of one element: y = act(scale * x + shift + r), where the caller folded
 // scale = gamma * rstd and shift = beta - mean * scale.
 template <Activation A, typename T>
-C10_HOST_DEVICE inline T forward_element(T x, T scale, T shift, ActivationParams<T> p) {
-  return ActivationOp<A>::forward(x * scale + shift, p);
+C10_HOST_DEVICE inline T forward_element(T x, T scale, T shift, T r, ActivationParams<T> p) {
+  return ActivationOp<A>::forward(x * scale + shift + r, p);
+}
+
+// x_hat from the recovered pre-activation: the residual is removed first, while z - r is still exact
+// (Sterbenz) when the residual dominates z.
+template <typename T>
+C10_HOST_DEVICE inline T residual_invert(T z, T r, AffineParams<T> a) {
+  return affine_invert(z - r, a);
 }
 
 // Backward accumulation of one element: adds dz to s_dz and dz * x_hat to s_dz_xhat (docs/math.md step 3).
 template <Activation A, typename T>
 C10_HOST_DEVICE inline void backward_reduce_element(
-    T y, T dy, AffineParams<T> a, ActivationParams<T> p, T& s_dz, T& s_dz_xhat) {
+    T y, T dy, T r, AffineParams<T> a, ActivationParams<T> p, T& s_dz, T& s_dz_xhat) {
   T z, dz;
   ActivationOp<A>::invert(y, dy, p, z, dz);
   s_dz += dz;
-  s_dz_xhat += dz * affine_invert(z, a);
+  s_dz_xhat += dz * residual_invert(z, r, a);
 }
 
 // dx of one element: gamma * rstd * (dz - mean(dz) - x_hat * mean(dz * x_hat)) in training (docs/math.md
 // step 4); the caller passes mean_dz = mean_dz_xhat = 0 in eval mode, where the statistics are constants.
+// dz is also handed back: it is the residual's gradient.
 template <Activation A, typename T>
 C10_HOST_DEVICE inline T backward_element(
-    T y, T dy, AffineParams<T> a, ActivationParams<T> p, T gamma_rstd, T mean_dz,
-    T mean_dz_xhat) {
-  T z, dz;
+    T y, T dy, T r, AffineParams<T> a, ActivationParams<T> p, T gamma_rstd, T mean_dz, T mean_dz_xhat, T& dz) {
+  T z;
   ActivationOp<A>::invert(y, dy, p, z, dz);
-  return gamma_rstd * (dz - mean_dz - affine_invert(z, a) * mean_dz_xhat);
+  return gamma_rstd * (dz - mean_dz - residual_invert(z, r, a) * mean_dz_xhat);
 }
 
 // x_hat of one element (diagnostics: the accuracy of the inversion).
 template <Activation A, typename T>
-C10_HOST_DEVICE inline T invert_element(T y, AffineParams<T> a, ActivationParams<T> p) {
+C10_HOST_DEVICE inline T invert_element(T y, T r, AffineParams<T> a, ActivationParams<T> p) {
   T z, dz;
   ActivationOp<A>::invert(y, T(0), p, z, dz);
-  return affine_invert(z, a);
+  return residual_invert(z, r, a);
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/OpMathType.h>
 #include <c10/core/MemoryFormat.h>
@@ -175,8 +176,33 @@ void dispatch_activation(Activation a, F&& f) {
   }
 }
 
+// Calls f(std::bool_constant<has_residual>) so kernels without a residual neither load nor add one.
+template <typename F>
+void dispatch_residual(bool has_residual, F&& f) {
+  if (has_residual) {
+    return f(std::true_type{});
+  }
+  return f(std::false_type{});
+}
+
 // ------------------------------------------------------------------------------------------------
 // The argument checks of each op, shared by the backends so their errors are identical.
+
+inline bool defined(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined();
+}
+
+// The residual of the fused layer: x's shape, dtype and device (any strides). Returns whether it is given.
+inline bool check_residual(const std::optional<at::Tensor>& residual, const at::Tensor& x, const char* x_name) {
+  if (!defined(residual)) return false;
+  check_same_shape(*residual, "residual", x, x_name);
+  return true;
+}
+
+// The residual gradient of backward / backward_train when there is no residual: an empty (0,) tensor.
+inline at::Tensor no_grad_residual(const at::Tensor& y) {
+  return at::empty({0}, y.options());
+}
 
 inline Activation check_forward_args(
     const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var, const std::optional<at::Tensor>& weight,

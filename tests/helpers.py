@@ -110,13 +110,14 @@ def random_input(shape, dtype, layout="contiguous"):
 # torch.ops.inplace_abn samples (opcheck on the CPU and on CUDA)
 # ---------------------------------------------------------------------------------------------------
 
-OPS = ["statistics", "forward_", "backward_reduce", "backward", "invert", "forward_train_", "backward_train"]
+OPS = ["statistics", "absmax", "forward_", "backward_reduce", "backward", "invert", "forward_train_", "backward_train"]
 OP_ACTIVATIONS = [("leaky_relu", 0.01), ("elu", 1.0), ("identity", 0.0)]
 
 
 def op_samples(op: str, dtype: torch.dtype) -> Iterator[Tuple]:
     """Argument tuples of ``torch.ops.inplace_abn.<op>`` on the CPU: every layout, activation, affine or
-    not, eval / training variants, an empty batch; the parameters in the op's opmath dtype."""
+    not, eval / training variants, an empty batch, with and without a residual (contiguous, whatever
+    x's layout); the parameters in the op's opmath dtype."""
     shapes = [((4, 3, 5, 6), "contiguous"), ((4, 3, 5, 6), "channels_last"), ((4, 3, 5, 6), "strided"),
               ((7, 5), "contiguous"), ((2, 3, 2, 3, 4), "contiguous"), ((0, 3, 4), "contiguous")]  # fmt: skip
     op_dtype = pure_backend.opmath_dtype(dtype)
@@ -131,27 +132,37 @@ def op_samples(op: str, dtype: torch.dtype) -> Iterator[Tuple]:
         else:
             y = x
         dy = random_input(shape, dtype, "contiguous")
+        r = random_input(shape, dtype, "contiguous")
         weight, bias = (w, b) if layout != "strided" else (None, None)
         if op == "statistics":
             if x.numel() > 0:  # the statistics of nothing are NaN, which opcheck's comparison rejects
                 yield (x,)
+        elif op == "absmax":
+            yield (x,)
         elif op == "forward_":
             yield (x, mean, var, weight, bias, 1e-5, act, p)
+            yield (x, mean, var, weight, bias, 1e-5, act, p, r)
         elif op == "backward_reduce":
             yield (y, dy, weight, bias, 1e-5, act, p)
+            yield (y, dy, weight, bias, 1e-5, act, p, r)
         elif op == "backward":
             yield (y, dy, var, weight, bias, mean, var, 1e-5, act, p)
             yield (y, dy, var, weight, bias, None, None, 1e-5, act, p)  # eval mode
+            yield (y, dy, var, weight, bias, mean, var, 1e-5, act, p, r)
+            yield (y, dy, var, weight, bias, None, None, 1e-5, act, p, r)
         elif op == "invert":
             yield (y, weight, bias, 1e-5, act, p)
+            yield (y, weight, bias, 1e-5, act, p, r)
         elif op == "forward_train_":
             if x.numel() > 0:
                 yield (x, weight, bias, None, None, 0.1, 1e-5, act, p)
                 # running statistics in the opmath dtype, and (the usual buffers) in float32
                 yield (x, weight, bias, torch.zeros(c, dtype=op_dtype), torch.ones(c, dtype=op_dtype), 0.1, 1e-5, act, p)
                 yield (x, weight, bias, torch.zeros(c), torch.ones(c), 1.0, 1e-5, act, p)
+                yield (x, weight, bias, torch.zeros(c), torch.ones(c), 0.1, 1e-5, act, p, r)
         elif op == "backward_train":
             yield (y, dy, var, weight, bias, 1e-5, act, p)
+            yield (y, dy, var, weight, bias, 1e-5, act, p, r)
 
 
 # ---------------------------------------------------------------------------------------------------

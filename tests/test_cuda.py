@@ -11,7 +11,9 @@ pure-PyTorch path on CUDA tensors. Shared makers and tolerances come from tests/
 (b) CPU kernels vs CUDA kernels on identical inputs, every dtype;
 (c) torch.library.opcheck of every op on CUDA tensors (the op samples of tests/helpers.py);
 (d) exact saved-for-backward bytes (as tests/test_memory.py) and the allocator's peak of a conv stack;
-(e) 64-bit indexing: statistics / forward_ / backward_reduce of a tensor with more than 2**31 elements.
+(e) 64-bit indexing: statistics / forward_ / backward_reduce of a tensor with more than 2**31 elements;
+(f) residual fusion: every op with a ``residual`` (and ``grad_residual``), CUDA vs CPU kernels on identical
+    inputs, and ``absmax`` vs ``torch.amax(x.abs())``.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from helpers import (
     layout_input,
     norm_stack,
     op_samples,
+    random_input,
     saved_bytes,
     set_module_state,
     tolerance,
@@ -464,3 +467,170 @@ def test_large_tensor_64bit_indexing(cuda_device):
     assert_close(sum_dz_xhat.cpu().double(), exp_dzx, rtol=1e-4, atol=1e-5 * count, msg=lambda m: f"sum_dz_xhat: {m}")
     del x, flat
     torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------------
+# (f) residual fusion and absmax
+# ---------------------------------------------------------------------------------------------------
+
+RESIDUAL_SHAPE = (8, 16, 13, 17)
+# memory formats of x (and y, dy) and of the residual: "mixed" walks the kernels' copy path (the residual
+# brought into y's layout first).
+RESIDUAL_LAYOUTS = {
+    "contiguous": (torch.contiguous_format, torch.contiguous_format),
+    "channels_last": (torch.channels_last, torch.channels_last),
+    "mixed": (torch.channels_last, torch.contiguous_format),
+}
+
+
+def _residual_inputs(dtype, activation, param, layout):
+    """CPU inputs shared by both backends: x, residual, dy in their layouts, opmath parameters, and a valid
+    layer output y (with its batch var and the backward means) made by the CPU kernels."""
+    fmt, r_fmt = RESIDUAL_LAYOUTS[layout]
+    c = RESIDUAL_SHAPE[1]
+    op_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    # moderate scales |w| + eps in [0.4, 1.2], as test_cpu_cuda_agreement: ELU stays away from saturation
+    w = (torch.rand(c, dtype=torch.float64) * 0.8 + 0.4) * torch.where(torch.rand(c) < 0.5, -1.0, 1.0).double()
+    b = torch.randn(c, dtype=torch.float64) * 0.3
+    x = (torch.randn(RESIDUAL_SHAPE, dtype=torch.float64) * 2 + 0.5).to(dtype).contiguous(memory_format=fmt)
+    r = torch.randn(RESIDUAL_SHAPE, dtype=torch.float64).to(dtype).contiguous(memory_format=r_fmt)
+    dy = torch.randn(RESIDUAL_SHAPE, dtype=torch.float64).to(dtype).contiguous(memory_format=fmt)
+    inp = {"x": x, "residual": r, "dy": dy, "weight": w.to(op_dtype), "bias": b.to(op_dtype),
+           "running_mean": torch.randn(c, dtype=op_dtype) * 0.3, "running_var": torch.rand(c, dtype=op_dtype) + 0.5,
+           "mean": torch.randn(c, dtype=op_dtype) * 0.3, "var": torch.rand(c, dtype=op_dtype) + 0.5}  # fmt: skip
+    y = x.clone()
+    _, batch_var = torch.ops.inplace_abn.forward_train_(y, inp["weight"], inp["bias"], None, None, 0.1, EPS,
+                                                        activation, param, r)  # fmt: skip
+    sum_dz, sum_dz_xhat = torch.ops.inplace_abn.backward_reduce(y, dy, inp["weight"], inp["bias"], EPS, activation,
+                                                                param, r)  # fmt: skip
+    count = x.numel() // c
+    inp.update(y=y, batch_var=batch_var, mean_dz=sum_dz / count, mean_dz_xhat=sum_dz_xhat / count)
+    return inp
+
+
+def _residual_results(inp, activation, param, device):
+    """Every op with a residual on ``device``, on copies of ``inp`` with their exact strides: the outputs and
+    the mutated arguments (forward_'s x, forward_train_'s x and running statistics)."""
+    t = {k: to_cuda_strided(v, device) for k, v in inp.items()}
+    ops = torch.ops.inplace_abn
+    w, b, r, y, dy = t["weight"], t["bias"], t["residual"], t["y"], t["dy"]
+    out = {}
+
+    x = t["x"].clone()
+    ptr, strides = x.data_ptr(), x.stride()
+    ops.forward_(x, t["mean"], t["var"], w, b, EPS, activation, param, r)
+    assert x.data_ptr() == ptr and x.stride() == strides
+    out["forward_ y"] = x
+
+    x = t["x"].clone()
+    ptr = x.data_ptr()
+    rm, rv = t["running_mean"].clone(), t["running_var"].clone()
+    mean, var = ops.forward_train_(x, w, b, rm, rv, 0.1, EPS, activation, param, r)
+    assert x.data_ptr() == ptr and x.stride() == strides
+    out.update({"forward_train_ y": x, "forward_train_ mean": mean, "forward_train_ var": var,
+                "forward_train_ running_mean": rm, "forward_train_ running_var": rv})  # fmt: skip
+
+    out["backward_reduce sum_dz"], out["backward_reduce sum_dz_xhat"] = ops.backward_reduce(
+        y, dy, w, b, EPS, activation, param, r
+    )
+    for mode, (m1, m2) in {"train": (t["mean_dz"], t["mean_dz_xhat"]), "eval": (None, None)}.items():
+        var = t["batch_var"] if mode == "train" else t["running_var"]
+        dx, grad_residual = ops.backward(y, dy, var, w, b, m1, m2, EPS, activation, param, r)
+        out[f"backward {mode} dx"], out[f"backward {mode} grad_residual"] = dx, grad_residual
+    dx, gw, gb, grad_residual = ops.backward_train(y, dy, t["batch_var"], w, b, EPS, activation, param, r)
+    out.update({"backward_train dx": dx, "backward_train grad_weight": gw, "backward_train grad_bias": gb,
+                "backward_train grad_residual": grad_residual})  # fmt: skip
+    out["invert x_hat"] = ops.invert(y, w, b, EPS, activation, param, r)
+    for name in ("backward train", "backward eval", "backward_train"):
+        # dL/dresidual has y's shape and strides, like dx
+        g = out[f"{name} grad_residual"]
+        assert g.shape == y.shape and g.stride() == y.stride() and g.dtype == y.dtype, f"{name} grad_residual"
+    return out
+
+
+@pytest.mark.parametrize("layout", list(RESIDUAL_LAYOUTS))
+@pytest.mark.parametrize("activation,param", ACTIVATIONS[:3], ids=ACT_IDS[:3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DTYPE_IDS.get)
+def test_residual_cpu_cuda_agreement(cuda_device, dtype, activation, param, layout):
+    """Every op with a residual (forward_, forward_train_, backward_reduce, backward in train and eval mode,
+    backward_train, invert), grad_residual included: the CUDA kernels agree with the CPU kernels on identical
+    inputs, with the CPU results' dtypes, shapes and strides."""
+    inp = _residual_inputs(dtype, activation, param, layout)
+    cpu = _residual_results(inp, activation, param, "cpu")
+    gpu = _residual_results(inp, activation, param, cuda_device)
+    assert cpu.keys() == gpu.keys()
+    tol = tolerance(dtype, activation, True)
+    count = inp["x"].numel() // RESIDUAL_SHAPE[1]
+    # exactly saturated ELU outputs: x_hat (so dx and the inversion) is a convention, not a value
+    mask = (inp["y"] != -param) if activation == "elu" else None
+    for name, expected in cpu.items():
+        got = gpu[name]
+        assert got.device.type == "cuda" and got.dtype == expected.dtype, f"{name}: {got.device} {got.dtype}"
+        assert got.shape == expected.shape and got.stride() == expected.stride(), (
+            f"{name}: strides {got.stride()} on CUDA, {expected.stride()} on the CPU"
+        )
+        reduced = name.startswith(("backward_reduce", "backward_train grad_weight", "backward_train grad_bias"))
+        inverted = name.endswith((" dx", "x_hat"))
+        check_close(got, expected, dtype, f"residual {name}", tol=tol, min_scale=count**0.5 if reduced else 1.0,
+                    mask=mask if inverted else None)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DTYPE_IDS.get)
+def test_residual_zero_matches_no_residual(cuda_device, dtype):
+    """A zero residual reproduces the layer without one bit for bit (z - 0 == z); grad_residual is dz, and
+    the empty (0,) tensor without a residual."""
+    inp = _residual_inputs(dtype, "leaky_relu", 0.01, "contiguous")
+    t = {k: v.to(cuda_device) for k, v in inp.items()}
+    zero = torch.zeros_like(t["x"])
+    ops = torch.ops.inplace_abn
+    a, b = t["x"].clone(), t["x"].clone()
+    ops.forward_(a, t["mean"], t["var"], t["weight"], t["bias"], EPS, "leaky_relu", 0.01)
+    ops.forward_(b, t["mean"], t["var"], t["weight"], t["bias"], EPS, "leaky_relu", 0.01, zero)
+    assert torch.equal(a, b)
+    args = (t["y"], t["dy"], t["batch_var"], t["weight"], t["bias"], EPS, "leaky_relu", 0.01)
+    *with_r, grad_residual = ops.backward_train(*args, zero)
+    *without, none = ops.backward_train(*args)
+    for u, v in zip(with_r, without):
+        assert torch.equal(u, v)
+    assert none.shape == (0,) and none.device.type == "cuda" and none.dtype == dtype
+    dz = torch.where(t["y"] > 0, t["dy"], (t["dy"].to(torch.float32) * 0.01).to(dtype))
+    assert_close(grad_residual, dz, rtol=0, atol=0)
+    _, none = ops.backward(t["y"], t["dy"], t["batch_var"], t["weight"], t["bias"], None, None, EPS, "leaky_relu",
+                           0.01)  # fmt: skip
+    assert none.shape == (0,) and none.device.type == "cuda"
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("shape", [(4, 3, 5, 6), (7, 5), (1, 3, 509, 521), (16, 2048, 1, 1)],
+                         ids=lambda s: "x".join(map(str, s)))  # fmt: skip
+def test_absmax(cuda_device, shape, dtype, layout):
+    """absmax == torch.amax(x.abs()) per channel, exactly, in the opmath dtype, for every layout; NaN in a
+    channel that holds one (at its first or its last element), like torch.amax; the CPU kernel agrees."""
+    if layout != "contiguous" and len(shape) != 4:
+        pytest.skip("channels_last / strided need a 4-D input")
+    x = random_input(shape, dtype, layout)
+    x.mul_(3)  # in place: a strided view stays strided
+    c = shape[1]
+    x[(0, 0) + (0,) * (len(shape) - 2)] = float("nan")  # channel 0, first element
+    if c > 2:
+        x[tuple(s - 1 for s in shape)] = float("nan")  # channel C - 1, last element
+        x[(shape[0] // 2, 1) + tuple(s // 2 for s in shape[2:])] = -1e3  # channel 1: its max |x|, negative
+    xg = to_cuda_strided(x, cuda_device)
+    got = torch.ops.inplace_abn.absmax(xg)
+    op_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    assert got.device.type == "cuda" and got.dtype == op_dtype and got.shape == (c,)
+    expected = torch.amax(x.abs(), dim=[0] + list(range(2, len(shape)))).to(op_dtype)
+    assert_close(got.cpu(), expected, rtol=0, atol=0, equal_nan=True)
+    assert got[0].isnan().item()
+    if c > 2:
+        assert got[c - 1].isnan().item() and got[1].item() == 1e3
+        assert not got[1 : c - 1].isnan().any().item()
+    assert_close(got.cpu(), torch.ops.inplace_abn.absmax(x), rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DTYPE_IDS.get)
+def test_absmax_empty(cuda_device, dtype):
+    """absmax of an empty batch: zeros (no value exceeds 0), in the opmath dtype."""
+    got = torch.ops.inplace_abn.absmax(torch.empty((0, 3, 4), dtype=dtype, device=cuda_device))
+    assert got.dtype == torch.float32 and torch.equal(got.cpu(), torch.zeros(3))

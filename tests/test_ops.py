@@ -59,35 +59,45 @@ def test_forward_writes_in_place(layout):
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
 def test_outputs_keep_the_input_strides(layout):
-    """backward and invert return tensors with y's strides, as their fake kernels promise."""
+    """backward, backward_train and invert return tensors with y's strides (the residual's gradient too), as
+    their fake kernels promise; without a residual its gradient is an empty (0,) tensor."""
     y = random_input((4, 3, 5, 6), torch.float32, layout)
     dy = torch.randn(4, 3, 5, 6)
+    r = random_input((4, 3, 5, 6), torch.float32, "contiguous")  # any strides: read in y's layout
     var = torch.ones(3)
-    dx = torch.ops.inplace_abn.backward(y, dy, var, None, None, None, None, 1e-5, "leaky_relu", 0.1)
-    xhat = torch.ops.inplace_abn.invert(y, None, None, 1e-5, "leaky_relu", 0.1)
-    assert dx.stride() == torch.empty_like(y).stride()
-    assert xhat.stride() == torch.empty_like(y).stride()
+    for residual in (None, r):
+        dx, dr = torch.ops.inplace_abn.backward(y, dy, var, None, None, None, None, 1e-5, "leaky_relu", 0.1, residual)
+        dx2, _, _, dr2 = torch.ops.inplace_abn.backward_train(y, dy, var, None, None, 1e-5, "leaky_relu", 0.1, residual)
+        xhat = torch.ops.inplace_abn.invert(y, None, None, 1e-5, "leaky_relu", 0.1, residual)
+        for t in (dx, dx2, xhat) + ((dr, dr2) if residual is not None else ()):
+            assert t.stride() == torch.empty_like(y).stride()
+        if residual is None:
+            assert dr.shape == dr2.shape == (0,)
 
 
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
-def test_train_ops_equal_the_split_ops(dtype, layout):
+def test_train_ops_equal_the_split_ops(dtype, layout, residual):
     """forward_train_ = statistics + forward_ + nn.BatchNorm's running update; backward_train =
     backward_reduce + backward, with grad_weight = sign(w) * sum_dz_xhat (sign(0) = +1) in the
-    parameters' dtypes, on both backends."""
+    parameters' dtypes, on both backends; with a residual too (and the same residual gradient)."""
     torch.manual_seed(0)
     op_dtype = pure_backend.opmath_dtype(dtype)
     x = random_input((4, 5, 3, 7), dtype, layout)
+    r = random_input((4, 5, 3, 7), dtype, "contiguous") if residual else None
     w = torch.tensor([0.5, -1.0, 0.0, 2.0, -0.25], dtype=op_dtype)  # negative and zero weights
+    if residual:  # gamma = eps against a unit residual: the inversion is lossy there (test_residual.py), not the ops
+        w[2] = 0.75
     b = torch.randn(5, dtype=op_dtype)
     count = x.numel() // 5
     for ops in (torch.ops.inplace_abn, pure_backend):
         y, rm, rv = x.clone(memory_format=torch.preserve_format), torch.randn(5), torch.rand(5) + 0.5
         rm0, rv0 = rm.clone(), rv.clone()
-        mean, var = ops.forward_train_(y, w, b, rm, rv, 0.3, 1e-5, "leaky_relu", 0.05)
+        mean, var = ops.forward_train_(y, w, b, rm, rv, 0.3, 1e-5, "leaky_relu", 0.05, r)
         ref_mean, ref_var = torch.ops.inplace_abn.statistics(x)
         ref_y = x.clone(memory_format=torch.preserve_format)
-        torch.ops.inplace_abn.forward_(ref_y, ref_mean, ref_var, w, b, 1e-5, "leaky_relu", 0.05)
+        torch.ops.inplace_abn.forward_(ref_y, ref_mean, ref_var, w, b, 1e-5, "leaky_relu", 0.05, r)
         tol = {"rtol": 2e-3, "atol": 2e-3} if dtype in (torch.float16, torch.bfloat16) else {}
         torch.testing.assert_close(mean, ref_mean, **tol)
         torch.testing.assert_close(var, ref_var, **tol)
@@ -96,11 +106,14 @@ def test_train_ops_equal_the_split_ops(dtype, layout):
         torch.testing.assert_close(rv, rv0 + 0.3 * (ref_var.float() * count / (count - 1) - rv0), **tol)
 
         dy = torch.randn_like(y)
-        dx, gw, gb = ops.backward_train(y, dy, var, w, b, 1e-5, "leaky_relu", 0.05)
-        s_dz, s_dz_xhat = torch.ops.inplace_abn.backward_reduce(y, dy, w, b, 1e-5, "leaky_relu", 0.05)
-        ref_dx = torch.ops.inplace_abn.backward(y, dy, var, w, b, s_dz / count, s_dz_xhat / count, 1e-5, "leaky_relu", 0.05)
+        dx, gw, gb, dr = ops.backward_train(y, dy, var, w, b, 1e-5, "leaky_relu", 0.05, r)
+        s_dz, s_dz_xhat = torch.ops.inplace_abn.backward_reduce(y, dy, w, b, 1e-5, "leaky_relu", 0.05, r)
+        ref_dx, ref_dr = torch.ops.inplace_abn.backward(
+            y, dy, var, w, b, s_dz / count, s_dz_xhat / count, 1e-5, "leaky_relu", 0.05, r
+        )
         assert gw.dtype == w.dtype and gb.dtype == b.dtype
         torch.testing.assert_close(dx, ref_dx, **tol)
+        torch.testing.assert_close(dr, ref_dr, **tol)
         torch.testing.assert_close(gb, s_dz, **tol)
         sign = torch.tensor([1.0, -1.0, 1.0, 1.0, -1.0], dtype=op_dtype)
         torch.testing.assert_close(gw, sign * s_dz_xhat, **tol)
@@ -108,7 +121,7 @@ def test_train_ops_equal_the_split_ops(dtype, layout):
 
 def test_backward_train_without_affine_returns_the_raw_sums():
     y, dy, var = torch.randn(6, 3, 4), torch.randn(6, 3, 4), torch.rand(3) + 0.5
-    _, gw, gb = torch.ops.inplace_abn.backward_train(y, dy, var, None, None, 1e-5, "identity", 0.0)
+    _, gw, gb, _ = torch.ops.inplace_abn.backward_train(y, dy, var, None, None, 1e-5, "identity", 0.0)
     s_dz, s_dz_xhat = torch.ops.inplace_abn.backward_reduce(y, dy, None, None, 1e-5, "identity", 0.0)
     torch.testing.assert_close(gw, s_dz_xhat)
     torch.testing.assert_close(gb, s_dz)

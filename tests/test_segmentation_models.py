@@ -14,7 +14,7 @@ import inplace_abn
 from inplace_abn import InPlaceABN, InPlaceABNSync
 from inplace_abn.memory import parameters_of, saved_tensor_bytes
 from segmentation import ARCHS, NORMS, build_model, norm_act
-from segmentation.models import MaxPool2d
+from segmentation.models import Bottleneck, MaxPool2d
 from segmentation.norm import bn_weight_from_iabn
 
 WIDTH = 0.125  # 1/8 of every channel count: the real layouts, CPU-cheap
@@ -157,6 +157,8 @@ def _check_bn_equals_iabn(arch: str, output_stride: int) -> None:
 # WRN-38: 15 basic blocks x 2 + 2 bottlenecks x 3 + bn_out = 37, ResNet: stem + 3 per block (the last
 # identity) + 4 projections; DeepLabV3 head: 4 ASPP branches + projection + 3x3 conv = 6.
 EXPECTED_NORMS = {"wrn38": (37 + 6, 0), "resnet50": (1 + 16 * 2 + 6, 16 + 4), "resnet101": (1 + 33 * 2 + 6, 33 + 4)}
+# In the in-place modes every bottleneck's bn3 is the fused act(BN + residual): leaky_relu, not identity.
+EXPECTED_INPLACE = {"wrn38": (37 + 6, 0), "resnet50": (1 + 16 * 3 + 6, 4), "resnet101": (1 + 33 * 3 + 6, 4)}
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -177,7 +179,9 @@ def test_every_norm_activation_pair_uses_the_chosen_layer(arch: str) -> None:
         layers = [m for m in model.modules() if isinstance(m, (InPlaceABN, InPlaceABNSync))]
         assert all(type(m) is layer for m in layers)
         acts = [m.activation for m in layers]
-        assert (acts.count("leaky_relu"), acts.count("identity")) == EXPECTED_NORMS[arch]
+        assert (acts.count("leaky_relu"), acts.count("identity")) == EXPECTED_INPLACE[arch]
+        blocks = [m for m in model.modules() if isinstance(m, Bottleneck)]
+        assert all(b._fused and b.bn3.activation == "leaky_relu" and not hasattr(b, "act") for b in blocks)
         assert all(m.activation_param == 0.01 for m in layers if m.activation == "leaky_relu")
 
 
@@ -235,9 +239,10 @@ def test_saved_bytes_wrn38_iabn_at_most_055_of_bn() -> None:
     shape = (2, 3, 256, 256)
     ratio = _saved(iabn, shape) / _saved(bn, shape)
     assert ratio <= 0.55, ratio
-    # post-activation ResNet: the tensors around the residual add are not norm-activation outputs
+    # post-activation ResNet: bn3 + residual add + activation is one fused layer per bottleneck (issue 14's
+    # target is <= 0.60 at 2x3x512x512; measured 0.5495 there and at this size, the ratio is size-free)
     r_ratio = _saved(r_iabn, shape) / _saved(r_bn, shape)
-    assert ratio < r_ratio < 0.85, r_ratio
+    assert r_ratio <= 0.55, r_ratio
 
 
 def test_meta_count_equals_real_count() -> None:

@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "../inplace_abn.h"
@@ -113,6 +114,23 @@ std::vector<opmath_t> channel_values(const std::optional<at::Tensor>& v, int64_t
 template <typename T>
 const T* ptr_or_null(const std::vector<T>& v) {
   return v.empty() ? nullptr : v.data();
+}
+
+// Element i of the residual in the compute type, or 0 when the kernel is instantiated without one (the
+// pointer is then null and never read).
+template <bool R, typename T, typename scalar_t>
+inline T residual_at(const scalar_t* __restrict__ r, int64_t i) {
+  if constexpr (R) {
+    return static_cast<T>(r[i]);
+  } else {
+    return T(0);
+  }
+}
+
+// The residual pointer of a run starting at `off` (null without a residual).
+template <bool R, typename scalar_t>
+inline const scalar_t* residual_run(const scalar_t* r, int64_t off) {
+  return R ? r + off : nullptr;
 }
 
 // Chan et al.'s pairwise merge of (count, mean, M2) partial statistics, in double.
@@ -244,6 +262,70 @@ std::tuple<at::Tensor, at::Tensor> statistics_cpu(const at::Tensor& x_in) {
 }
 
 // ------------------------------------------------------------------------------------------------
+// absmax: per-channel max |x|, NaN if the channel holds one (as torch.amax).
+
+template <typename scalar_t, typename T>
+IABN_HOT T block_absmax(const scalar_t* __restrict__ x, int64_t len) {
+  T m = 0;
+  int64_t nans = 0;
+  IABN_PRAGMA(omp simd reduction(max : m) reduction(+ : nans))
+  for (int64_t i = 0; i < len; ++i) {
+    const T v = static_cast<T>(x[i]);
+    m = std::max(m, std::fabs(v));
+    nans += v != v;
+  }
+  return nans > 0 ? std::numeric_limits<T>::quiet_NaN() : m;
+}
+
+// Max |x| of `rows` consecutive NSC rows into acc (C,), NaN-sticky.
+template <typename scalar_t, typename T>
+IABN_HOT void rows_absmax(const scalar_t* __restrict__ x, int64_t rows, int64_t C, T* __restrict__ acc) {
+  for (int64_t row = 0; row < rows; ++row) {
+    const scalar_t* __restrict__ q = x + row * C;
+    IABN_SIMD
+    for (int64_t c = 0; c < C; ++c) {
+      const T v = std::fabs(static_cast<T>(q[c]));
+      acc[c] = (v > acc[c] || v != v) ? v : acc[c];
+    }
+  }
+}
+
+at::Tensor absmax_cpu(const at::Tensor& x_in) {
+  check_input(x_in, "x");
+  const auto x = to_native(x_in);
+  const int64_t C = x.size(1);
+  auto out = at::zeros({C}, x.options().dtype(at::toOpMathType(x.scalar_type())));
+  if (x.numel() == 0) return out;
+  const Geometry g = geometry(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "inplace_abn_absmax", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const int64_t slots = g.layout == Layout::NCS ? 1 : C;
+    std::vector<opmath_t> part(g.units * slots, opmath_t(0));
+    at::parallel_for(0, g.units, grain_units(g), [&](int64_t begin, int64_t end) {
+      for (int64_t u = begin; u < end; ++u) {
+        if (g.layout == Layout::NCS) {
+          const NcsRun r = ncs_run(g, u);
+          part[u] = block_absmax<scalar_t, opmath_t>(xp + r.offset, r.len);
+        } else {
+          const NscRows r = nsc_rows(g, u);
+          rows_absmax<scalar_t, opmath_t>(xp + r.first_row * C, r.rows, C, part.data() + u * C);
+        }
+      }
+    });
+    opmath_t* op = out.mutable_data_ptr<opmath_t>();
+    for (int64_t u = 0; u < g.units; ++u) {
+      for (int64_t k = 0; k < slots; ++k) {
+        const int64_t c = g.layout == Layout::NCS ? ncs_run(g, u).channel : k;
+        const opmath_t v = part[u * slots + k];
+        op[c] = (v > op[c] || v != v) ? v : op[c];
+      }
+    }
+  });
+  return out;
+}
+
+// ------------------------------------------------------------------------------------------------
 // Per-channel constants, stored as structure-of-arrays: NSC loops index them by c and vectorise over
 // channels; NCS loops load one channel's values into registers. Every loop below takes its pointers
 // __restrict__ and its scalars by value (see the aliasing note in activation.h).
@@ -279,9 +361,10 @@ void for_each_run(const Geometry& g, int64_t begin, int64_t end, const Op& op) {
   }
 }
 
-template <Activation A, typename scalar_t, typename T>
+template <Activation A, bool R, typename scalar_t, typename T>
 struct ForwardOp {
   scalar_t* x;
+  const scalar_t* r;  // residual (R only)
   const T* scale;
   const T* shift;
   int64_t C;
@@ -289,11 +372,13 @@ struct ForwardOp {
 
   IABN_HOT void ncs(int64_t off, int64_t len, int64_t c) const {
     scalar_t* __restrict__ xp = x + off;
+    const scalar_t* __restrict__ rp = residual_run<R>(r, off);
     const T k = scale[c], b = shift[c];
     const ActivationParams<T> q = p;
     IABN_SIMD
     for (int64_t i = 0; i < len; ++i) {
-      xp[i] = static_cast<scalar_t>(forward_element<A, T>(static_cast<T>(xp[i]), k, b, q));
+      xp[i] = static_cast<scalar_t>(
+          forward_element<A, T>(static_cast<T>(xp[i]), k, b, residual_at<R, T>(rp, i), q));
     }
   }
   // NB: one out-of-line (multi-versioned) call per block of rows, not per row: a row of C channels is
@@ -305,24 +390,29 @@ struct ForwardOp {
   }
   void nsc_row(int64_t off) const {
     scalar_t* __restrict__ xp = x + off;
+    const scalar_t* __restrict__ rp = residual_run<R>(r, off);
     const T* __restrict__ k = scale;
     const T* __restrict__ b = shift;
     const ActivationParams<T> q = p;
     IABN_SIMD
     for (int64_t c = 0; c < C; ++c) {
-      xp[c] = static_cast<scalar_t>(forward_element<A, T>(static_cast<T>(xp[c]), k[c], b[c], q));
+      xp[c] = static_cast<scalar_t>(
+          forward_element<A, T>(static_cast<T>(xp[c]), k[c], b[c], residual_at<R, T>(rp, c), q));
     }
   }
 };
 
 void forward_cpu(
     at::Tensor& x, const at::Tensor& mean, const at::Tensor& var, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, double eps, c10::string_view activation, double activation_param) {
+    const std::optional<at::Tensor>& bias, double eps, c10::string_view activation, double activation_param,
+    const std::optional<at::Tensor>& residual) {
   const Activation act = check_forward_args(x, mean, var, weight, bias, eps, activation, activation_param);
+  const bool has_r = check_residual(residual, x, "x");
   if (x.numel() == 0) return;
   // A layout the kernels cannot walk is computed in a contiguous copy and written back: the op's
-  // contract (y overwrites x) holds for every stride pattern.
+  // contract (y overwrites x) holds for every stride pattern. The residual is read in x's layout.
   at::Tensor work = to_native(x);
+  const at::Tensor r = has_r ? to_native(*residual, native_layout(work)) : at::Tensor();
   const Geometry g = geometry(work);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "inplace_abn_forward", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
@@ -339,10 +429,14 @@ void forward_cpu(
     }
     const auto p = activation_params<opmath_t>(act, activation_param);
     scalar_t* xp = work.mutable_data_ptr<scalar_t>();
+    const scalar_t* rp = has_r ? r.const_data_ptr<scalar_t>() : nullptr;
     dispatch_activation(act, [&](auto A) {
-      const ForwardOp<decltype(A)::value, scalar_t, opmath_t> op{xp, scale.data(), shift.data(), C, p};
-      at::parallel_for(0, g.units, grain_units(g), [&](int64_t begin, int64_t end) {
-        for_each_run(g, begin, end, op);
+      dispatch_residual(has_r, [&](auto R) {
+        const ForwardOp<decltype(A)::value, decltype(R)::value, scalar_t, opmath_t> op{
+            xp, rp, scale.data(), shift.data(), C, p};
+        at::parallel_for(0, g.units, grain_units(g), [&](int64_t begin, int64_t end) {
+          for_each_run(g, begin, end, op);
+        });
       });
     });
   });
@@ -354,38 +448,41 @@ void forward_cpu(
 // ------------------------------------------------------------------------------------------------
 // backward_reduce: one pass over (y, dy) recovering x_hat on the fly; nothing full-size is written.
 
-template <Activation A, typename scalar_t, typename T>
-IABN_HOT void reduce_ncs(const scalar_t* __restrict__ y, const scalar_t* __restrict__ dy, int64_t len, const AffineParams<T> a,
-    const ActivationParams<T> p, T& out_dz, T& out_dz_xhat) {
+template <Activation A, bool R, typename scalar_t, typename T>
+IABN_HOT void reduce_ncs(const scalar_t* __restrict__ y, const scalar_t* __restrict__ dy,
+    const scalar_t* __restrict__ r, int64_t len, const AffineParams<T> a, const ActivationParams<T> p, T& out_dz,
+    T& out_dz_xhat) {
   T s1 = 0, s2 = 0;
   IABN_SIMD_REDUCE_SUM(s1, s2)
   for (int64_t i = 0; i < len; ++i) {
-    backward_reduce_element<A, T>(static_cast<T>(y[i]), static_cast<T>(dy[i]), a, p, s1, s2);
+    backward_reduce_element<A, T>(
+        static_cast<T>(y[i]), static_cast<T>(dy[i]), residual_at<R, T>(r, i), a, p, s1, s2);
   }
   out_dz = s1;
   out_dz_xhat = s2;
 }
 
-template <Activation A, typename scalar_t, typename T>
-inline void reduce_nsc_row(const scalar_t* __restrict__ y, const scalar_t* __restrict__ dy, int64_t C,
-    const T* __restrict__ gamma, const T* __restrict__ inv_gamma, const T* __restrict__ beta,
-    const ActivationParams<T> p, T* __restrict__ acc_dz, T* __restrict__ acc_dz_xhat) {
+template <Activation A, bool R, typename scalar_t, typename T>
+inline void reduce_nsc_row(const scalar_t* __restrict__ y, const scalar_t* __restrict__ dy,
+    const scalar_t* __restrict__ r, int64_t C, const T* __restrict__ gamma, const T* __restrict__ inv_gamma,
+    const T* __restrict__ beta, const ActivationParams<T> p, T* __restrict__ acc_dz, T* __restrict__ acc_dz_xhat) {
   IABN_SIMD
   for (int64_t c = 0; c < C; ++c) {
     T s1 = 0, s2 = 0;
-    backward_reduce_element<A, T>(static_cast<T>(y[c]), static_cast<T>(dy[c]), {gamma[c], inv_gamma[c], beta[c]}, p, s1, s2);
+    backward_reduce_element<A, T>(static_cast<T>(y[c]), static_cast<T>(dy[c]), residual_at<R, T>(r, c),
+        {gamma[c], inv_gamma[c], beta[c]}, p, s1, s2);
     acc_dz[c] += s1;
     acc_dz_xhat[c] += s2;
   }
 }
 
 // `rows` consecutive NSC rows in one out-of-line call (see ForwardOp::nsc_rows).
-template <Activation A, typename scalar_t, typename T>
-IABN_HOT void reduce_nsc_rows(const scalar_t* y, const scalar_t* dy, int64_t rows, int64_t C,
+template <Activation A, bool R, typename scalar_t, typename T>
+IABN_HOT void reduce_nsc_rows(const scalar_t* y, const scalar_t* dy, const scalar_t* res, int64_t rows, int64_t C,
     const ChannelAffine<T>* aff, const ActivationParams<T> p, T* acc_dz, T* acc_dz_xhat) {
   for (int64_t r = 0; r < rows; ++r) {
-    reduce_nsc_row<A, scalar_t, T>(y + r * C, dy + r * C, C, aff->gamma.data(), aff->inv_gamma.data(),
-        aff->beta.data(), p, acc_dz, acc_dz_xhat);
+    reduce_nsc_row<A, R, scalar_t, T>(y + r * C, dy + r * C, residual_run<R>(res, r * C), C, aff->gamma.data(),
+        aff->inv_gamma.data(), aff->beta.data(), p, acc_dz, acc_dz_xhat);
   }
 }
 
@@ -394,8 +491,10 @@ struct ChannelSums {
   std::vector<double> dz, dz_xhat;
 };
 
-ChannelSums reduce_sums(const at::Tensor& y, const at::Tensor& dy, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, double eps, Activation act, double activation_param) {
+// `r`: the residual in y's layout, or undefined.
+ChannelSums reduce_sums(const at::Tensor& y, const at::Tensor& dy, const at::Tensor& res,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps, Activation act,
+    double activation_param) {
   const int64_t C = y.size(1);
   ChannelSums sums{std::vector<double>(C, 0.0), std::vector<double>(C, 0.0)};
   if (y.numel() == 0) return sums;
@@ -406,26 +505,29 @@ ChannelSums reduce_sums(const at::Tensor& y, const at::Tensor& dy, const std::op
     const auto p = activation_params<opmath_t>(act, activation_param);
     const scalar_t* yp = y.const_data_ptr<scalar_t>();
     const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
+    const scalar_t* rp = res.defined() ? res.const_data_ptr<scalar_t>() : nullptr;
     // Partial sums per unit (one per channel for NSC units), merged in double below.
     const int64_t slots = g.layout == Layout::NCS ? 1 : C;
     std::vector<double> part_dz(g.units * slots), part_dz_xhat(g.units * slots);
-    dispatch_activation(act, [&](auto A) {
+    dispatch_activation(act, [&](auto A) { dispatch_residual(res.defined(), [&](auto R) {
       constexpr Activation kA = decltype(A)::value;
+      constexpr bool kR = decltype(R)::value;
       at::parallel_for(0, g.units, grain_units(g), [&](int64_t begin, int64_t end) {
         std::vector<opmath_t> acc1, acc2;
         for (int64_t u = begin; u < end; ++u) {
           if (g.layout == Layout::NCS) {
             const NcsRun r = ncs_run(g, u);
             opmath_t s1, s2;
-            reduce_ncs<kA, scalar_t, opmath_t>(yp + r.offset, dyp + r.offset, r.len, aff.at(r.channel), p, s1, s2);
+            reduce_ncs<kA, kR, scalar_t, opmath_t>(yp + r.offset, dyp + r.offset, residual_run<kR>(rp, r.offset),
+                r.len, aff.at(r.channel), p, s1, s2);
             part_dz[u] = static_cast<double>(s1);
             part_dz_xhat[u] = static_cast<double>(s2);
           } else {
             const NscRows r = nsc_rows(g, u);
             acc1.assign(C, opmath_t(0));
             acc2.assign(C, opmath_t(0));
-            reduce_nsc_rows<kA, scalar_t, opmath_t>(
-                yp + r.first_row * C, dyp + r.first_row * C, r.rows, C, &aff, p, acc1.data(), acc2.data());
+            reduce_nsc_rows<kA, kR, scalar_t, opmath_t>(yp + r.first_row * C, dyp + r.first_row * C,
+                residual_run<kR>(rp, r.first_row * C), r.rows, C, &aff, p, acc1.data(), acc2.data());
             for (int64_t c = 0; c < C; ++c) {
               part_dz[u * C + c] = static_cast<double>(acc1[c]);
               part_dz_xhat[u * C + c] = static_cast<double>(acc2[c]);
@@ -433,7 +535,7 @@ ChannelSums reduce_sums(const at::Tensor& y, const at::Tensor& dy, const std::op
           }
         }
       });
-    });
+    }); });
     for (int64_t c = 0; c < C; ++c) {
       double s1 = 0, s2 = 0;
       if (g.layout == Layout::NCS) {
@@ -471,14 +573,21 @@ at::Tensor channel_tensor(int64_t C, at::ScalarType dtype, const at::Tensor& lik
   return t;
 }
 
+// The residual in y's layout (undefined when absent).
+at::Tensor residual_like(const std::optional<at::Tensor>& residual, bool has_residual, const at::Tensor& y) {
+  return has_residual ? to_native(*residual, native_layout(y)) : at::Tensor();
+}
+
 std::tuple<at::Tensor, at::Tensor> backward_reduce_cpu(
     const at::Tensor& y_in, const at::Tensor& dy_in, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, double eps, c10::string_view activation, double activation_param) {
+    const std::optional<at::Tensor>& bias, double eps, c10::string_view activation, double activation_param,
+    const std::optional<at::Tensor>& residual) {
   const Activation act =
       check_backward_reduce_args(y_in, dy_in, weight, bias, eps, activation, activation_param);
+  const bool has_r = check_residual(residual, y_in, "y");
   const auto y = to_native(y_in);
   const auto dy = to_native(dy_in, native_layout(y));
-  const ChannelSums s = reduce_sums(y, dy, weight, bias, eps, act, activation_param);
+  const ChannelSums s = reduce_sums(y, dy, residual_like(residual, has_r, y), weight, bias, eps, act, activation_param);
   const auto op_type = at::toOpMathType(y.scalar_type());
   const int64_t C = y.size(1);
   return {channel_tensor(C, op_type, y, [&](int64_t c) { return s.dz[c]; }),
@@ -488,11 +597,14 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce_cpu(
 // ------------------------------------------------------------------------------------------------
 // backward: dx from (y, dy) and the per-channel means of the reduction; dx is the only allocation.
 
-template <Activation A, typename scalar_t, typename T>
+// R: a residual is read, and its gradient dz written in the same pass.
+template <Activation A, bool R, typename scalar_t, typename T>
 struct BackwardOp {
   const scalar_t* y;
   const scalar_t* dy;
+  const scalar_t* r;  // residual (R only)
   scalar_t* dx;
+  scalar_t* dr;       // dL/dresidual = dz (R only)
   const ChannelAffine<T>* aff;
   const T* gamma_rstd;
   const T* mean_dz;
@@ -503,14 +615,18 @@ struct BackwardOp {
   IABN_HOT void ncs(int64_t off, int64_t len, int64_t c) const {
     const scalar_t* __restrict__ yp = y + off;
     const scalar_t* __restrict__ dyp = dy + off;
+    const scalar_t* __restrict__ rp = residual_run<R>(r, off);
     scalar_t* __restrict__ dxp = dx + off;
+    scalar_t* __restrict__ drp = R ? dr + off : nullptr;
     const AffineParams<T> a = aff->at(c);
     const T k = gamma_rstd[c], m1 = mean_dz[c], m2 = mean_dz_xhat[c];
     const ActivationParams<T> q = p;
     IABN_SIMD
     for (int64_t i = 0; i < len; ++i) {
-      dxp[i] = static_cast<scalar_t>(
-          backward_element<A, T>(static_cast<T>(yp[i]), static_cast<T>(dyp[i]), a, q, k, m1, m2));
+      T dz;
+      dxp[i] = static_cast<scalar_t>(backward_element<A, T>(
+          static_cast<T>(yp[i]), static_cast<T>(dyp[i]), residual_at<R, T>(rp, i), a, q, k, m1, m2, dz));
+      if constexpr (R) drp[i] = static_cast<scalar_t>(dz);
     }
   }
   // NB: one out-of-line (multi-versioned) call per block of rows, not per row: a row of C channels is
@@ -523,7 +639,9 @@ struct BackwardOp {
   void nsc_row(int64_t off) const {
     const scalar_t* __restrict__ yp = y + off;
     const scalar_t* __restrict__ dyp = dy + off;
+    const scalar_t* __restrict__ rp = residual_run<R>(r, off);
     scalar_t* __restrict__ dxp = dx + off;
+    scalar_t* __restrict__ drp = R ? dr + off : nullptr;
     const T* __restrict__ g = aff->gamma.data();
     const T* __restrict__ ig = aff->inv_gamma.data();
     const T* __restrict__ b = aff->beta.data();
@@ -533,20 +651,27 @@ struct BackwardOp {
     const ActivationParams<T> q = p;
     IABN_SIMD
     for (int64_t c = 0; c < C; ++c) {
-      dxp[c] = static_cast<scalar_t>(backward_element<A, T>(
-          static_cast<T>(yp[c]), static_cast<T>(dyp[c]), {g[c], ig[c], b[c]}, q, k[c], m1[c], m2[c]));
+      T dz;
+      dxp[c] = static_cast<scalar_t>(backward_element<A, T>(static_cast<T>(yp[c]), static_cast<T>(dyp[c]),
+          residual_at<R, T>(rp, c), {g[c], ig[c], b[c]}, q, k[c], m1[c], m2[c], dz));
+      if constexpr (R) drp[c] = static_cast<scalar_t>(dz);
     }
   }
 };
 
-// dx from native-layout (y, dy); `means` = (mean_dz, mean_dz_xhat) per channel, or null in eval mode
-// (the statistics are constants there, so both means are 0 and dx = gamma * rstd * dz).
-at::Tensor backward_dx(const at::Tensor& y_in, const at::Tensor& y, const at::Tensor& dy, const at::Tensor& var,
-    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, const ChannelSums* means,
-    double eps, Activation act, double activation_param) {
-  if (y.numel() == 0) return at::empty_like(y_in);
+// (dx, grad_residual) from native-layout (y, dy); `means` = (mean_dz, mean_dz_xhat) per channel, or null in
+// eval mode (the statistics are constants there, so both means are 0 and dx = gamma * rstd * dz).
+// With a residual `res` (y's layout), grad_residual = dz is written in the same pass (else it is empty).
+std::tuple<at::Tensor, at::Tensor> backward_dx(const at::Tensor& y_in, const at::Tensor& y, const at::Tensor& dy,
+    const at::Tensor& res, const at::Tensor& var, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const ChannelSums* means, double eps, Activation act,
+    double activation_param) {
+  const bool has_r = res.defined();
+  if (y.numel() == 0) return {at::empty_like(y_in), has_r ? at::empty_like(y_in) : no_grad_residual(y_in)};
   Output dx = make_output(y_in, y);
   const at::Tensor& out = dx.work;
+  const at::Tensor none = no_grad_residual(y_in);
+  Output dr = has_r ? make_output(y_in, y) : Output{none, none};
   const Geometry g = geometry(y);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "inplace_abn_backward", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
@@ -564,42 +689,50 @@ at::Tensor backward_dx(const at::Tensor& y_in, const at::Tensor& y, const at::Te
     const auto p = activation_params<opmath_t>(act, activation_param);
     const scalar_t* yp = y.const_data_ptr<scalar_t>();
     const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
+    const scalar_t* rp = has_r ? res.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* dxp = out.mutable_data_ptr<scalar_t>();
+    scalar_t* drp = has_r ? dr.work.mutable_data_ptr<scalar_t>() : nullptr;
     dispatch_activation(act, [&](auto A) {
-      const BackwardOp<decltype(A)::value, scalar_t, opmath_t> op{
-          yp, dyp, dxp, &aff, gamma_rstd.data(), m1.data(), m2.data(), C, p};
-      at::parallel_for(0, g.units, grain_units(g), [&](int64_t begin, int64_t end) {
-        for_each_run(g, begin, end, op);
+      dispatch_residual(has_r, [&](auto R) {
+        const BackwardOp<std::decay_t<decltype(A)>::value, decltype(R)::value, scalar_t, opmath_t> op{
+            yp, dyp, rp, dxp, drp, &aff, gamma_rstd.data(), m1.data(), m2.data(), C, p};
+        at::parallel_for(0, g.units, grain_units(g), [&](int64_t begin, int64_t end) {
+          for_each_run(g, begin, end, op);
+        });
       });
     });
   });
   dx.finish();
-  return dx.result;
+  dr.finish();
+  return {dx.result, dr.result};
 }
 
-at::Tensor backward_cpu(
+std::tuple<at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& y_in, const at::Tensor& dy_in, const at::Tensor& var, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mean_dz,
     const std::optional<at::Tensor>& mean_dz_xhat, double eps, c10::string_view activation,
-    double activation_param) {
+    double activation_param, const std::optional<at::Tensor>& residual) {
   const auto [act, has_dz] = check_backward_args(
       y_in, dy_in, var, weight, bias, mean_dz, mean_dz_xhat, eps, activation, activation_param);
+  const bool has_r = check_residual(residual, y_in, "y");
   const auto y = to_native(y_in);
   const auto dy = to_native(dy_in, native_layout(y));
-  if (!has_dz) return backward_dx(y_in, y, dy, var, weight, bias, nullptr, eps, act, activation_param);
+  const auto r = residual_like(residual, has_r, y);
+  if (!has_dz) return backward_dx(y_in, y, dy, r, var, weight, bias, nullptr, eps, act, activation_param);
   const int64_t C = y.size(1);
   const auto m1 = channel_values<double>(mean_dz, C);
   const auto m2 = channel_values<double>(mean_dz_xhat, C);
   const ChannelSums means{m1, m2};
-  return backward_dx(y_in, y, dy, var, weight, bias, &means, eps, act, activation_param);
+  return backward_dx(y_in, y, dy, r, var, weight, bias, &means, eps, act, activation_param);
 }
 
 // ------------------------------------------------------------------------------------------------
 // invert: x_hat from y (diagnostics). Returned in y's dtype and strides.
 
-template <Activation A, typename scalar_t, typename T>
+template <Activation A, bool R, typename scalar_t, typename T>
 struct InvertOp {
   const scalar_t* y;
+  const scalar_t* r;  // residual (R only)
   scalar_t* out;
   const ChannelAffine<T>* aff;
   int64_t C;
@@ -607,12 +740,13 @@ struct InvertOp {
 
   IABN_HOT void ncs(int64_t off, int64_t len, int64_t c) const {
     const scalar_t* __restrict__ yp = y + off;
+    const scalar_t* __restrict__ rp = residual_run<R>(r, off);
     scalar_t* __restrict__ op = out + off;
     const AffineParams<T> a = aff->at(c);
     const ActivationParams<T> q = p;
     IABN_SIMD
     for (int64_t i = 0; i < len; ++i) {
-      op[i] = static_cast<scalar_t>(invert_element<A, T>(static_cast<T>(yp[i]), a, q));
+      op[i] = static_cast<scalar_t>(invert_element<A, T>(static_cast<T>(yp[i]), residual_at<R, T>(rp, i), a, q));
     }
   }
   // NB: one out-of-line (multi-versioned) call per block of rows, not per row: a row of C channels is
@@ -624,6 +758,7 @@ struct InvertOp {
   }
   void nsc_row(int64_t off) const {
     const scalar_t* __restrict__ yp = y + off;
+    const scalar_t* __restrict__ rp = residual_run<R>(r, off);
     scalar_t* __restrict__ op = out + off;
     const T* __restrict__ g = aff->gamma.data();
     const T* __restrict__ ig = aff->inv_gamma.data();
@@ -631,17 +766,20 @@ struct InvertOp {
     const ActivationParams<T> q = p;
     IABN_SIMD
     for (int64_t c = 0; c < C; ++c) {
-      op[c] = static_cast<scalar_t>(invert_element<A, T>(static_cast<T>(yp[c]), {g[c], ig[c], b[c]}, q));
+      op[c] = static_cast<scalar_t>(
+          invert_element<A, T>(static_cast<T>(yp[c]), residual_at<R, T>(rp, c), {g[c], ig[c], b[c]}, q));
     }
   }
 };
 
 at::Tensor invert_cpu(
     const at::Tensor& y_in, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
-    double eps, c10::string_view activation, double activation_param) {
+    double eps, c10::string_view activation, double activation_param, const std::optional<at::Tensor>& residual) {
   const Activation act = check_invert_args(y_in, weight, bias, eps, activation, activation_param);
+  const bool has_r = check_residual(residual, y_in, "y");
   if (y_in.numel() == 0) return at::empty_like(y_in);
   const auto y = to_native(y_in);
+  const auto r = residual_like(residual, has_r, y);
   Output xhat = make_output(y_in, y);
   const at::Tensor& out = xhat.work;
   const Geometry g = geometry(y);
@@ -649,11 +787,14 @@ at::Tensor invert_cpu(
     using opmath_t = at::opmath_type<scalar_t>;
     const ChannelAffine<opmath_t> aff(weight, bias, g.C, eps);
     const auto p = activation_params<opmath_t>(act, activation_param);
+    const scalar_t* rp = has_r ? r.const_data_ptr<scalar_t>() : nullptr;
     dispatch_activation(act, [&](auto A) {
-      const InvertOp<decltype(A)::value, scalar_t, opmath_t> op{
-          y.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), &aff, g.C, p};
-      at::parallel_for(0, g.units, grain_units(g), [&](int64_t begin, int64_t end) {
-        for_each_run(g, begin, end, op);
+      dispatch_residual(has_r, [&](auto R) {
+        const InvertOp<decltype(A)::value, decltype(R)::value, scalar_t, opmath_t> op{
+            y.const_data_ptr<scalar_t>(), rp, out.mutable_data_ptr<scalar_t>(), &aff, g.C, p};
+        at::parallel_for(0, g.units, grain_units(g), [&](int64_t begin, int64_t end) {
+          for_each_run(g, begin, end, op);
+        });
       });
     });
   });
@@ -667,10 +808,11 @@ at::Tensor invert_cpu(
 std::tuple<at::Tensor, at::Tensor> forward_train_cpu(
     at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var, double momentum,
-    double eps, c10::string_view activation, double activation_param) {
+    double eps, c10::string_view activation, double activation_param, const std::optional<at::Tensor>& residual) {
   const bool update = check_running_stats(running_mean, running_var, momentum, x);
+  check_residual(residual, x, "x");
   auto [mean, var] = statistics_cpu(x);
-  forward_cpu(x, mean, var, weight, bias, eps, activation, activation_param);
+  forward_cpu(x, mean, var, weight, bias, eps, activation, activation_param, residual);
   if (update) {
     // C values: a host loop instead of the three ATen ops (lerp, scale, lerp) of the Python update.
     const int64_t C = x.size(1);
@@ -692,22 +834,25 @@ std::tuple<at::Tensor, at::Tensor> forward_train_cpu(
   return {mean, var};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_train_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_train_cpu(
     const at::Tensor& y_in, const at::Tensor& dy_in, const at::Tensor& var, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, double eps, c10::string_view activation, double activation_param) {
+    const std::optional<at::Tensor>& bias, double eps, c10::string_view activation, double activation_param,
+    const std::optional<at::Tensor>& residual) {
   const Activation act = check_backward_args(
       y_in, dy_in, var, weight, bias, std::nullopt, std::nullopt, eps, activation, activation_param).first;
+  const bool has_r = check_residual(residual, y_in, "y");
   const auto y = to_native(y_in);
   const auto dy = to_native(dy_in, native_layout(y));
+  const auto r = residual_like(residual, has_r, y);
   const int64_t C = y.size(1);
-  const ChannelSums sums = reduce_sums(y, dy, weight, bias, eps, act, activation_param);
+  const ChannelSums sums = reduce_sums(y, dy, r, weight, bias, eps, act, activation_param);
   const double count = static_cast<double>(y.numel() / std::max<int64_t>(1, C));
   ChannelSums means = sums;
   for (int64_t c = 0; c < C; ++c) {
     means.dz[c] /= count;
     means.dz_xhat[c] /= count;
   }
-  auto dx = backward_dx(y_in, y, dy, var, weight, bias, &means, eps, act, activation_param);
+  auto [dx, grad_residual] = backward_dx(y_in, y, dy, r, var, weight, bias, &means, eps, act, activation_param);
   // The parameter gradients, in the parameters' dtypes (the opmath dtype without affine).
   const auto op_type = at::toOpMathType(y.scalar_type());
   const bool has_w = weight.has_value() && weight->defined();
@@ -717,7 +862,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_train_cpu(
     return has_w ? weight_grad<double>(sums.dz_xhat[c], w[c]) : sums.dz_xhat[c];
   });
   auto grad_bias = channel_tensor(C, has_b ? bias->scalar_type() : op_type, y, [&](int64_t c) { return sums.dz[c]; });
-  return std::make_tuple(dx, grad_weight, grad_bias);
+  return std::make_tuple(dx, grad_weight, grad_bias, grad_residual);
 }
 
 }  // namespace
@@ -725,6 +870,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_train_cpu(
 // Registers the CPU implementations of the schemas declared in src/ops.cpp.
 TORCH_LIBRARY_IMPL(inplace_abn, CPU, m) {
   m.impl("statistics", &statistics_cpu);
+  m.impl("absmax", &absmax_cpu);
   m.impl("forward_", &forward_cpu);
   m.impl("backward_reduce", &backward_reduce_cpu);
   m.impl("backward", &backward_cpu);

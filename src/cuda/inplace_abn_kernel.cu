@@ -3,16 +3,22 @@
 // src/inplace_abn.h. This file decides how threads walk the tensor.
 //
 // Work decomposition (x viewed as (N, C, S), see Layout in inplace_abn.h):
-//   Reductions (statistics, backward_reduce): every thread owns ONE channel, so per-channel constants
+//   Reductions (statistics, absmax, backward_reduce): every thread owns ONE channel, so per-channel constants
 //   are computed once per thread. Grid = (channel tiles) x (G blocks per channel tile), G chosen so the
 //   whole grid fills the GPU even when C is small and N*S is large; each block merges its threads in
 //   shared memory and writes one partial per channel, and a second kernel merges the G partials
-//   (Welford / Chan for the statistics, plain sums for the gradients). No atomics: deterministic.
+//   (Welford / Chan for the statistics, a NaN-sticky max for absmax, plain sums for the gradients).
+//   No atomics: deterministic.
 //     NCS: block (1, 256); threads of a block walk consecutive s of a row -> coalesced loads.
 //     NSC: block (32, 8); threadIdx.x walks 32 consecutive channels of a row -> coalesced loads.
 //   Elementwise passes (forward_, backward, invert): a block walks one row (NCS: S elements of one
 //   channel; NSC: the C channels of one pixel) with consecutive threads on consecutive addresses.
 //   For NSC with few channels (C << 256) most threads of a block idle: correct, not fast; documented.
+// Residual fusion (src/ops.cpp): the residual r is brought into x's / y's native layout, so it is read at
+// the element's own offset, in the pass that needs it (forward_, the backward_reduce reduction, backward's
+// dx pass, invert); backward's dx pass also writes grad_residual = dz in that same pass. Kernels are
+// instantiated with and without a residual (R): a layer without one loads and stores nothing more than
+// before the fusion existed.
 // Indices and sizes are int64 throughout (tensors beyond 2^31 elements work).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -70,6 +76,23 @@ at::Tensor optional_acc(const std::optional<at::Tensor>& v) {
   return v.has_value() && v->defined() ? as_acc<acc_t>(*v) : at::Tensor();
 }
 
+// Element i of the residual in the compute type, or 0 when the kernel is instantiated without one (the
+// pointer is then null; R is a constant, so the load is compiled out).
+template <bool R, typename acc_t, typename scalar_t>
+__device__ inline acc_t residual_at(const scalar_t* r, int64_t i) {
+  return R ? static_cast<acc_t>(r[i]) : acc_t(0);
+}
+
+// The residual in y's native layout (undefined when absent), so it shares y's element offsets.
+at::Tensor residual_like(const std::optional<at::Tensor>& residual, bool has_residual, const at::Tensor& y) {
+  return has_residual ? to_native(*residual, native_layout(y)) : at::Tensor();
+}
+
+template <typename scalar_t>
+const scalar_t* residual_ptr(const at::Tensor& r) {
+  return r.defined() ? r.const_data_ptr<scalar_t>() : nullptr;
+}
+
 struct Shape {
   int64_t N, C, S;
   bool nsc;
@@ -121,10 +144,38 @@ struct StatisticsOp {
   }
 };
 
-template <Activation A, typename scalar_t, typename acc_t>
+// max |x|, NaN-sticky like torch.amax: `v > m` alone would drop a NaN (every comparison with it is false).
+template <typename scalar_t, typename acc_t>
+struct AbsmaxOp {
+  const scalar_t* x;
+  struct State {
+    acc_t m;
+  };
+  struct Channel {};
+  __device__ Channel channel(int64_t) const {
+    return {};
+  }
+  __device__ static State identity() {
+    return {acc_t(0)};
+  }
+  __device__ static acc_t max_nan(acc_t a, acc_t b) {
+    return (b > a || b != b) ? b : a;
+  }
+  __device__ void add(State& s, int64_t offset, const Channel&) const {
+    using std::fabs;
+    s.m = max_nan(s.m, fabs(static_cast<acc_t>(x[offset])));
+  }
+  __device__ static State merge(const State& a, const State& b) {
+    return {max_nan(a.m, b.m)};
+  }
+};
+
+// R: a residual is read (at y's offsets) and removed before the affine inversion.
+template <Activation A, bool R, typename scalar_t, typename acc_t>
 struct BackwardReduceOp {
   const scalar_t* y;
   const scalar_t* dy;
+  const scalar_t* r;    // residual (R only)
   const acc_t* weight;  // nullable
   const acc_t* bias;    // nullable
   acc_t eps;
@@ -140,8 +191,8 @@ struct BackwardReduceOp {
     return {acc_t(0), acc_t(0)};
   }
   __device__ void add(State& s, int64_t offset, const Channel& a) const {
-    backward_reduce_element<A, acc_t>(
-        static_cast<acc_t>(y[offset]), static_cast<acc_t>(dy[offset]), a, p, s.s_dz, s.s_dz_xhat);
+    backward_reduce_element<A, acc_t>(static_cast<acc_t>(y[offset]), static_cast<acc_t>(dy[offset]),
+        residual_at<R, acc_t>(r, offset), a, p, s.s_dz, s.s_dz_xhat);
   }
   __device__ static State merge(const State& a, const State& b) {
     return {a.s_dz + b.s_dz, a.s_dz_xhat + b.s_dz_xhat};
@@ -227,6 +278,15 @@ struct FinishStatistics {
 };
 
 template <typename acc_t>
+struct FinishAbsmax {
+  acc_t* out;
+  template <typename State>
+  __device__ void operator()(int64_t c, const State& s) const {
+    out[c] = s.m;
+  }
+};
+
+template <typename acc_t>
 struct FinishSums {
   acc_t* sum_dz;
   acc_t* sum_dz_xhat;
@@ -297,9 +357,10 @@ void launch_rows(const F& f, const Shape& sh) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <Activation A, typename scalar_t, typename acc_t>
+template <Activation A, bool R, typename scalar_t, typename acc_t>
 struct ForwardFn {
   scalar_t* x;
+  const scalar_t* r;  // residual (R only)
   const acc_t* mean;
   const acc_t* var;
   const acc_t* weight;
@@ -309,16 +370,20 @@ struct ForwardFn {
   __device__ void operator()(int64_t i, int64_t c) const {
     const auto a = affine_params<acc_t>(weight, bias, c, eps);
     const acc_t scale = a.gamma * rsqrt_acc(var[c] + eps);
-    x[i] = static_cast<scalar_t>(forward_element<A, acc_t>(static_cast<acc_t>(x[i]), scale, a.beta - mean[c] * scale, p));
+    x[i] = static_cast<scalar_t>(forward_element<A, acc_t>(
+        static_cast<acc_t>(x[i]), scale, a.beta - mean[c] * scale, residual_at<R, acc_t>(r, i), p));
   }
 };
 
 // dx; `means_*` are per-channel means (scale 1) or sums (scale 1 / count); null in eval mode.
-template <Activation A, typename scalar_t, typename acc_t>
+// R: a residual is read, and its gradient dz written in the same pass.
+template <Activation A, bool R, typename scalar_t, typename acc_t>
 struct BackwardFn {
   const scalar_t* y;
   const scalar_t* dy;
+  const scalar_t* r;  // residual (R only)
   scalar_t* dx;
+  scalar_t* dr;       // dL/dresidual = dz (R only)
   const acc_t* var;
   const acc_t* weight;
   const acc_t* bias;
@@ -332,22 +397,25 @@ struct BackwardFn {
     const acc_t gamma_rstd = a.gamma * rsqrt_acc(var[c] + eps);
     const acc_t md = m_dz != nullptr ? m_dz[c] * m_scale : acc_t(0);
     const acc_t mdx = m_dz_xhat != nullptr ? m_dz_xhat[c] * m_scale : acc_t(0);
-    dx[i] = static_cast<scalar_t>(
-        backward_element<A, acc_t>(static_cast<acc_t>(y[i]), static_cast<acc_t>(dy[i]), a, p, gamma_rstd, md, mdx));
+    acc_t dz;
+    dx[i] = static_cast<scalar_t>(backward_element<A, acc_t>(static_cast<acc_t>(y[i]), static_cast<acc_t>(dy[i]),
+        residual_at<R, acc_t>(r, i), a, p, gamma_rstd, md, mdx, dz));
+    if constexpr (R) dr[i] = static_cast<scalar_t>(dz);
   }
 };
 
-template <Activation A, typename scalar_t, typename acc_t>
+template <Activation A, bool R, typename scalar_t, typename acc_t>
 struct InvertFn {
   const scalar_t* y;
+  const scalar_t* r;  // residual (R only)
   scalar_t* out;
   const acc_t* weight;
   const acc_t* bias;
   acc_t eps;
   ActivationParams<acc_t> p;
   __device__ void operator()(int64_t i, int64_t c) const {
-    out[i] = static_cast<scalar_t>(
-        invert_element<A, acc_t>(static_cast<acc_t>(y[i]), affine_params<acc_t>(weight, bias, c, eps), p));
+    out[i] = static_cast<scalar_t>(invert_element<A, acc_t>(
+        static_cast<acc_t>(y[i]), residual_at<R, acc_t>(r, i), affine_params<acc_t>(weight, bias, c, eps), p));
   }
 };
 
@@ -376,23 +444,47 @@ std::tuple<at::Tensor, at::Tensor> statistics_cuda(const at::Tensor& x_in) {
   return {mean, var};
 }
 
+at::Tensor absmax_cuda(const at::Tensor& x_in) {
+  check_input(x_in, "x");
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const auto x = to_native(x_in);
+  const int64_t C = x.size(1);
+  const auto acc_type = at::toOpMathType(x.scalar_type());
+  if (x.numel() == 0) return at::zeros({C}, x.options().dtype(acc_type));
+  auto out = at::empty({C}, x.options().dtype(acc_type));
+  const Shape sh = shape_of(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "inplace_abn_absmax_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const AbsmaxOp<scalar_t, acc_t> op{x.const_data_ptr<scalar_t>()};
+    launch_channel_reduce(op, sh, x, FinishAbsmax<acc_t>{out.mutable_data_ptr<acc_t>()});
+  });
+  return out;
+}
+
 void forward_cuda(
     at::Tensor& x, const at::Tensor& mean, const at::Tensor& var, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, double eps, c10::string_view activation, double activation_param) {
+    const std::optional<at::Tensor>& bias, double eps, c10::string_view activation, double activation_param,
+    const std::optional<at::Tensor>& residual) {
   const Activation act = check_forward_args(x, mean, var, weight, bias, eps, activation, activation_param);
+  const bool has_r = check_residual(residual, x, "x");
   const c10::cuda::CUDAGuard guard(x.device());
   if (x.numel() == 0) return;
+  // A layout the kernels cannot walk is computed in a contiguous copy and written back; the residual is
+  // read in the layout of the tensor the kernel writes.
   at::Tensor work = to_native(x);
+  const at::Tensor r = residual_like(residual, has_r, work);
   const Shape sh = shape_of(work);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "inplace_abn_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto m = as_acc<acc_t>(mean), v = as_acc<acc_t>(var);
     const auto w = optional_acc<acc_t>(weight), b = optional_acc<acc_t>(bias);
     dispatch_activation(act, [&](auto A) {
-      const ForwardFn<decltype(A)::value, scalar_t, acc_t> f{work.mutable_data_ptr<scalar_t>(), m.const_data_ptr<acc_t>(),
-          v.const_data_ptr<acc_t>(), optional_ptr<acc_t>(w), optional_ptr<acc_t>(b), static_cast<acc_t>(eps),
-          activation_params<acc_t>(act, activation_param)};
-      launch_rows(f, sh);
+      dispatch_residual(has_r, [&](auto R) {
+        const ForwardFn<decltype(A)::value, decltype(R)::value, scalar_t, acc_t> f{work.mutable_data_ptr<scalar_t>(),
+            residual_ptr<scalar_t>(r), m.const_data_ptr<acc_t>(), v.const_data_ptr<acc_t>(), optional_ptr<acc_t>(w),
+            optional_ptr<acc_t>(b), static_cast<acc_t>(eps), activation_params<acc_t>(act, activation_param)};
+        launch_rows(f, sh);
+      });
     });
   });
   if (!work.is_same(x)) {
@@ -400,13 +492,11 @@ void forward_cuda(
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> backward_reduce_cuda(
-    const at::Tensor& y_in, const at::Tensor& dy_in, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, double eps, c10::string_view activation, double activation_param) {
-  const Activation act = check_backward_reduce_args(y_in, dy_in, weight, bias, eps, activation, activation_param);
-  const c10::cuda::CUDAGuard guard(y_in.device());
-  const auto y = to_native(y_in);
-  const auto dy = to_native(dy_in, native_layout(y));
+// Per-channel sums of dz and dz * x_hat over native-layout (y, dy); `r` is the residual in y's layout,
+// or undefined.
+std::tuple<at::Tensor, at::Tensor> reduce_sums(const at::Tensor& y, const at::Tensor& dy, const at::Tensor& r,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps, Activation act,
+    double activation_param) {
   const int64_t C = y.size(1);
   const auto acc_type = at::toOpMathType(y.scalar_type());
   auto sum_dz = at::zeros({C}, y.options().dtype(acc_type));
@@ -417,26 +507,44 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce_cuda(
     using acc_t = at::opmath_type<scalar_t>;
     const auto w = optional_acc<acc_t>(weight), b = optional_acc<acc_t>(bias);
     dispatch_activation(act, [&](auto A) {
-      const BackwardReduceOp<decltype(A)::value, scalar_t, acc_t> op{y.const_data_ptr<scalar_t>(),
-          dy.const_data_ptr<scalar_t>(), optional_ptr<acc_t>(w), optional_ptr<acc_t>(b), static_cast<acc_t>(eps),
-          activation_params<acc_t>(act, activation_param)};
-      launch_channel_reduce(
-          op, sh, y, FinishSums<acc_t>{sum_dz.mutable_data_ptr<acc_t>(), sum_dz_xhat.mutable_data_ptr<acc_t>()});
+      dispatch_residual(r.defined(), [&](auto R) {
+        const BackwardReduceOp<decltype(A)::value, decltype(R)::value, scalar_t, acc_t> op{
+            y.const_data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(), residual_ptr<scalar_t>(r),
+            optional_ptr<acc_t>(w), optional_ptr<acc_t>(b), static_cast<acc_t>(eps),
+            activation_params<acc_t>(act, activation_param)};
+        launch_channel_reduce(
+            op, sh, y, FinishSums<acc_t>{sum_dz.mutable_data_ptr<acc_t>(), sum_dz_xhat.mutable_data_ptr<acc_t>()});
+      });
     });
   });
   return {sum_dz, sum_dz_xhat};
 }
 
-// dx with the means given directly (scale 1) or as sums (scale 1 / count); undefined = eval mode.
-at::Tensor backward_impl(
-    const at::Tensor& y_in, const at::Tensor& dy_in, const at::Tensor& var, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, const at::Tensor& m_dz, const at::Tensor& m_dz_xhat, double m_scale,
-    double eps, Activation act, double activation_param) {
-  if (y_in.numel() == 0) return at::empty_like(y_in);
+std::tuple<at::Tensor, at::Tensor> backward_reduce_cuda(
+    const at::Tensor& y_in, const at::Tensor& dy_in, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps, c10::string_view activation, double activation_param,
+    const std::optional<at::Tensor>& residual) {
+  const Activation act = check_backward_reduce_args(y_in, dy_in, weight, bias, eps, activation, activation_param);
+  const bool has_r = check_residual(residual, y_in, "y");
+  const c10::cuda::CUDAGuard guard(y_in.device());
   const auto y = to_native(y_in);
   const auto dy = to_native(dy_in, native_layout(y));
+  return reduce_sums(y, dy, residual_like(residual, has_r, y), weight, bias, eps, act, activation_param);
+}
+
+// (dx, grad_residual) from native-layout (y, dy), the means given directly (scale 1) or as sums (scale
+// 1 / count); undefined = eval mode. With a residual `r` (y's layout), grad_residual = dz is written in the
+// dx pass, with y_in's strides like dx (else it is the empty (0,) tensor of the schema).
+std::tuple<at::Tensor, at::Tensor> backward_impl(const at::Tensor& y_in, const at::Tensor& y, const at::Tensor& dy,
+    const at::Tensor& r, const at::Tensor& var, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& m_dz, const at::Tensor& m_dz_xhat, double m_scale,
+    double eps, Activation act, double activation_param) {
+  const bool has_r = r.defined();
+  if (y.numel() == 0) return {at::empty_like(y_in), has_r ? at::empty_like(y_in) : no_grad_residual(y_in)};
   Output dx = make_output(y_in, y);
   const at::Tensor& out = dx.work;
+  const at::Tensor none = no_grad_residual(y_in);
+  Output dr = has_r ? make_output(y_in, y) : Output{none, none};
   const Shape sh = shape_of(y);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "inplace_abn_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -444,37 +552,48 @@ at::Tensor backward_impl(
     const auto w = optional_acc<acc_t>(weight), b = optional_acc<acc_t>(bias);
     const auto m1 = m_dz.defined() ? as_acc<acc_t>(m_dz) : at::Tensor();
     const auto m2 = m_dz_xhat.defined() ? as_acc<acc_t>(m_dz_xhat) : at::Tensor();
+    scalar_t* drp = has_r ? dr.work.mutable_data_ptr<scalar_t>() : nullptr;
     dispatch_activation(act, [&](auto A) {
-      const BackwardFn<decltype(A)::value, scalar_t, acc_t> f{y.const_data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(),
-          out.mutable_data_ptr<scalar_t>(), v.const_data_ptr<acc_t>(), optional_ptr<acc_t>(w), optional_ptr<acc_t>(b),
-          optional_ptr<acc_t>(m1), optional_ptr<acc_t>(m2), static_cast<acc_t>(m_scale), static_cast<acc_t>(eps),
-          activation_params<acc_t>(act, activation_param)};
-      launch_rows(f, sh);
+      dispatch_residual(has_r, [&](auto R) {
+        // decay_t: inside this lambda the enclosing lambda's parameter is seen as a captured reference.
+        const BackwardFn<std::decay_t<decltype(A)>::value, decltype(R)::value, scalar_t, acc_t> f{
+            y.const_data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(), residual_ptr<scalar_t>(r),
+            out.mutable_data_ptr<scalar_t>(), drp, v.const_data_ptr<acc_t>(), optional_ptr<acc_t>(w),
+            optional_ptr<acc_t>(b), optional_ptr<acc_t>(m1), optional_ptr<acc_t>(m2), static_cast<acc_t>(m_scale),
+            static_cast<acc_t>(eps), activation_params<acc_t>(act, activation_param)};
+        launch_rows(f, sh);
+      });
     });
   });
   dx.finish();
-  return dx.result;
+  dr.finish();
+  return {dx.result, dr.result};
 }
 
-at::Tensor backward_cuda(
-    const at::Tensor& y, const at::Tensor& dy, const at::Tensor& var, const std::optional<at::Tensor>& weight,
+std::tuple<at::Tensor, at::Tensor> backward_cuda(
+    const at::Tensor& y_in, const at::Tensor& dy_in, const at::Tensor& var, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mean_dz,
     const std::optional<at::Tensor>& mean_dz_xhat, double eps, c10::string_view activation,
-    double activation_param) {
+    double activation_param, const std::optional<at::Tensor>& residual) {
   const auto [act, has_dz] =
-      check_backward_args(y, dy, var, weight, bias, mean_dz, mean_dz_xhat, eps, activation, activation_param);
-  const c10::cuda::CUDAGuard guard(y.device());
-  return backward_impl(y, dy, var, weight, bias, has_dz ? *mean_dz : at::Tensor(), has_dz ? *mean_dz_xhat : at::Tensor(),
-      1.0, eps, act, activation_param);
+      check_backward_args(y_in, dy_in, var, weight, bias, mean_dz, mean_dz_xhat, eps, activation, activation_param);
+  const bool has_r = check_residual(residual, y_in, "y");
+  const c10::cuda::CUDAGuard guard(y_in.device());
+  const auto y = to_native(y_in);
+  const auto dy = to_native(dy_in, native_layout(y));
+  return backward_impl(y_in, y, dy, residual_like(residual, has_r, y), var, weight, bias,
+      has_dz ? *mean_dz : at::Tensor(), has_dz ? *mean_dz_xhat : at::Tensor(), 1.0, eps, act, activation_param);
 }
 
 at::Tensor invert_cuda(
     const at::Tensor& y_in, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
-    double eps, c10::string_view activation, double activation_param) {
+    double eps, c10::string_view activation, double activation_param, const std::optional<at::Tensor>& residual) {
   const Activation act = check_invert_args(y_in, weight, bias, eps, activation, activation_param);
+  const bool has_r = check_residual(residual, y_in, "y");
   const c10::cuda::CUDAGuard guard(y_in.device());
   if (y_in.numel() == 0) return at::empty_like(y_in);
   const auto y = to_native(y_in);
+  const auto r = residual_like(residual, has_r, y);
   Output xhat = make_output(y_in, y);
   const at::Tensor& out = xhat.work;
   const Shape sh = shape_of(y);
@@ -482,10 +601,12 @@ at::Tensor invert_cuda(
     using acc_t = at::opmath_type<scalar_t>;
     const auto w = optional_acc<acc_t>(weight), b = optional_acc<acc_t>(bias);
     dispatch_activation(act, [&](auto A) {
-      const InvertFn<decltype(A)::value, scalar_t, acc_t> f{y.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
-          optional_ptr<acc_t>(w), optional_ptr<acc_t>(b), static_cast<acc_t>(eps),
-          activation_params<acc_t>(act, activation_param)};
-      launch_rows(f, sh);
+      dispatch_residual(has_r, [&](auto R) {
+        const InvertFn<decltype(A)::value, decltype(R)::value, scalar_t, acc_t> f{y.const_data_ptr<scalar_t>(),
+            residual_ptr<scalar_t>(r), out.mutable_data_ptr<scalar_t>(), optional_ptr<acc_t>(w),
+            optional_ptr<acc_t>(b), static_cast<acc_t>(eps), activation_params<acc_t>(act, activation_param)};
+        launch_rows(f, sh);
+      });
     });
   });
   xhat.finish();
@@ -533,10 +654,11 @@ void update_running(at::Tensor& running, const at::Tensor& batch, double factor,
 std::tuple<at::Tensor, at::Tensor> forward_train_cuda(
     at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var, double momentum,
-    double eps, c10::string_view activation, double activation_param) {
+    double eps, c10::string_view activation, double activation_param, const std::optional<at::Tensor>& residual) {
   const bool update = check_running_stats(running_mean, running_var, momentum, x);
+  check_residual(residual, x, "x");  // before the statistics: a bad residual must not cost a launch
   auto [mean, var] = statistics_cuda(x);
-  forward_cuda(x, mean, var, weight, bias, eps, activation, activation_param);
+  forward_cuda(x, mean, var, weight, bias, eps, activation, activation_param, residual);
   if (update) {
     const c10::cuda::CUDAGuard guard(x.device());
     const double count = static_cast<double>(x.numel() / x.size(1));
@@ -551,16 +673,23 @@ std::tuple<at::Tensor, at::Tensor> forward_train_cuda(
 }
 
 // The means are read as sums * (1 / count) inside the dx kernel: no extra launches, no host sync.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_train_cuda(
-    const at::Tensor& y, const at::Tensor& dy, const at::Tensor& var, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, double eps, c10::string_view activation, double activation_param) {
-  auto [sum_dz, sum_dz_xhat] = backward_reduce_cuda(y, dy, weight, bias, eps, activation, activation_param);
-  check_channel_vector(var, "var", y);
-  const c10::cuda::CUDAGuard guard(y.device());
+// The residual is brought into y's layout once and read by both passes.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_train_cuda(
+    const at::Tensor& y_in, const at::Tensor& dy_in, const at::Tensor& var, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps, c10::string_view activation, double activation_param,
+    const std::optional<at::Tensor>& residual) {
+  const Activation act = check_backward_args(
+      y_in, dy_in, var, weight, bias, std::nullopt, std::nullopt, eps, activation, activation_param).first;
+  const bool has_r = check_residual(residual, y_in, "y");
+  const c10::cuda::CUDAGuard guard(y_in.device());
+  const auto y = to_native(y_in);
+  const auto dy = to_native(dy_in, native_layout(y));
+  const auto r = residual_like(residual, has_r, y);
+  auto [sum_dz, sum_dz_xhat] = reduce_sums(y, dy, r, weight, bias, eps, act, activation_param);
   const int64_t C = y.size(1);
   const double count = static_cast<double>(y.numel() / std::max<int64_t>(1, C));
-  auto dx = backward_impl(y, dy, var, weight, bias, sum_dz, sum_dz_xhat, count > 0 ? 1.0 / count : 0.0, eps,
-      parse_activation(activation, activation_param), activation_param);
+  auto [dx, grad_residual] = backward_impl(y_in, y, dy, r, var, weight, bias, sum_dz, sum_dz_xhat,
+      count > 0 ? 1.0 / count : 0.0, eps, act, activation_param);
   // Only after the dx kernel (same stream), which reads sum_dz_xhat unsigned: the sign goes in place.
   const bool has_w = weight.has_value() && weight->defined();
   const bool has_b = bias.has_value() && bias->defined();
@@ -574,7 +703,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_train_cuda(
   }
   auto grad_weight = has_w ? sum_dz_xhat.to(weight->scalar_type()) : sum_dz_xhat;
   auto grad_bias = has_b ? sum_dz.to(bias->scalar_type()) : sum_dz;
-  return std::make_tuple(dx, grad_weight, grad_bias);
+  return std::make_tuple(dx, grad_weight, grad_bias, grad_residual);
 }
 
 }  // namespace
@@ -582,6 +711,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_train_cuda(
 // Registers the CUDA implementations of the schemas declared in src/ops.cpp.
 TORCH_LIBRARY_IMPL(inplace_abn, CUDA, m) {
   m.impl("statistics", &statistics_cuda);
+  m.impl("absmax", &absmax_cuda);
   m.impl("forward_", &forward_cuda);
   m.impl("backward_reduce", &backward_reduce_cuda);
   m.impl("backward", &backward_cuda);
