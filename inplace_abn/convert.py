@@ -1,7 +1,8 @@
 """Swaps of whole layers in a model: local <-> synchronised In-Place ABN, and ABN layers -> ``nn.BatchNorm``.
 
 * :func:`convert_sync` / :func:`convert_local`: swap local <-> synchronised In-Place ABN layers (exact).
-* :func:`to_batchnorm`: ABN-family layers -> ``nn.BatchNorm`` + activation module (deployment / export).
+* :func:`to_batchnorm`: ABN-family layers -> ``nn.BatchNorm`` (+ residual add) + activation module
+  (deployment / export), as :class:`BatchNormAct`.
 
 The other conversions live in their own modules and are re-exported here, where inplace-abn 1.1.0-era
 and user code imports them from:
@@ -27,6 +28,7 @@ __all__ = [
     "convert_local",
     "to_batchnorm",
     "BatchNormNd",
+    "BatchNormAct",
     "convert_model",
     "ConversionReport",
     "LayerConversion",
@@ -127,8 +129,26 @@ class BatchNormNd(nn.BatchNorm1d):
 _BN_BY_DIMS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d, None: BatchNormNd}
 
 
+class BatchNormAct(nn.Sequential):
+    """``nn.Sequential(batchnorm, activation)`` whose forward also takes the ``residual`` of a fused layer.
+
+    What :func:`to_batchnorm` makes of an ABN-family layer. ``forward(x)`` is the plain Sequential;
+    ``forward(x, residual)`` is ``activation(batchnorm(x) + residual)``: BatchNorm, add and activation as
+    three standard ops, so a call written for the fused layer (``layer(x, residual=shortcut)``, e.g. in a
+    model converted by :func:`convert_model` or a hand-written residual block) keeps working. The add is
+    out of place: neither ``x`` nor ``residual`` is modified.
+    """
+
+    def forward(self, input: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``act(bn(input) [+ residual])``."""
+        if residual is None:
+            return super().forward(input)
+        bn, act = self
+        return act(bn(input) + residual)
+
+
 def to_batchnorm(module: nn.Module, dims: Optional[int] = 2) -> nn.Module:
-    """Replaces every ABN-family layer by ``nn.Sequential(nn.BatchNorm*, activation)`` with equal outputs.
+    """Replaces every ABN-family layer by a ``BatchNormAct(nn.BatchNorm*, activation)`` with equal outputs.
 
     :class:`InPlaceABN` and :class:`InPlaceABNSync` scale by ``|weight| + eps``, so the new BatchNorm gets
     ``weight = |w| + eps``; :class:`ABN` scales by the raw weight, which is copied unchanged. Bias, running
@@ -138,6 +158,10 @@ def to_batchnorm(module: nn.Module, dims: Optional[int] = 2) -> nn.Module:
     The activation becomes ``nn.LeakyReLU(slope)`` (``nn.ReLU`` for slope 0 / ``"relu"``), ``nn.ELU(alpha)``
     or ``nn.Identity()``, all with ``inplace=True`` (safe: BatchNorm's output is a fresh tensor). The sync
     layer becomes a local BatchNorm (use ``nn.SyncBatchNorm.convert_sync_batchnorm`` afterwards if needed).
+    :class:`BatchNormAct` is an ``nn.Sequential`` (indexing, state dict and ``forward(x)`` as before) whose
+    forward also takes the ``residual`` a fused layer is called with (``layer(x, residual=r)``, as
+    :func:`convert_model` writes for BatchNorm -> add -> activation): it then computes BatchNorm, the add
+    and the activation, so fused models convert back with equal outputs too.
 
     State-dict keys move from ``<name>.weight`` to ``<name>.0.weight`` (the BatchNorm is item 0).
     Like :func:`convert_sync`, ``module`` is changed in place and returned (a new module is returned only
@@ -163,7 +187,7 @@ def to_batchnorm(module: nn.Module, dims: Optional[int] = 2) -> nn.Module:
                 bn.weight.copy_(m.weight.detach().abs() + m.eps)
         name, param = activations.resolve(m.activation, m.activation_param)
         act = activations.get(name).module(param)
-        return nn.Sequential(bn, act).train(m.training)
+        return BatchNormAct(bn, act).train(m.training)
 
     return _swap(module, make)
 

@@ -31,7 +31,7 @@ __all__ = [
     "LayerConfig",
     "layer_backward",
     "residual_amplification_limit",
-    "residual_inversion_lossy",
+    "residual_lossy_channels",
     "ACTIVATIONS",
     "check_activation",
     "is_invertible",
@@ -55,8 +55,6 @@ class LayerConfig(NamedTuple):
         activation_param: Its slope / alpha.
         group: ``torch.distributed`` process group of the synchronised layer (None: the default group).
         sync: Merge the batch statistics over ``group`` (synchronised layer in training).
-        keep_xhat: Keep the normalised input x_hat for backward instead of recovering it from the output
-            (a fused residual layer whose inversion would be lossy, see :func:`residual_inversion_lossy`).
     """
 
     training: bool
@@ -66,7 +64,6 @@ class LayerConfig(NamedTuple):
     activation_param: float
     group: Any = None
     sync: bool = False
-    keep_xhat: bool = False
 
 
 def residual_amplification_limit(dtype: torch.dtype) -> float:
@@ -83,50 +80,64 @@ def residual_amplification_limit(dtype: torch.dtype) -> float:
     return min(2.0**10, 2.0**-5 / unit_roundoff)
 
 
-def residual_inversion_lossy(
-    residual: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, dtype: torch.dtype
-) -> bool:
-    """Whether a fused residual layer must keep x_hat instead of recovering it from its output.
+def residual_lossy_channels(
+    residual: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: float,
+    dtype: torch.dtype,
+    group: Any = None,
+    sync_group: bool = False,
+) -> Optional[Tensor]:
+    """The channels for which a fused residual layer must keep x_hat instead of recovering it from its output.
 
     The output y = act(gamma * x_hat + beta + r) is rounded to ``dtype`` relative to its own magnitude,
     and the backward divides z - r - beta by gamma: per channel the error of x_hat is at most
     u * (|gamma * x_hat| + |beta| + max|r|) / gamma, u the unit roundoff of ``dtype``. The x_hat term is
     the plain layer's own rounding; the rest, u * A with A = (max|r| + |beta|) / gamma, is what a
-    zero-initialised weight (gamma = eps) or a half-precision output makes large. Lossy when A exceeds
-    :func:`residual_amplification_limit` in any channel.
+    zero-initialised weight (gamma = eps) or a half-precision output makes large. A channel is lossy when
+    A exceeds :func:`residual_amplification_limit`.
 
     Args:
         residual: The residual (N, C, *) of the call.
         weight, bias: The layer's (C,) parameters, or None.
         eps: The layer's eps (gamma = |weight| + eps).
         dtype: The dtype the output is stored in (x's).
+        group, sync_group: With ``sync_group``, the decision is the union over the processes of ``group``
+            (one small all-reduce), so that every process takes the same backward path and makes the same
+            collectives.
 
     Returns:
-        The decision; always False on the meta device, which has no values to judge.
+        The lossy channels' indices (int64, ascending), or None when there are none. Always None on the
+        meta device, which has no values to judge (memory counting assumes the steady state).
     """
-    if residual.is_meta:  # no values to judge (memory counting): the steady state, where the inversion is accurate
-        return False
-    reach = _ops.absmax(residual)  # (C,), opmath dtype: max|r| per channel
-    if bias is not None:
-        reach = reach + bias.detach().abs().to(reach.dtype)
-    if weight is not None:
-        reach = reach / weight.detach().abs().to(reach.dtype).add(eps)
-    return bool((reach > residual_amplification_limit(dtype)).any())
+    if residual.is_meta:
+        return None
+    with torch.no_grad():  # a decision, not part of the graph: nothing for autograd to record or save
+        reach = _ops.absmax(residual)  # (C,), opmath dtype: max|r| per channel
+        if bias is not None:
+            reach = reach + bias.abs().to(reach.dtype)
+        if weight is not None:
+            reach = reach / weight.abs().to(reach.dtype).add(eps)
+        if sync_group:
+            reach = sync.all_reduce_max(reach, group)
+        lossy = (reach > residual_amplification_limit(dtype)).nonzero().flatten()
+    return lossy if lossy.numel() > 0 else None
 
 
 def _warn_keep_xhat(dtype: torch.dtype) -> None:
-    """Says once per process that a fused residual layer kept x_hat (see residual_inversion_lossy)."""
+    """Says once per process that a fused residual layer kept x_hat (see residual_lossy_channels)."""
     global _warned_keep_xhat
     if not _warned_keep_xhat:
         _warned_keep_xhat = True
         warnings.warn(
-            f"inplace_abn: a fused residual layer keeps its normalised input for this step: its weight is small "
-            f"against the residual (amplification above {residual_amplification_limit(dtype):g} for a {dtype} "
-            "output), so recovering it from the output would be lossy. Gradients stay accurate; the layer "
-            "saves one activation less while this lasts (typically the first steps of a zero-initialised "
-            "residual branch). Said once.",
+            "inplace_abn: a fused residual layer keeps the normalised input of some channels for this step: "
+            "their weight is small against the residual (amplification above "
+            f"{residual_amplification_limit(dtype):g} for a {dtype} output), so recovering it from the output "
+            "would be lossy. Gradients stay accurate; the layer saves that fraction of an activation less "
+            "while this lasts (typically the first steps of a zero-initialised residual branch). Said once.",
             RuntimeWarning,
-            stacklevel=4,
+            stacklevel=6,  # the caller of inplace_abn (through _layer, the compiler.disable wrapper, _residual_layer)
         )
 
 
@@ -149,8 +160,9 @@ class InPlaceABNFunction(torch.autograd.Function):
     * ``residual``: the fused residual layer, y = act(BN(x) + residual), keeps the residual by reference
       (the block input, which the block's first convolution keeps anyway); autograd's version counter
       then refuses a residual modified before backward.
-    * ``xhat``: with ``config.keep_xhat`` the normalised input itself, in x's dtype (the fused layer's
-      inversion would be lossy for this call); ``z`` is then not needed even for ReLU, whose mask is y > 0.
+    * ``xhat``, ``lossy``: the normalised input of the channels ``lossy`` (int64 indices), in x's dtype,
+      for which the fused layer's inversion would be lossy in this call (:func:`residual_lossy_channels`);
+      backward computes those channels' gradients from it and the rest from y.
     """
 
     @staticmethod
@@ -162,12 +174,14 @@ class InPlaceABNFunction(torch.autograd.Function):
         running_mean: Optional[Tensor],
         running_var: Optional[Tensor],
         residual: Optional[Tensor],
+        lossy: Optional[Tensor],
         config: LayerConfig,
     ) -> Tensor:
         invertible = activations.invertible(config.activation, config.activation_param)
         act, act_param = (config.activation, config.activation_param) if invertible else ("identity", 0.0)
         count = x.numel() // x.size(1)
-        xhat = x.clone() if config.keep_xhat else None  # normalised below, once the statistics are known
+        # A copy of the lossy channels, normalised below once the statistics are known.
+        xhat = None if lossy is None else x.index_select(1, lossy)
         if config.training and not config.sync:  # the op also updates the running statistics
             mean, var = _ops.forward_train_(
                 x, weight, bias, running_mean, running_var, config.momentum, config.eps, act, act_param, residual
@@ -185,12 +199,11 @@ class InPlaceABNFunction(torch.autograd.Function):
             _ops.forward_(x, mean, var, weight, bias, config.eps, act, act_param, residual)
         z = None
         if xhat is not None:
-            normalize_(xhat, mean, var, config.eps)
+            normalize_(xhat, mean.index_select(0, lossy), var.index_select(0, lossy), config.eps)
         if not invertible:
-            if xhat is None:
-                z = x.clone()
+            z = x.clone()
             x.relu_()
-        ctx.save_for_backward(x, weight, bias, var, z, residual, xhat)
+        ctx.save_for_backward(x, weight, bias, var, z, residual, xhat, lossy)
         ctx.mark_dirty(x)
         ctx.config = config
         ctx.count = count
@@ -199,18 +212,17 @@ class InPlaceABNFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dy: Tensor) -> Tuple[Optional[Tensor], ...]:
-        y, weight, bias, var, z, residual, xhat = ctx.saved_tensors
-        config = ctx.config
+        y, weight, bias, var, z, residual, xhat, lossy = ctx.saved_tensors
+        config = needs_config = ctx.config
         needs = ctx.needs_input_grad[:3] + (residual is not None and ctx.needs_input_grad[5],)
+        y_out, dy_out = y, dy
+        if z is not None:  # ReLU's own backward (0 where z <= 0, PyTorch's convention), then BN + identity on z
+            dy = torch.ops.aten.threshold_backward(dy, z, 0)
+            y, config = z, config._replace(activation="identity", activation_param=0.0)
+        dx, dweight, dbias, dresidual = layer_backward(y, dy, var, weight, bias, config, ctx.count, needs, residual)
         if xhat is not None:
-            grads = _xhat_backward(y, dy, xhat, var, weight, bias, config, ctx.count, needs)
-        else:
-            if z is not None:  # ReLU's own backward (0 where z <= 0, PyTorch's convention), then BN + identity on z
-                dy = torch.ops.aten.threshold_backward(dy, z, 0)
-                y, config = z, config._replace(activation="identity", activation_param=0.0)
-            grads = layer_backward(y, dy, var, weight, bias, config, ctx.count, needs, residual)
-        dx, dweight, dbias, dresidual = grads
-        return dx, dweight, dbias, None, None, dresidual, None
+            _exact_lossy_channels(dx, dweight, y_out, dy_out, xhat, lossy, var, weight, needs_config, ctx.count)
+        return dx, dweight, dbias, None, None, dresidual, None, None
 
 
 def normalize_(x: Tensor, mean: Tensor, var: Tensor, eps: float) -> Tensor:
@@ -220,34 +232,43 @@ def normalize_(x: Tensor, mean: Tensor, var: Tensor, eps: float) -> Tensor:
     return x.copy_((x.to(mean.dtype) - mean.view(shape)) * (var + eps).rsqrt().view(shape))
 
 
-def _xhat_backward(
+def _exact_lossy_channels(
+    dx: Optional[Tensor],
+    dweight: Optional[Tensor],
     y: Tensor,
     dy: Tensor,
     xhat: Tensor,
+    lossy: Tensor,
     var: Tensor,
     weight: Optional[Tensor],
-    bias: Optional[Tensor],
     config: LayerConfig,
     count: int,
-    needs: Tuple[bool, bool, bool, bool],
-) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-    """(dx, dweight, dbias, dresidual) of a fused residual layer that kept its ``xhat`` (N, C, *); None where
-    ``needs`` (for x, weight, bias, residual) is False.
+) -> None:
+    """Overwrites dx (N, C, *) and dweight (C,) of the ``lossy`` channels with values computed from their kept
+    ``xhat`` (N, k, *) instead of the inversion (docs/math.md, "Residual fusion").
 
-    dz comes from (y, dy) exactly (it needs only the sign of y, or y + alpha); then the layer's backward on
-    x_hat is the kernels' backward of an identity layer without affine fed y = x_hat and dy = dz, with
-    the affine scale gamma applied to dx and the weight's sign to its gradient afterwards.
+    dz comes from (y, dy) exactly (it needs only the sign of y, or y + alpha); dbias = sum(dz) and the
+    residual's gradient dz never used x_hat, so they are already exact. Channels are independent, so the
+    other channels' results stand.
     """
-    need_dx, need_w, need_b, need_r = needs
-    dz = activations.get(config.activation).grad(dy, y, config.activation_param)
-    plain = config._replace(activation="identity", activation_param=0.0)
-    dx, sum_dz_xhat, sum_dz, _ = layer_backward(xhat, dz, var, None, None, plain, count, (need_dx, need_w, need_b, False))
-    if dx is not None and weight is not None:
-        gamma = weight.detach().abs().to(opmath_dtype(dx.dtype)).add(config.eps)
-        dx = dx.mul_(gamma.view((1, -1) + (1,) * (dx.dim() - 2)))  # computed in the opmath dtype, rounded once
-    dweight = weight_grad(weight, sum_dz_xhat) if need_w else None
-    dbias = sum_dz.to(bias.dtype) if need_b else None
-    return dx, dweight, dbias, dz if need_r else None
+    dtype = opmath_dtype(y.dtype)
+    dims = (0,) + tuple(range(2, y.dim()))
+    shape = (1, -1) + (1,) * (y.dim() - 2)
+    act = activations.get(config.activation)
+    dz = act.grad(dy.index_select(1, lossy), y.index_select(1, lossy), config.activation_param).to(dtype)
+    xh = xhat.to(dtype)
+    sum_dz, sum_dz_xhat = dz.sum(dims), (dz * xh).sum(dims)
+    if dweight is not None:  # from the local sums: DDP averages parameter gradients itself
+        dweight.index_copy_(0, lossy, weight_grad(weight.index_select(0, lossy), sum_dz_xhat))
+    if dx is None:
+        return
+    gamma = 1.0 if weight is None else weight.detach().index_select(0, lossy).to(dtype).abs().add(config.eps)
+    scale = (var.index_select(0, lossy).to(dtype) + config.eps).rsqrt().mul(gamma)
+    if config.training:
+        if config.sync:  # every process has the same lossy channels (residual_lossy_channels)
+            sum_dz, sum_dz_xhat = sync.all_reduce_sums(sum_dz, sum_dz_xhat, config.group)
+        dz = dz - (sum_dz / count).view(shape) - xh * (sum_dz_xhat / count).view(shape)
+    dx.index_copy_(1, lossy, (dz * scale.view(shape)).to(dx.dtype))
 
 
 def layer_backward(
@@ -354,18 +375,34 @@ def _layer(
     sync_stats = bool(training) and sync_stats and sync.sync_enabled(group)
     if training and not sync_stats:
         validation.check_count(x.numel() // x.size(1), x.shape)
-    keep_xhat = (
-        residual is not None
-        and torch.is_grad_enabled()
-        and any(t is not None and t.requires_grad for t in (x, weight, bias, residual))
-        and residual_inversion_lossy(residual, weight, bias, eps, x.dtype)
-    )
-    if keep_xhat:
-        _warn_keep_xhat(x.dtype)
-    config = LayerConfig(
-        bool(training), float(momentum), float(eps), activation, activation_param, group, sync_stats, keep_xhat
-    )
-    return InPlaceABNFunction.apply(x, weight, bias, running_mean, running_var, residual, config)
+    config = LayerConfig(bool(training), float(momentum), float(eps), activation, activation_param, group, sync_stats)
+    if residual is not None:
+        return _residual_layer(x, weight, bias, running_mean, running_var, residual, config)
+    return InPlaceABNFunction.apply(x, weight, bias, running_mean, running_var, None, None, config)
+
+
+@torch.compiler.disable(recursive=True)
+def _residual_layer(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    residual: Tensor,
+    config: LayerConfig,
+) -> Tensor:
+    """The fused residual layer: the lossy-channel decision, then the Function.
+
+    Runs eagerly under torch.compile (a graph break on each side): the decision depends on the data, and
+    with a graph break inside the layer AOTAutograd gave wrong gradients to the input that the next graph
+    overwrites (torch 2.13, aot_eager and inductor; tests/test_residual.py checks compiled gradients).
+    """
+    lossy = None
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual)):
+        lossy = residual_lossy_channels(residual, weight, bias, config.eps, x.dtype, config.group, config.sync)
+        if lossy is not None:
+            _warn_keep_xhat(x.dtype)
+    return InPlaceABNFunction.apply(x, weight, bias, running_mean, running_var, residual, lossy, config)
 
 
 def inplace_abn(
@@ -411,9 +448,10 @@ def inplace_abn(
             and before the activation: the fused ``act(BN(x) + residual)`` that ends a post-activation
             residual block. It is kept for backward by reference (the block's first convolution keeps it
             anyway), receives its gradient, and must not be modified before backward (PyTorch then
-            raises its "modified by an inplace operation" error). When recovering x_hat from the output
-            would be lossy (a weight tiny against the residual, or a half-precision output; see
-            :func:`residual_inversion_lossy`), the layer keeps x_hat for that call and says so once.
+            raises its "modified by an inplace operation" error). For the channels where recovering x_hat
+            from the output would be lossy (a weight tiny against the residual, or a half-precision
+            output; see :func:`residual_lossy_channels`), the layer keeps their x_hat for that call and
+            says so once.
 
     Returns:
         ``x`` itself, holding the output (N, C, *).

@@ -1,8 +1,9 @@
 """``convert_model``: the BatchNorm (-> activation) pairs of an existing network become In-Place ABN layers.
 
 The model is traced with ``torch.fx`` and the real dataflow is analysed, not the module tree: shared
-activation modules, residual adds, aliasing views and in-place ops on the layer's input or output. Holds
-the tracer, the graph rewrite and the per-layer :class:`ConversionReport`. Re-exported by
+activation modules, residual adds, aliasing views and in-place ops on the layer's input or output. A
+BatchNorm -> residual add -> activation chain becomes one fused ``layer(x, residual=shortcut)`` call.
+Holds the tracer, the graph rewrite and the per-layer :class:`ConversionReport`. Re-exported by
 :mod:`inplace_abn.convert`, where 1.1.0-era and user code imports it from.
 """
 
@@ -14,7 +15,7 @@ import operator
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, NamedTuple, Optional, Set, Tuple, Union
 
 import torch
 import torch.fx as fx
@@ -42,6 +43,11 @@ class LayerConversion:
         clamped: Channels whose BatchNorm weight was below ``eps`` and was represented by ``|0| + eps``
             (negative ones only with ``negative_weights="clamp"``).
         max_scale_change: Largest ``|(|w| + eps) - w_bn|`` over the channels (0 when exact).
+        residual: For a layer fused with the residual add that followed it (``act(BN(x) + residual)`` in one
+            call, the add and the activation removed from the graph): where the residual comes from (a
+            module name, ``"input <name>"`` or an op); None otherwise.
+        not_fused: Why a BatchNorm followed by a residual add was not fused with it (it became an identity
+            layer before the add, or was kept); empty when fused or when no add follows.
     """
 
     name: str
@@ -53,6 +59,8 @@ class LayerConversion:
     folded: int = 0
     clamped: int = 0
     max_scale_change: float = 0.0
+    residual: Optional[str] = None
+    not_fused: str = ""
 
 
 @dataclass
@@ -72,8 +80,17 @@ class ConversionReport:
         """The layers kept as BatchNorm (each with its ``reason``)."""
         return [layer for layer in self.layers if not layer.converted]
 
+    @property
+    def fused(self) -> List[LayerConversion]:
+        """The converted layers that also took over a residual add and its activation."""
+        return [layer for layer in self.converted if layer.residual is not None]
+
+    def not_fused_reasons(self) -> Dict[str, int]:
+        """BatchNorms followed by a residual add that were not fused with it, per reason."""
+        return dict(Counter(layer.not_fused for layer in self.layers if layer.not_fused))
+
     def counts(self) -> Dict[str, int]:
-        """Converted layers per activation (e.g. ``{"leaky_relu": 33, "identity": 20}``)."""
+        """Converted layers per activation (e.g. ``{"leaky_relu": 49, "identity": 4}``; fused layers included)."""
         return dict(Counter(layer.activation for layer in self.converted))
 
     def kept_reasons(self) -> Dict[str, int]:
@@ -85,6 +102,10 @@ class ConversionReport:
         lines = [f"{len(self.layers)} BatchNorm layers: {len(self.converted)} converted {self.counts()}, "
                  f"{len(self.kept)} kept"]
         lines += [f"  kept x{n}: {reason}" for reason, n in self.kept_reasons().items()]
+        if self.fused:
+            lines.append(f"  fused with their residual add and activation (act(BN(x) + residual), one layer): "
+                         f"{len(self.fused)}")
+        lines += [f"  add not fused x{n}: {reason}" for reason, n in self.not_fused_reasons().items()]
         folded, clamped = sum(x.folded for x in self.layers), sum(x.clamped for x in self.layers)
         if folded or clamped:
             lines.append(f"  weights: {folded} negative channels folded into the previous layer, {clamped} "
@@ -93,6 +114,9 @@ class ConversionReport:
         if self.untraced:
             lines.append(f"  not traceable (only their traceable submodules were converted): {self.untraced}")
         return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
 
 
 _BN_TYPES = {nn.BatchNorm1d: InPlaceABN, nn.BatchNorm2d: InPlaceABN, nn.BatchNorm3d: InPlaceABN,
@@ -126,6 +150,36 @@ _VIEW_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d
 _INPLACE_OPERATORS = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
                       operator.itruediv: operator.truediv}
 
+#: The residual adds ``convert_model`` fuses: ``a + b`` (fx records ``a += b`` on a traced tensor as
+#: ``operator.add`` too), ``operator.iadd``, ``torch.add`` and the ``add`` / ``add_`` methods, alpha 1 only.
+_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+_ADD_METHODS = {"add", "add_"}
+_DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+#: timm's stochastic-depth / DropBlock modules, recognised by class name (timm is not a dependency): an
+#: identity exactly when their ``drop_prob`` is 0 (their forward then returns the input itself).
+_DROP_PROB_MODULES = ("DropPath", "DropBlock2d")
+# Producers whose output usually has another shape than the tensor it is added to (parameters and
+# buffers, reductions, reshapes, pooling to a fixed size). An add with such an operand most likely
+# broadcasts, which the fused layer refuses (its residual must have the input's exact shape) and which
+# fx cannot rule out (a symbolic trace has no shapes), so such an add is not fused.
+_BROADCAST_METHODS = {
+    "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "squeeze", "unsqueeze", "transpose", "t",
+    "permute", "narrow", "select", "expand", "expand_as", "__getitem__", "repeat", "mean", "sum", "prod", "amax",
+    "amin", "max", "min", "std", "var", "norm", "logsumexp", "new_zeros", "new_ones", "new_full", "new_empty",
+    "new_tensor",
+}
+_BROADCAST_FUNCTIONS = {
+    operator.getitem, torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze, torch.transpose, torch.permute,
+    torch.narrow, torch.select, torch.t, torch.mean, torch.sum, torch.prod, torch.amax, torch.amin, torch.max,
+    torch.min, torch.std, torch.var, torch.norm, torch.logsumexp, torch.zeros, torch.ones, torch.full, torch.tensor,
+    torch.as_tensor, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
+    F.adaptive_max_pool2d, F.adaptive_max_pool3d,
+}
+_BROADCAST_MODULES = (
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d, nn.Flatten, nn.Unflatten,
+)
+
 
 #: The functional activations ``convert_model`` fuses, by their table name (their parameter argument is
 #: named like the module attribute, ``ACTIVATIONS[name].param_attr``).
@@ -139,6 +193,58 @@ def _fusable(name: str, value: Any) -> Optional[Tuple[str, Optional[float]]]:
     except ValueError:  # a negative slope or alpha <= 0: not invertible, not fused
         return None
     return (name, param) if invertible(name, param) else ("relu", None)
+
+
+def _passthrough(m: nn.Module) -> bool:
+    """Whether module ``m`` returns its input unchanged in training and in eval, so its call can be dropped.
+
+    ``nn.Identity``; a dropout with ``p == 0``; timm's ``DropPath`` / ``DropBlock2d`` with ``drop_prob == 0``.
+    A dropout or drop path with a positive probability is not: it is the identity in eval only, and the
+    graph is converted once for both modes (``act(drop(BN(x)) + r)`` is not ``act(BN(x) + r)`` in training).
+    """
+    if type(m) is nn.Identity:
+        return True
+    if type(m) in _DROPOUT_MODULES:
+        return m.p == 0
+    if type(m).__name__ in _DROP_PROB_MODULES:
+        return getattr(m, "drop_prob", None) == 0
+    return False
+
+
+def _stochastic(m: nn.Module) -> bool:
+    """A dropout / drop-path module with a positive probability (only the identity in eval)."""
+    if type(m) in _DROPOUT_MODULES:
+        return m.p != 0
+    return type(m).__name__ in _DROP_PROB_MODULES and getattr(m, "drop_prob", 0) != 0
+
+
+def _passthrough_chain(start: fx.Node, modules: Dict[str, nn.Module]) -> Tuple[List[fx.Node], fx.Node]:
+    """(the pass-through module calls following ``start`` one after another as sole users, the last value)."""
+    chain, out = [], start
+    while len(out.users) == 1:
+        user = next(iter(out.users))
+        if (user.op == "call_module" and _passthrough(modules[user.target]) and len(user.args) == 1
+                and user.args[0] is out and not user.kwargs):
+            chain.append(user)
+            out = user
+        else:
+            break
+    return chain, out
+
+
+def _add_operands(node: fx.Node) -> Optional[Tuple[Any, Any, bool]]:
+    """``(a, b, in_place)`` when ``node`` computes ``a + b`` (``in_place``: written into ``a``), else None."""
+    if node.op == "call_function" and node.target in _ADD_FUNCTIONS:
+        in_place = node.target is operator.iadd
+    elif node.op == "call_method" and node.target in _ADD_METHODS:
+        in_place = node.target == "add_"
+    else:
+        return None
+    kwargs = dict(node.kwargs)
+    alpha = kwargs.pop("alpha", 1)
+    if len(node.args) != 2 or kwargs or type(alpha) not in (int, float) or alpha != 1:
+        return None  # alpha != 1 scales the other operand; out= writes elsewhere
+    return node.args[0], node.args[1], in_place
 
 
 def _relu_like(node: fx.Node, modules: Dict[str, nn.Module]) -> Optional[Tuple[str, Optional[float]]]:
@@ -214,7 +320,10 @@ def _mutation(user: fx.Node, value: fx.Node, modules: Dict[str, nn.Module]) -> O
             return "rewritable" if hasattr(torch.Tensor, name[:-1]) else "yes"
         return None
     if user.op == "call_module":
-        if first is value and getattr(modules[user.target], "inplace", False) is True:
+        module = modules[user.target]
+        if first is value and isinstance(module, (InPlaceABN, InPlaceABNSync)):
+            return "yes"  # an in-place ABN layer (already in the model, or converted) overwrites its input
+        if first is value and getattr(module, "inplace", False) is True:
             return "rewritable"
     return None
 
@@ -263,10 +372,16 @@ def _rewrite_out_of_place(gm: fx.GraphModule, node: fx.Node, modules: Dict[str, 
 
 
 class _Tracer(fx.Tracer):
-    """Keeps ABN-family layers (already in-place) as leaves."""
+    """Keeps ABN-family layers (already in-place) and timm's DropPath / DropBlock2d as leaves.
+
+    The drop modules branch on ``self.training``: traced through, the branch of the mode at conversion
+    would be baked into the graph (a model converted in training would drop paths in eval too). As
+    leaves they keep their mode dependence, and the analysis sees them (``_passthrough``, ``_stochastic``).
+    """
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, ABN) or super().is_leaf_module(m, module_qualified_name)
+        return (isinstance(m, ABN) or type(m).__name__ in _DROP_PROB_MODULES
+                or super().is_leaf_module(m, module_qualified_name))
 
 
 def _trace(module: nn.Module, concrete_args: Optional[Dict[str, Any]]) -> fx.GraphModule:
@@ -320,6 +435,128 @@ def _output_problem(final: fx.Node, modules: Dict[str, nn.Module]) -> Tuple[Opti
     return None, rewrites
 
 
+def _aliases_first_arg(user: fx.Node, value: fx.Node, modules: Dict[str, nn.Module]) -> bool:
+    """Whether ``user``'s result may share memory with ``value``: a view of it, or an in-place op on it."""
+    return _is_view(user, value, modules) or (
+        bool(user.args) and user.args[0] is value and _mutation(user, value, modules) is not None
+    )
+
+
+def _alias_family(value: fx.Node, modules: Dict[str, nn.Module], skip: fx.Node) -> Set[fx.Node]:
+    """``value``, the tensor it is a view of (through views / in-place ops) and every alias of that: the
+    nodes an in-place op on which would also change ``value``. ``skip`` (the add being fused, which may
+    write into ``value``) and what follows it are left out."""
+    root = value
+    while root.args and isinstance(root.args[0], fx.Node) and _aliases_first_arg(root, root.args[0], modules):
+        root = root.args[0]
+    family: Set[fx.Node] = set()
+    stack = [root]
+    while stack:
+        v = stack.pop()
+        if v not in family:
+            family.add(v)
+            stack.extend(u for u in v.users if u is not skip and _aliases_first_arg(u, v, modules))
+    return family
+
+
+def _may_broadcast(node: fx.Node, modules: Dict[str, nn.Module]) -> bool:
+    """Whether ``node`` is a producer whose output likely has another shape than what it is added to."""
+    if node.op == "get_attr":
+        return True
+    if node.op == "call_method":
+        return node.target in _BROADCAST_METHODS
+    if node.op == "call_function":
+        return node.target in _BROADCAST_FUNCTIONS
+    if node.op == "call_module":
+        return isinstance(modules[node.target], _BROADCAST_MODULES)
+    return False
+
+
+def _source(node: fx.Node, prefix: str) -> str:
+    """Where a tensor comes from, for the report: a module's qualified name, ``"input x"`` or the op."""
+    if node.op == "call_module":
+        return prefix + str(node.target)
+    if node.op == "placeholder":
+        return f"input {node.target}"
+    return _describe(node)
+
+
+class _Fusion(NamedTuple):
+    """A BatchNorm -> residual add -> activation chain that becomes one ``layer(x, residual=...)`` call."""
+
+    add: fx.Node
+    residual: fx.Node
+    chain: List[fx.Node]  # pass-through module calls between the add and the activation (removed too)
+    act: fx.Node
+    found: Tuple[str, Optional[float]]  # the activation, as _relu_like returns it
+
+
+def _plan_fusion(bn: fx.Node, out: fx.Node, modules: Dict[str, nn.Module]) -> Tuple[Optional[_Fusion], str]:
+    """The residual add (and activation) after a BatchNorm's output ``out`` that can be fused into the layer.
+
+    ``out`` is the BatchNorm's output past its pass-through modules. Returns ``(fusion, "")``; or
+    ``(None, reason)`` when an add follows but fusing would change the result or break backward; or
+    ``(None, "")`` when no add follows (the layer then becomes what it is without residual fusion).
+    """
+    if len(out.users) != 1:
+        return None, ""
+    add = next(iter(out.users))
+    if add.op == "call_module" and _stochastic(modules[add.target]) and len(add.users) == 1:
+        if _add_operands(next(iter(add.users))) is not None:
+            return None, (f"{type(modules[add.target]).__name__} between the BatchNorm and the add (not an identity "
+                          "in training)")
+        return None, ""
+    operands = _add_operands(add)
+    if operands is None:
+        return None, ""
+    a, b, in_place = operands
+    if a is out and b is out:
+        return None, "both operands of the add are the BatchNorm output"
+    if a is not out and b is not out:
+        return None, ""
+    residual = b if a is out else a
+    if not isinstance(residual, fx.Node):
+        return None, "the other operand of the add is not a traced tensor"
+    source = residual  # the producer past shape-keeping modules (identity, dropout, drop path)
+    while (source.op == "call_module" and len(source.args) == 1 and isinstance(source.args[0], fx.Node)
+           and (_passthrough(modules[source.target]) or _stochastic(modules[source.target]))):
+        source = source.args[0]
+    if _may_broadcast(source, modules):
+        return None, (f"the other operand of the add comes from {_describe(source)} and may broadcast (the fused "
+                      "layer needs a residual of its input's shape)")
+    chain, end = _passthrough_chain(add, modules)
+    if len(end.users) != 1:
+        return None, f"the result of the add has {len(end.users)} users, not just an activation"
+    act = next(iter(end.users))
+    found = _relu_like(act, modules)
+    if found is None or act.args[0] is not end or any(arg is end for arg in act.args[1:]):
+        return None, f"no fusable ReLU / LeakyReLU / ELU follows the add ({_describe(act)})"
+    # The layer overwrites its input: the residual must not be (an alias of) it, nor of its output.
+    overwritten, cur = {bn, out, *chain}, bn.args[0]
+    while isinstance(cur, fx.Node):
+        overwritten.add(cur)
+        if not (cur.op == "call_module" and type(modules[cur.target]) is nn.Identity):
+            break
+        cur = cur.args[0]
+    family = _alias_family(residual, modules, add)
+    if family & overwritten:
+        return None, "the residual aliases the BatchNorm's input, which the fused layer overwrites"
+    # The layer keeps the residual for backward (by reference): no later in-place op on it, or on an alias.
+    # Autograd's version counter would catch one at backward; refusing here keeps the model working.
+    order = {n: i for i, n in enumerate(bn.graph.nodes)}
+    for member in family:
+        for user in member.users:
+            if user is add or order[user] < order[add]:
+                continue
+            if in_place and a is residual:
+                return None, (f"the add writes into the residual, which {_describe(user)} reads afterwards "
+                              "(fused, it would see the value before the add)")
+            if _mutation(user, member, modules) is not None:
+                return None, (f"the residual is modified in place by {_describe(user)} after the add (the fused "
+                              "layer keeps it for backward)")
+    return _Fusion(add, residual, chain, act, found), ""
+
+
 def _set_module(root: nn.Module, target: str, new: nn.Module) -> None:
     """Sets the submodule of qualified name ``target`` (e.g. ``"layer1.0.bn1"``) of ``root`` to ``new``."""
     parent, _, name = target.rpartition(".")
@@ -327,7 +564,8 @@ def _set_module(root: nn.Module, target: str, new: nn.Module) -> None:
 
 
 def _convert_graph(gm: fx.GraphModule, prefix: str, activation: str, activation_param: float,
-                   negative_weights: str, convert_identity: bool, report: ConversionReport) -> None:
+                   negative_weights: str, convert_identity: bool, fuse_residual: bool,
+                   report: ConversionReport) -> None:
     """Converts the BatchNorm modules of one traced graph in place, one :class:`LayerConversion` each."""
     modules = dict(gm.named_modules())
     graph = gm.graph
@@ -348,24 +586,22 @@ def _convert_graph(gm: fx.GraphModule, prefix: str, activation: str, activation_
         entry.reason, producer = _input_problem(node.args[0], modules)
         if entry.reason:
             continue
-        # Follow pass-through nn.Identity modules (e.g. timm's drop_block / aa) to the activation, if any.
-        chain, out = [], node
-        while len(out.users) == 1:
-            user = next(iter(out.users))
-            if user.op == "call_module" and type(modules[user.target]) is nn.Identity and user.args[0] is out:
-                chain.append(user)
-                out = user
-            else:
-                break
-        act_node, act = None, None
+        # Follow pass-through modules (e.g. timm's drop_block / aa, nn.Identity) to the activation, if any.
+        chain, out = _passthrough_chain(node, modules)
+        act_node, act, fusion = None, None, None
         if len(out.users) == 1:
             user = next(iter(out.users))
             found = _relu_like(user, modules)
             if found is not None and user.args[0] is out and all(a is not out for a in user.args[1:]):
                 act_node = user
+            elif fuse_residual:  # BN -> add(residual) -> activation: one fused layer(x, residual=...) call
+                fusion, entry.not_fused = _plan_fusion(node, out, modules)
+                if fusion is not None:
+                    act_node, found = fusion.act, fusion.found
+            if act_node is not None:
                 act = (activation, activation_param) if found[1] is None else found
-                entry.source = (type(modules[user.target]).__name__ if user.op == "call_module"
-                                else _describe(user))
+                entry.source = (type(modules[act_node.target]).__name__ if act_node.op == "call_module"
+                                else _describe(act_node))
         if act is None:
             if not convert_identity:
                 entry.reason = "no activation follows (convert_identity=False)"
@@ -426,12 +662,23 @@ def _convert_graph(gm: fx.GraphModule, prefix: str, activation: str, activation_
         _copy_state(bn, layer, state)
         _set_module(gm, node.target, layer)
         modules[node.target] = layer
-        if act_node is not None:
+        if fusion is not None:
+            # One call where the activation was: its operands (the BN input, the residual) exist by then,
+            # and the BN input, used by nothing else, is unchanged until then.
+            with graph.inserting_before(fusion.act):
+                fused = graph.call_module(node.target, (node.args[0],), {"residual": fusion.residual})
+            fused.meta = dict(node.meta)
+            fusion.act.replace_all_uses_with(fused)
+            for dead in [fusion.act, *reversed(fusion.chain), fusion.add, *reversed(chain), node]:
+                graph.erase_node(dead)
+            entry.residual = _source(fusion.residual, prefix)
+        elif act_node is not None:
             act_node.replace_all_uses_with(act_node.args[0])
             graph.erase_node(act_node)
-        for ident in reversed(chain):
-            ident.replace_all_uses_with(ident.args[0])
-            graph.erase_node(ident)
+        if fusion is None:
+            for ident in reversed(chain):
+                ident.replace_all_uses_with(ident.args[0])
+                graph.erase_node(ident)
         for user in rewrites:
             _rewrite_out_of_place(gm, user, modules)
         entry.converted, entry.reason = True, ""
@@ -442,7 +689,7 @@ def _convert_graph(gm: fx.GraphModule, prefix: str, activation: str, activation_
 
 
 def _convert_tree(module: nn.Module, prefix: str, concrete_args: Optional[Dict[str, Any]],
-                  options: Tuple[str, float, str, bool], report: ConversionReport) -> nn.Module:
+                  options: Tuple[str, float, str, bool, bool], report: ConversionReport) -> nn.Module:
     """Converts ``module`` as a whole if it traces, else each of its children (recursively)."""
     try:
         gm = _trace(module, concrete_args)
@@ -466,6 +713,7 @@ def convert_model(
     *,
     negative_weights: str = "fold",
     convert_identity: bool = True,
+    fuse_residual: bool = True,
     concrete_args: Optional[Dict[str, Any]] = None,
     return_report: bool = False,
 ) -> Union[nn.Module, Tuple[nn.Module, ConversionReport]]:
@@ -481,15 +729,34 @@ def convert_model(
     What is converted. An ``nn.BatchNorm1d/2d/3d`` module (exact type; ``nn.SyncBatchNorm`` ->
     ``InPlaceABNSync``) called once in the graph becomes ``InPlaceABN``:
 
-    * followed (through ``nn.Identity`` pass-throughs) by an activation that is its only user --
-      ``nn.ReLU``, ``F.relu``, ``torch.relu``, ``.relu()`` (inplace or not), ``nn.LeakyReLU`` / ``F.leaky_relu``
-      (slope >= 0), ``nn.ELU`` / ``F.elu`` -- that call is removed *at that place only*; an activation module
-      reused elsewhere (torchvision's ``Bottleneck.relu``, used 3 times) keeps working elsewhere, e.g. after
-      the residual add. ReLU becomes ``(activation, activation_param)``; LeakyReLU and ELU keep their own
-      parameter (exact).
-    * otherwise (e.g. ``bn3`` / ``downsample`` before a residual add): ``activation="identity"`` (disable
-      with ``convert_identity=False``). Such a layer saves memory only where its consumer keeps its input
-      for backward (e.g. SiLU, a conv); before an add it is neutral.
+    * followed (through pass-through modules: ``nn.Identity``, dropout with ``p=0``, timm's ``DropPath`` /
+      ``DropBlock2d`` with ``drop_prob=0``) by an activation that is its only user -- ``nn.ReLU``, ``F.relu``,
+      ``torch.relu``, ``.relu()`` (inplace or not), ``nn.LeakyReLU`` / ``F.leaky_relu`` (slope >= 0),
+      ``nn.ELU`` / ``F.elu`` -- that call is removed *at that place only*; an activation module reused
+      elsewhere (torchvision's ``Bottleneck.relu``, used 3 times) keeps working elsewhere. ReLU becomes
+      ``(activation, activation_param)``; LeakyReLU and ELU keep their own parameter (exact).
+    * followed (through pass-through modules) by a residual add whose only user is such an activation
+      (post-activation ResNets: torchvision's ``out += identity; out = self.relu(out)``, timm's ``x +=
+      shortcut; x = self.act3(x)``) -- fused (``fuse_residual=True``, default): the add and the activation
+      are removed and the layer is called as ``layer(x, residual=other_operand)``, computing
+      ``act(BN(x) + residual)`` and keeping only its output (the residual by reference: the block input
+      or the shortcut's output, which autograd keeps anyway) -- one activation per block less than an
+      identity layer before the add. The add may be ``a + b`` / ``a += b`` in either operand order,
+      ``torch.add`` / ``operator.add`` / ``operator.iadd``, ``.add()`` / ``.add_()`` (alpha 1); the residual
+      may come through any module (e.g. a projection shortcut, ``drop_path(shortcut)``). As above, a ReLU
+      after the add becomes ``(activation, activation_param)``: **with the default the block's final
+      ReLU becomes leaky_relu(0.01) too**. Not fused (the report's ``not_fused`` says why; the BN then
+      becomes an identity layer before the add, as with ``fuse_residual=False``) when the add's result
+      has other users; when the residual may alias the BN input, or it (or an alias) is modified in place
+      after the add (the layer keeps it for backward); when the other operand is a constant, a
+      parameter / buffer or comes from a reduction / reshape / adaptive pooling (it likely broadcasts,
+      and the fused layer needs a residual of its input's exact shape -- fx has no shapes to check; a
+      broadcasting add from another op raises at the first forward: convert with ``fuse_residual=False``);
+      and when a dropout / drop path with a positive probability sits between the BN and the add (the
+      identity only in eval).
+    * otherwise (e.g. ``downsample``'s BN, or ``bn3`` with ``fuse_residual=False``):
+      ``activation="identity"`` (disable with ``convert_identity=False``). Such a layer saves memory only
+      where its consumer keeps its input for backward (e.g. SiLU, a conv); before an add it is neutral.
 
     What is kept as BatchNorm (each with its reason in the report), because the in-place layer overwrites
     its input and keeps its output for backward:
@@ -521,8 +788,11 @@ def convert_model(
     gives (slightly) different outputs and should be fine-tuned; this invertible activation is what lets the
     layer keep only its output. ``activation="relu"`` keeps exact ReLU semantics (outputs equal to the
     original up to rounding and clamped weights), but a ReLU layer keeps its pre-activation for backward
-    and saves no memory (the layer's one-time RuntimeWarning about this is silenced here). Training-mode
-    behaviour (batch statistics, running-stat updates, momentum, eps) is that of the BatchNorm.
+    and saves no memory (the layer's one-time RuntimeWarning about this is silenced here). Both apply to
+    the ReLU after a fused residual add as well (it was left a ReLU before residual fusion existed).
+    Training-mode behaviour (batch statistics, running-stat updates, momentum, eps) is that of the
+    BatchNorm; a fused layer's statistics are those of its input alone, as the BatchNorm's were.
+    :func:`~inplace_abn.convert.to_batchnorm` turns a fused layer back into BatchNorm + add + activation.
 
     Args:
         model: The network (any ``nn.Module``).
@@ -530,6 +800,7 @@ def convert_model(
         activation_param: Its slope / alpha.
         negative_weights: ``"fold"``, ``"keep"`` or ``"clamp"`` (above).
         convert_identity: Also convert BNs not followed by an activation (identity layers).
+        fuse_residual: Fuse BN -> residual add -> activation into one layer called with ``residual=``.
         concrete_args: Passed to ``torch.fx`` tracing of the top-level module.
         return_report: Also return a :class:`ConversionReport`.
 
@@ -542,7 +813,7 @@ def convert_model(
     if negative_weights not in ("fold", "keep", "clamp"):
         raise ValueError(f"negative_weights must be 'fold', 'keep' or 'clamp', got {negative_weights!r}")
     report = ConversionReport()
-    options = (activation, activation_param, negative_weights, convert_identity)
+    options = (activation, activation_param, negative_weights, convert_identity, bool(fuse_residual))
     result = _convert_tree(copy.deepcopy(model), "", concrete_args, options, report)
     if report.untraced:
         warnings.warn(f"convert_model: could not trace {report.untraced}; converted their traceable submodules "

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["sync_enabled", "merge_statistics", "all_reduce_sums"]
+__all__ = ["sync_enabled", "merge_statistics", "all_reduce_sums", "all_reduce_max"]
 
 _warned_no_distributed = False
 
@@ -66,3 +66,10 @@ def all_reduce_sums(sum_dz: Tensor, sum_dz_xhat: Tensor, group: Any) -> Tuple[Te
     sums = torch.stack([sum_dz, sum_dz_xhat])
     dist.all_reduce(sums, group=group)
     return sums[0], sums[1]
+
+
+def all_reduce_max(values: Tensor, group: Any) -> Tensor:
+    """The element-wise maximum of ``values`` over ``group`` (a new tensor)."""
+    values = values.clone()
+    dist.all_reduce(values, op=dist.ReduceOp.MAX, group=group)
+    return values

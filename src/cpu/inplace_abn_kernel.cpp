@@ -263,30 +263,45 @@ std::tuple<at::Tensor, at::Tensor> statistics_cpu(const at::Tensor& x_in) {
 
 // ------------------------------------------------------------------------------------------------
 // absmax: per-channel max |x|, NaN if the channel holds one (as torch.amax).
+// The vector loops take a plain max (which skips NaN) and add v - v into a probe, which only NaN and inf
+// make non-zero (NaN); a block whose probe fires is rescanned by the scalar NaN-sticky loop. A NaN test
+// inside the vector loop kept it from vectorising (3.6x slower than a sum over the same data).
+
+template <typename T>
+inline T max_nan(T a, T b) {
+  return (b > a || b != b) ? b : a;
+}
 
 template <typename scalar_t, typename T>
 IABN_HOT T block_absmax(const scalar_t* __restrict__ x, int64_t len) {
-  T m = 0;
-  int64_t nans = 0;
-  IABN_PRAGMA(omp simd reduction(max : m) reduction(+ : nans))
+  T m = 0, probe = 0;
+  IABN_PRAGMA(omp simd reduction(max : m) reduction(+ : probe))
   for (int64_t i = 0; i < len; ++i) {
     const T v = static_cast<T>(x[i]);
     m = std::max(m, std::fabs(v));
-    nans += v != v;
+    probe += v - v;
   }
-  return nans > 0 ? std::numeric_limits<T>::quiet_NaN() : m;
+  if (probe == T(0)) return m;
+  for (int64_t i = 0; i < len; ++i) m = max_nan(m, std::fabs(static_cast<T>(x[i])));
+  return m;
 }
 
-// Max |x| of `rows` consecutive NSC rows into acc (C,), NaN-sticky.
+// Max |x| of `rows` consecutive NSC rows into acc (C,), NaN-sticky (same scheme as block_absmax).
 template <typename scalar_t, typename T>
 IABN_HOT void rows_absmax(const scalar_t* __restrict__ x, int64_t rows, int64_t C, T* __restrict__ acc) {
+  T probe = 0;
   for (int64_t row = 0; row < rows; ++row) {
     const scalar_t* __restrict__ q = x + row * C;
-    IABN_SIMD
+    IABN_SIMD_REDUCE_SUM(probe)
     for (int64_t c = 0; c < C; ++c) {
-      const T v = std::fabs(static_cast<T>(q[c]));
-      acc[c] = (v > acc[c] || v != v) ? v : acc[c];
+      const T v = static_cast<T>(q[c]);
+      acc[c] = std::max(acc[c], std::fabs(v));
+      probe += v - v;
     }
+  }
+  if (probe == T(0)) return;
+  for (int64_t row = 0; row < rows; ++row) {
+    for (int64_t c = 0; c < C; ++c) acc[c] = max_nan(acc[c], std::fabs(static_cast<T>(x[row * C + c])));
   }
 }
 
@@ -317,8 +332,7 @@ at::Tensor absmax_cpu(const at::Tensor& x_in) {
     for (int64_t u = 0; u < g.units; ++u) {
       for (int64_t k = 0; k < slots; ++k) {
         const int64_t c = g.layout == Layout::NCS ? ncs_run(g, u).channel : k;
-        const opmath_t v = part[u * slots + k];
-        op[c] = (v > op[c] || v != v) ? v : op[c];
+        op[c] = max_nan(op[c], part[u * slots + k]);
       }
     }
   });
