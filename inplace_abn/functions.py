@@ -69,15 +69,15 @@ class LayerConfig(NamedTuple):
 def residual_amplification_limit(dtype: torch.dtype) -> float:
     """The largest amplification A = (max|residual| + |bias|) / (|weight| + eps) of a channel for which a
     fused residual layer with output ``dtype`` still recovers x_hat from its output (docs/math.md,
-    "Residual fusion"): min(2**10, 2**-5 / u), u the unit roundoff of ``dtype``.
+    "Residual fusion"): min(2**14, 2**-5 / u), u the unit roundoff of ``dtype``.
 
     The recovered x_hat (unit scale) then errs by at most A * u beyond the plain layer's own rounding:
-    at most 1024 units in the last place (float32, float64), and never more than 2**-5 absolute, the
-    rounding of bfloat16 on a normalised value of 8. That is A <= 1024 in float32, 64 in float16, 8 in
-    bfloat16.
+    at most 2**14 units in the last place (1e-3 absolute in float32), and never more than 2**-5 absolute,
+    the rounding of bfloat16 on a normalised value of 8. That is A <= 16384 in float32 and float64, 64 in
+    float16, 8 in bfloat16.
     """
     unit_roundoff = torch.finfo(dtype).eps / 2
-    return min(2.0**10, 2.0**-5 / unit_roundoff)
+    return min(2.0**14, 2.0**-5 / unit_roundoff)
 
 
 def residual_lossy_channels(
@@ -86,6 +86,7 @@ def residual_lossy_channels(
     bias: Optional[Tensor],
     eps: float,
     dtype: torch.dtype,
+    activation: str = "leaky_relu",
     group: Any = None,
     sync_group: bool = False,
 ) -> Optional[Tensor]:
@@ -96,13 +97,16 @@ def residual_lossy_channels(
     u * (|gamma * x_hat| + |beta| + max|r|) / gamma, u the unit roundoff of ``dtype``. The x_hat term is
     the plain layer's own rounding; the rest, u * A with A = (max|r| + |beta|) / gamma, is what a
     zero-initialised weight (gamma = eps) or a half-precision output makes large. A channel is lossy when
-    A exceeds :func:`residual_amplification_limit`.
+    A exceeds :func:`residual_amplification_limit`. With ELU it is also lossy when the residual can push z
+    into ELU's flat tail, where recovering z = log1p(y / alpha) amplifies the rounding of y by e^{-z} (and
+    a saturated y == -alpha has lost z altogether): when e^{max|r| + |beta|} exceeds the same limit.
 
     Args:
         residual: The residual (N, C, *) of the call.
         weight, bias: The layer's (C,) parameters, or None.
         eps: The layer's eps (gamma = |weight| + eps).
         dtype: The dtype the output is stored in (x's).
+        activation: The layer's canonical activation name.
         group, sync_group: With ``sync_group``, the decision is the union over the processes of ``group``
             (one small all-reduce), so that every process takes the same backward path and makes the same
             collectives.
@@ -113,15 +117,19 @@ def residual_lossy_channels(
     """
     if residual.is_meta:
         return None
+    limit = residual_amplification_limit(dtype)
     with torch.no_grad():  # a decision, not part of the graph: nothing for autograd to record or save
         reach = _ops.absmax(residual)  # (C,), opmath dtype: max|r| per channel
         if bias is not None:
             reach = reach + bias.abs().to(reach.dtype)
+        shift = reach  # max|r| + |b|
         if weight is not None:
             reach = reach / weight.abs().to(reach.dtype).add(eps)
+        if activation == "elu":
+            reach = torch.maximum(reach, shift.exp())
         if sync_group:
             reach = sync.all_reduce_max(reach, group)
-        lossy = (reach > residual_amplification_limit(dtype)).nonzero().flatten()
+        lossy = (reach > limit).nonzero().flatten()
     return lossy if lossy.numel() > 0 else None
 
 
@@ -399,7 +407,9 @@ def _residual_layer(
     """
     lossy = None
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual)):
-        lossy = residual_lossy_channels(residual, weight, bias, config.eps, x.dtype, config.group, config.sync)
+        lossy = residual_lossy_channels(
+            residual, weight, bias, config.eps, x.dtype, config.activation, config.group, config.sync
+        )
         if lossy is not None:
             _warn_keep_xhat(x.dtype)
     return InPlaceABNFunction.apply(x, weight, bias, running_mean, running_var, residual, lossy, config)
