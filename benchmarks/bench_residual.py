@@ -26,10 +26,13 @@ batch-independent tensors such as compiled weight-layout copies cancel), measure
 resident memory a forward adds (process re-executed with ``MALLOC_MMAP_THRESHOLD_=65536``, so every large
 tensor is its own mapping: docs/measuring.md), which sees everything, checkpoint frames included; and the
 exact saved-for-backward bytes, which ``torch.utils.checkpoint`` hides (empty there). Step time is the
-median of interleaved rounds at ``--batch``; each variant's gradients are compared with its eager
-reference (the BatchNorm model for ``bn``; ``to_batchnorm`` of the converted model, i.e. BatchNorm + add
-+ leaky ReLU, for ``iabn``): the largest relative difference of any parameter gradient (max |diff| / max
-|ref|), marked when it exceeds 1e-3 (float32 rounding through a 50-layer network stays well below).
+median of interleaved rounds at the small batch. Gradients: every variant's float32 parameter gradients
+are compared with a float64 eager run of the same function (the BatchNorm model for ``bn``;
+``to_batchnorm`` of the converted model in float64, i.e. BatchNorm + add + leaky ReLU, for ``iabn``):
+the largest relative difference of any parameter gradient (max |diff| / max |ref|). Through 50
+BatchNorm layers at small batch and resolution that difference is large even for the plain float32 eager
+model (the statistics of a 2x2 map over 2 images are ill-conditioned), so the float32 eager model's own
+difference is the floor, and a variant is marked when its difference exceeds twice the floor of its kind.
 
 Run from the repository root (needs torchvision; compiling takes minutes per variant on 2 CPU cores)::
 
@@ -55,7 +58,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+try:  # the installed package (CI installs a built copy next to an unbuilt source tree: do not shadow it)
+    import inplace_abn  # noqa: F401
+except ImportError:  # a bare checkout: the source tree (pure-PyTorch backend unless built in place)
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from inplace_abn import InPlaceABN  # noqa: E402
 from inplace_abn.convert import convert_model, to_batchnorm  # noqa: E402
 from inplace_abn.memory import parameters_of, saved_tensor_bytes  # noqa: E402
@@ -68,7 +74,7 @@ except ImportError:  # pragma: no cover - optional
     tqdm = None
 
 RESULTS = Path(__file__).resolve().parent / "results"
-GRAD_TOLERANCE = 1e-3
+GRAD_FLOOR_FACTOR = 2.0
 
 
 def _positive_int(text: str) -> int:
@@ -195,8 +201,7 @@ def _torchvision_models() -> Dict[str, Callable[[], nn.Module]]:
 
 
 def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    out = model(x)
-    return out["out"] if isinstance(out, dict) else out
+    return _logits_of(model(x))
 
 
 def _stages(model: nn.Module) -> nn.Module:
@@ -221,19 +226,33 @@ def _checkpoint_stages(model: nn.Module) -> nn.Module:
 
 
 def _compiled(model: nn.Module, budget: Optional[float]) -> Callable:
+    """``model`` under torch.compile (inductor), partitioned with ``activation_memory_budget = budget``.
+
+    Each variant compiles its own fresh function: dynamo caches compiled code per code object and, with
+    nn modules inlined, would reuse one variant's graph (and its budget) for another instance of the same
+    architecture.
+    """
     import torch._functorch.config as functorch_config  # the documented knob of the activation-memory budget
 
-    compiled = torch.compile(model)
+    namespace: Dict[str, Callable] = {}
+    exec("def step(model, x):\n    return model(x)\n", namespace)  # a new code object per variant
+    compiled = torch.compile(namespace["step"])
 
     def run(x: torch.Tensor) -> torch.Tensor:
         with functorch_config.patch(activation_memory_budget=1.0 if budget is None else budget):
-            return _logits(compiled, x)
+            return _logits_of(compiled(model, x))
 
     return run
 
 
-def _variants(factory: Callable[[], nn.Module], budgets: List[float]) -> Dict[str, Tuple[Callable, nn.Module, str]]:
-    """name -> (forward function, module owning the parameters, reference name)."""
+def _logits_of(out) -> torch.Tensor:
+    return out["out"] if isinstance(out, dict) else out
+
+
+def _variants(
+    factory: Callable[[], nn.Module], budgets: List[float]
+) -> Tuple[Dict[str, Tuple[Callable, nn.Module, str]], Dict[str, nn.Module]]:
+    """(name -> (forward function, module owning the parameters, kind), kind -> float64 eager reference)."""
     torch.manual_seed(0)
     bn = factory()
     with torch.no_grad():  # non-trivial BatchNorm parameters, shared by every variant
@@ -244,20 +263,21 @@ def _variants(factory: Callable[[], nn.Module], budgets: List[float]) -> Dict[st
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         iabn = convert_model(copy.deepcopy(bn))
-    reference = to_batchnorm(copy.deepcopy(iabn))  # BatchNorm + add + leaky ReLU: the same function
+    # float64 references of both functions: BatchNorm + ReLU, and BatchNorm + add + leaky ReLU (to_batchnorm
+    # of the float64 converted model, so that |w| + eps is formed in float64).
+    references = {"bn": copy.deepcopy(bn).double(), "iabn": to_batchnorm(copy.deepcopy(iabn).double())}
     ckpt = _checkpoint_stages(copy.deepcopy(bn))
     out: Dict[str, Tuple[Callable, nn.Module, str]] = {
-        "bn eager": (lambda x, m=bn: _logits(m, x), bn, "bn eager"),
-        "iabn reference (bn+leaky)": (lambda x, m=reference: _logits(m, x), reference, "iabn reference (bn+leaky)"),
-        "bn checkpoint": (lambda x, m=ckpt: _logits(m, x), ckpt, "bn eager"),
-        "iabn eager": (lambda x, m=iabn: _logits(m, x), iabn, "iabn reference (bn+leaky)"),
+        "bn eager": (lambda x, m=bn: _logits(m, x), bn, "bn"),
+        "bn checkpoint": (lambda x, m=ckpt: _logits(m, x), ckpt, "bn"),
+        "iabn eager": (lambda x, m=iabn: _logits(m, x), iabn, "iabn"),
     }
     for budget in [None] + budgets:
         label = "compile" if budget is None else f"compile budget={budget:g}"
-        for kind, base, ref in (("bn", bn, "bn eager"), ("iabn", iabn, "iabn reference (bn+leaky)")):
+        for kind, base in (("bn", bn), ("iabn", iabn)):
             model = copy.deepcopy(base)
-            out[f"{kind} {label}"] = (_compiled(model, budget), model, ref)
-    return out
+            out[f"{kind} {label}"] = (_compiled(model, budget), model, kind)
+    return out, references
 
 
 def _rss_bytes() -> int:
@@ -296,6 +316,13 @@ def bench_models(args: argparse.Namespace) -> None:
         os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
         os.execv(sys.executable, [sys.executable] + sys.argv)
     torch.set_num_threads(args.threads[0])
+    # Every compiled variant recompiles for the second batch size; inductor's on-disk caches are off so that
+    # no artifact compiled under one memory budget serves another.
+    import torch._dynamo.config
+    import torch._inductor.config
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
+    torch._inductor.config.fx_graph_cache = False
     meta = provenance()
     rows = []
     small, large = args.batches
@@ -303,7 +330,7 @@ def bench_models(args: argparse.Namespace) -> None:
         if args.models and model_name not in args.models:
             continue
         classes = 1000 if model_name == "resnet50" else 21
-        variants = _variants(factory, args.budgets)
+        variants, references = _variants(factory, args.budgets)
         if args.variants:
             variants = {k: v for k, v in variants.items() if any(k.startswith(p) for p in args.variants)}
         results: Dict[str, Dict[str, float]] = {}
@@ -324,6 +351,19 @@ def bench_models(args: argparse.Namespace) -> None:
         for name, (run, module, _) in variants.items():
             _step(run, module, x, target)
             grads[name] = _grads(module)
+        reference_grads = {}
+        for kind, module in references.items():
+            module.train()
+            _step(lambda inp, m=module: _logits(m, inp), module, x.double(), target)
+            reference_grads[kind] = _grads(module)
+        grad_diff = {
+            name: max(
+                ((g.double() - r).abs().max() / r.abs().max().clamp_min(1e-300)).item()
+                for g, r in zip(grads[name], reference_grads[kind])
+            )
+            for name, (_, _, kind) in variants.items()
+        }
+        floor = {kind: grad_diff.get(f"{kind} eager", float("nan")) for kind in references}
         times: Dict[str, List[float]] = {name: [] for name in variants}
         names = list(variants)
         for i in _progress(range(args.rounds), f"{model_name}: time"):
@@ -332,11 +372,10 @@ def bench_models(args: argparse.Namespace) -> None:
                 times[name].append(_step(run, module, x, target))
         base_time = statistics.median(times["bn eager"]) if "bn eager" in times else None
         base_mem = results.get("bn eager", {}).get("rss_per_sample")
-        for name, (run, module, ref) in variants.items():
+        for name, (run, module, kind) in variants.items():
             median = statistics.median(times[name])
-            diff = max(
-                ((g - r).abs().max() / r.abs().max().clamp_min(1e-30)).item() for g, r in zip(grads[name], grads[ref])
-            ) if ref in grads and len(grads[ref]) == len(grads[name]) else float("nan")  # fmt: skip
+            diff = grad_diff[name]
+            ok = diff <= GRAD_FLOOR_FACTOR * floor[kind]
             row = {
                 **meta, "model": model_name, "variant": name, "size": args.size, "batches": f"{small},{large}",
                 "threads": args.threads[0], "rounds": args.rounds,
@@ -344,12 +383,13 @@ def bench_models(args: argparse.Namespace) -> None:
                 "saved_mb_per_sample": f"{results[name]['saved_per_sample'] / 2**20:.2f}",
                 "memory_ratio": f"{results[name]['rss_per_sample'] / base_mem:.3f}" if base_mem else "",
                 "median_step_s": f"{median:.4f}", "time_ratio": f"{median / base_time:.3f}" if base_time else "",
-                "grad_max_rel_diff": f"{diff:.2e}", "grad_ok": str(bool(diff <= GRAD_TOLERANCE)),
+                "grad_rel_diff_vs_float64": f"{diff:.2e}", "grad_floor": f"{floor[kind]:.2e}", "grad_ok": str(ok),
             }  # fmt: skip
             rows.append(row)
             print(f"{model_name:>20} {name:<28} rss {row['rss_mb_per_sample']:>8} MB/sample "
                   f"(saved {row['saved_mb_per_sample']:>8}) x{row['memory_ratio']:<6} step {median:7.3f} s "
-                  f"x{row['time_ratio']:<6} grad diff {diff:.1e}{'' if diff <= GRAD_TOLERANCE else '  <-- DIFFERS'}")  # fmt: skip
+                  f"x{row['time_ratio']:<6} grad diff {diff:.1e} (floor {floor[kind]:.1e})"
+                  f"{'' if ok else '  <-- DIFFERS'}")  # fmt: skip
     out = args.out or RESULTS / "bench_residual_models.csv"
     append_csv(out, rows)
     _plot(rows, Path(out).with_suffix(".png"))
