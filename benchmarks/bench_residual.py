@@ -22,14 +22,16 @@ cross-entropy, backward) of torchvision's resnet50 and deeplabv3_resnet50 (rando
   ``torch.compile``, default and with each budget.
 
 Memory per sample is the slope of the memory a forward keeps for backward between two batch sizes (so
-batch-independent tensors such as compiled weight-layout copies cancel), measured two ways: the
-resident memory a forward adds (process re-executed with ``MALLOC_MMAP_THRESHOLD_=65536``, so every large
-tensor is its own mapping: docs/measuring.md), which sees everything, checkpoint frames included; and the
-exact saved-for-backward bytes, which ``torch.utils.checkpoint`` hides (empty there). Step time is the
-median of interleaved rounds at the small batch. Gradients: every variant's float32 parameter gradients
-are compared with a float64 eager run of the same function (the BatchNorm model for ``bn``;
-``to_batchnorm`` of the converted model in float64, i.e. BatchNorm + add + leaky ReLU, for ``iabn``):
-the largest relative difference of any parameter gradient (max |diff| / max |ref|). Through 50
+batch-independent tensors such as compiled weight-layout copies cancel): the exact saved-for-backward
+bytes (``saved_tensor_bytes``; it sees what ``torch.utils.checkpoint`` keeps too, since that also goes
+through saved-tensor hooks), and with ``--rss`` the resident memory a forward adds as a cross-check
+(process re-executed with ``MALLOC_MMAP_THRESHOLD_=65536``, so every large tensor is its own mapping:
+docs/measuring.md; every allocation then page-faults, so the times of such a run are not comparable and
+are marked ``allocator_pinned``). Step time is the median of interleaved rounds at the small batch.
+Gradients: every variant's float32 parameter gradients are compared with a float64 eager run of the same
+function (the BatchNorm model for ``bn``; ``to_batchnorm`` of the converted model in float64, i.e.
+BatchNorm + add + leaky ReLU, for ``iabn``): the relative error of all parameter gradients together,
+||g - g64|| / ||g64|| over their concatenation. Through 50
 BatchNorm layers at small batch and resolution that difference is large even for the plain float32 eager
 model (the statistics of a 2x2 map over 2 images are ill-conditioned), so the float32 eager model's own
 difference is the floor, and a variant is marked when its difference exceeds twice the floor of its kind.
@@ -55,6 +57,8 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+import torch._dynamo.config  # the compiled variants' cache settings (bench_models)
+import torch._inductor.config
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -312,15 +316,13 @@ def _grads(module: nn.Module) -> List[torch.Tensor]:
 
 
 def bench_models(args: argparse.Namespace) -> None:
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":  # RSS only counts tensors with the pin
+    pinned = os.environ.get("MALLOC_MMAP_THRESHOLD_") == "65536"
+    if args.rss and not pinned:  # RSS only counts tensors with the pin
         os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
         os.execv(sys.executable, [sys.executable] + sys.argv)
     torch.set_num_threads(args.threads[0])
     # Every compiled variant recompiles for the second batch size; inductor's on-disk caches are off so that
     # no artifact compiled under one memory budget serves another.
-    import torch._dynamo.config
-    import torch._inductor.config
-
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
     torch._inductor.config.fx_graph_cache = False
     meta = provenance()
@@ -341,7 +343,7 @@ def bench_models(args: argparse.Namespace) -> None:
             rss_small, saved_small = _kept(run, module, small, args.size, classes)
             rss_large, saved_large = _kept(run, module, large, args.size, classes)
             results[name] = {
-                "rss_per_sample": (rss_large - rss_small) / (large - small),
+                "rss_per_sample": (rss_large - rss_small) / (large - small) if args.rss else float("nan"),
                 "saved_per_sample": (saved_large - saved_small) / (large - small),
             }
         torch.manual_seed(2)
@@ -357,10 +359,10 @@ def bench_models(args: argparse.Namespace) -> None:
             _step(lambda inp, m=module: _logits(m, inp), module, x.double(), target)
             reference_grads[kind] = _grads(module)
         grad_diff = {
-            name: max(
-                ((g.double() - r).abs().max() / r.abs().max().clamp_min(1e-300)).item()
-                for g, r in zip(grads[name], reference_grads[kind])
-            )
+            name: (
+                sum(float((g.double() - r).square().sum()) for g, r in zip(grads[name], reference_grads[kind]))
+                / sum(float(r.square().sum()) for r in reference_grads[kind])
+            ) ** 0.5
             for name, (_, _, kind) in variants.items()
         }
         floor = {kind: grad_diff.get(f"{kind} eager", float("nan")) for kind in references}
@@ -371,7 +373,7 @@ def bench_models(args: argparse.Namespace) -> None:
                 run, module, _ = variants[name]
                 times[name].append(_step(run, module, x, target))
         base_time = statistics.median(times["bn eager"]) if "bn eager" in times else None
-        base_mem = results.get("bn eager", {}).get("rss_per_sample")
+        base_mem = results.get("bn eager", {}).get("saved_per_sample")
         for name, (run, module, kind) in variants.items():
             median = statistics.median(times[name])
             diff = grad_diff[name]
@@ -381,7 +383,8 @@ def bench_models(args: argparse.Namespace) -> None:
                 "threads": args.threads[0], "rounds": args.rounds,
                 "rss_mb_per_sample": f"{results[name]['rss_per_sample'] / 2**20:.2f}",
                 "saved_mb_per_sample": f"{results[name]['saved_per_sample'] / 2**20:.2f}",
-                "memory_ratio": f"{results[name]['rss_per_sample'] / base_mem:.3f}" if base_mem else "",
+                "memory_ratio": f"{results[name]['saved_per_sample'] / base_mem:.3f}" if base_mem else "",
+                "allocator_pinned": str(args.rss),
                 "median_step_s": f"{median:.4f}", "time_ratio": f"{median / base_time:.3f}" if base_time else "",
                 "grad_rel_diff_vs_float64": f"{diff:.2e}", "grad_floor": f"{floor[kind]:.2e}", "grad_ok": str(ok),
             }  # fmt: skip
@@ -440,6 +443,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     models.add_argument("--threads", nargs=1, type=_positive_int, default=[2])
     models.add_argument("--rounds", type=_positive_int, default=None, help="interleaved rounds (default 5; --quick 2)")
     models.add_argument("--quick", action="store_true")
+    models.add_argument(
+        "--rss", action="store_true",
+        help="also measure resident memory (re-executes with MALLOC_MMAP_THRESHOLD_=65536; every large "
+        "allocation then page-faults, which slows allocating variants: times are then not comparable)",
+    )  # fmt: skip
     models.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.part == "layer":

@@ -199,6 +199,11 @@ inline bool check_residual(const std::optional<at::Tensor>& residual, const at::
   return true;
 }
 
+// The residual in y's native layout, so that it shares y's element offsets (undefined when absent).
+inline at::Tensor residual_like(const std::optional<at::Tensor>& residual, bool has_residual, const at::Tensor& y) {
+  return has_residual ? to_native(*residual, native_layout(y)) : at::Tensor();
+}
+
 // The residual gradient of backward / backward_train when there is no residual: an empty (0,) tensor.
 inline at::Tensor no_grad_residual(const at::Tensor& y) {
   return at::empty({0}, y.options());

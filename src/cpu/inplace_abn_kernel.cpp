@@ -426,7 +426,7 @@ void forward_cpu(
   // A layout the kernels cannot walk is computed in a contiguous copy and written back: the op's
   // contract (y overwrites x) holds for every stride pattern. The residual is read in x's layout.
   at::Tensor work = to_native(x);
-  const at::Tensor r = has_r ? to_native(*residual, native_layout(work)) : at::Tensor();
+  const at::Tensor r = residual_like(residual, has_r, work);
   const Geometry g = geometry(work);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "inplace_abn_forward", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
@@ -585,11 +585,6 @@ at::Tensor channel_tensor(int64_t C, at::ScalarType dtype, const at::Tensor& lik
     }
   });
   return t;
-}
-
-// The residual in y's layout (undefined when absent).
-at::Tensor residual_like(const std::optional<at::Tensor>& residual, bool has_residual, const at::Tensor& y) {
-  return has_residual ? to_native(*residual, native_layout(y)) : at::Tensor();
 }
 
 std::tuple<at::Tensor, at::Tensor> backward_reduce_cpu(

@@ -83,11 +83,6 @@ __device__ inline acc_t residual_at(const scalar_t* r, int64_t i) {
   return R ? static_cast<acc_t>(r[i]) : acc_t(0);
 }
 
-// The residual in y's native layout (undefined when absent), so it shares y's element offsets.
-at::Tensor residual_like(const std::optional<at::Tensor>& residual, bool has_residual, const at::Tensor& y) {
-  return has_residual ? to_native(*residual, native_layout(y)) : at::Tensor();
-}
-
 template <typename scalar_t>
 const scalar_t* residual_ptr(const at::Tensor& r) {
   return r.defined() ? r.const_data_ptr<scalar_t>() : nullptr;
