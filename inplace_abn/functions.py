@@ -9,6 +9,9 @@ One layer call, forward: ``inplace_abn`` validates (``validation.check_layer_arg
 training; ``statistics`` + ``sync.merge_statistics`` + ``forward_`` when synchronised; ``forward_`` in
 eval). Backward mirrors it: ``backward_train``, or ``backward_reduce`` (+ ``sync.all_reduce_sums``) +
 ``backward``.
+
+With ``residual=r`` the same ops compute the fused ``act(BN(x) + r)`` that ends a post-activation residual
+block (docs/math.md, "Residual fusion"); ``residual_lossy_channels`` decides which channels keep x_hat.
 """
 
 from __future__ import annotations
@@ -207,7 +210,7 @@ class InPlaceABNFunction(torch.autograd.Function):
             _ops.forward_(x, mean, var, weight, bias, config.eps, act, act_param, residual)
         z = None
         if xhat is not None:
-            normalize_(xhat, mean.index_select(0, lossy), var.index_select(0, lossy), config.eps)
+            _normalize_(xhat, mean.index_select(0, lossy), var.index_select(0, lossy), config.eps)
         if not invertible:
             z = x.clone()
             x.relu_()
@@ -233,7 +236,7 @@ class InPlaceABNFunction(torch.autograd.Function):
         return dx, dweight, dbias, None, None, dresidual, None, None
 
 
-def normalize_(x: Tensor, mean: Tensor, var: Tensor, eps: float) -> Tensor:
+def _normalize_(x: Tensor, mean: Tensor, var: Tensor, eps: float) -> Tensor:
     """Writes ``x_hat = (x - mean) / sqrt(var + eps)`` over ``x`` (N, C, *), computed in the opmath dtype of
     ``mean`` / ``var`` (C,) and rounded once to x's dtype; returns ``x``."""
     shape = (1, -1) + (1,) * (x.dim() - 2)
