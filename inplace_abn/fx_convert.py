@@ -15,7 +15,7 @@ import operator
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, NamedTuple, Optional, Set, Tuple, Union
+from typing import Any, Collection, Dict, List, NamedTuple, Optional, Set, Tuple, Union
 
 import torch
 import torch.fx as fx
@@ -328,17 +328,28 @@ def _mutation(user: fx.Node, value: fx.Node, modules: Dict[str, nn.Module]) -> O
     return None
 
 
+def _calls_one_of(
+    node: fx.Node,
+    modules: Dict[str, nn.Module],
+    methods: Collection[str],
+    functions: Collection[Any],
+    module_types: Tuple[type, ...],
+) -> bool:
+    """Whether ``node`` calls one of ``methods`` (names), ``functions`` or modules of ``module_types``."""
+    if node.op == "call_method":
+        return node.target in methods
+    if node.op == "call_function":
+        return node.target in functions
+    if node.op == "call_module":
+        return isinstance(modules[node.target], module_types)
+    return False
+
+
 def _is_view(user: fx.Node, value: fx.Node, modules: Dict[str, nn.Module]) -> bool:
     """Whether ``user`` may return a tensor sharing memory with ``value`` (its first argument)."""
     if not user.args or user.args[0] is not value:
         return False
-    if user.op == "call_method":
-        return user.target in _VIEW_METHODS
-    if user.op == "call_function":
-        return user.target in _VIEW_FUNCTIONS
-    if user.op == "call_module":
-        return isinstance(modules[user.target], _VIEW_MODULES)
-    return False
+    return _calls_one_of(user, modules, _VIEW_METHODS, _VIEW_FUNCTIONS, _VIEW_MODULES)
 
 
 def _describe(node: fx.Node) -> str:
@@ -463,13 +474,7 @@ def _may_broadcast(node: fx.Node, modules: Dict[str, nn.Module]) -> bool:
     """Whether ``node`` is a producer whose output likely has another shape than what it is added to."""
     if node.op == "get_attr":
         return True
-    if node.op == "call_method":
-        return node.target in _BROADCAST_METHODS
-    if node.op == "call_function":
-        return node.target in _BROADCAST_FUNCTIONS
-    if node.op == "call_module":
-        return isinstance(modules[node.target], _BROADCAST_MODULES)
-    return False
+    return _calls_one_of(node, modules, _BROADCAST_METHODS, _BROADCAST_FUNCTIONS, _BROADCAST_MODULES)
 
 
 def _source(node: fx.Node, prefix: str) -> str:
