@@ -230,9 +230,12 @@ def _checkpoint_stages(model: nn.Module) -> nn.Module:
 
 
 def _compiled(model: nn.Module, budget: Optional[float]) -> Callable:
-    """``model`` under torch.compile (inductor), partitioned with ``activation_memory_budget = budget``.
+    """``model`` under torch.compile (inductor, fullgraph=True), partitioned with
+    ``activation_memory_budget = budget``.
 
-    Each variant compiles its own fresh function: dynamo caches compiled code per code object and, with
+    fullgraph=True: the whole step is one graph, for the BatchNorm model as without it; for the fused model it
+    also admits the fused layer's decision op, whose output size depends on the data (without fullgraph, dynamo
+    splits the graph there, at every fused layer). Each variant compiles its own fresh function: dynamo caches compiled code per code object and, with
     nn modules inlined, would reuse one variant's graph (and its budget) for another instance of the same
     architecture.
     """
@@ -240,7 +243,7 @@ def _compiled(model: nn.Module, budget: Optional[float]) -> Callable:
 
     namespace: Dict[str, Callable] = {}
     exec("def step(model, x):\n    return model(x)\n", namespace)  # a new code object per variant
-    compiled = torch.compile(namespace["step"])
+    compiled = torch.compile(namespace["step"], fullgraph=True)
 
     def run(x: torch.Tensor) -> torch.Tensor:
         with functorch_config.patch(activation_memory_budget=1.0 if budget is None else budget):

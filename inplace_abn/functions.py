@@ -115,7 +115,8 @@ def residual_lossy_channels(
             collectives.
 
     Returns:
-        The lossy channels' indices (int64, ascending), or None when there are none. Always None on the
+        The lossy channels' indices (int64, ascending), or None when there are none; under torch.compile
+        always the indices, possibly none (the graph cannot branch on their number). Always None on the
         meta device, which has no values to judge (memory counting assumes the steady state).
     """
     if residual.is_meta:
@@ -132,27 +133,58 @@ def residual_lossy_channels(
             reach = torch.maximum(reach, shift.exp())
         if sync_group:
             reach = sync.all_reduce_max(reach, group)
-        lossy = (reach > limit).nonzero().flatten()
+        lossy = torch.ops.inplace_abn.lossy_channels(reach, limit)
+    if torch.compiler.is_compiling():
+        return lossy  # its size is known only when the graph runs: an empty tensor stands for "none"
     return lossy if lossy.numel() > 0 else None
 
 
-def _warn_keep_xhat(dtype: torch.dtype) -> None:
-    """Says once per process that a fused residual layer kept x_hat (see residual_lossy_channels)."""
+# Not in src/ops.cpp with the other schemas: this op must exist without the compiled extension too. It is
+# torch.nonzero behind an op boundary, because the number of lossy channels depends on the data: torch.compile
+# graph-breaks on nonzero itself, and a graph break inside the fused layer hands the next graph the tensor the
+# layer overwrites as an input, where AOTAutograd loses the layer's backward (dx came out as dy). As an op with
+# a fake kernel of data-dependent size, the decision traces and the layer compiles into the model's graph.
+@torch.library.custom_op("inplace_abn::lossy_channels", mutates_args=())
+def _lossy_channels(amplification: Tensor, limit: float) -> Tensor:
+    """Indices (int64, ascending) of the channels whose ``amplification`` (C,) exceeds ``limit``; says once
+    per process when there are any. Runs when the layer runs, eager or compiled."""
+    lossy = torch.nonzero(amplification > limit).flatten()
     global _warned_keep_xhat
-    if not _warned_keep_xhat:
+    if lossy.numel() > 0 and not _warned_keep_xhat:
         _warned_keep_xhat = True
         warnings.warn(
             "inplace_abn: a fused residual layer keeps the normalised input of some channels for this step: "
-            "their weight is small against the residual (amplification above "
-            f"{residual_amplification_limit(dtype):g} for a {dtype} output), so recovering it from the output "
-            "would be lossy. Gradients stay accurate; the layer saves that fraction of an activation less "
-            "while this lasts (typically the first steps of a zero-initialised residual branch). Said once.",
+            f"their weight is small against the residual (amplification above {limit:g} for its output "
+            "dtype), so recovering it from the output would be lossy. Gradients stay accurate; the layer "
+            "saves that fraction of an activation less while this lasts (typically the first steps of a "
+            "zero-initialised residual branch). Said once.",
             RuntimeWarning,
-            stacklevel=6,  # the caller of inplace_abn (through _layer, the compiler.disable wrapper, _residual_layer)
+            stacklevel=2,
         )
+    return lossy
+
+
+@_lossy_channels.register_fake
+def _(amplification: Tensor, limit: float) -> Tensor:
+    return amplification.new_empty((torch.library.get_ctx().new_dynamic_size(),), dtype=torch.int64)
 
 
 _warned_keep_xhat = False
+
+
+# Also an op, for the compiler's partitioner, and declared as writing ``x`` although it only reads it. The copy
+# is used in backward only, and the partitioner computes such values in backward from what forward saved: as
+# aten.index_select that was all of x (before the layer overwrote it). Declared as writing x, the op precedes
+# the layer's write in forward, its result can only be saved, and backward keeps k channels, not C.
+@torch.library.custom_op("inplace_abn::keep_channels_", mutates_args=("x",))
+def _keep_channels_(x: Tensor, channels: Tensor) -> Tensor:
+    """A contiguous copy (N, k, *) of the ``channels`` (k,) of ``x`` (N, C, *); ``x`` is unchanged."""
+    return x.index_select(1, channels).contiguous()
+
+
+@_keep_channels_.register_fake
+def _(x: Tensor, channels: Tensor) -> Tensor:
+    return x.new_empty((x.shape[0], channels.shape[0]) + tuple(x.shape[2:]))
 
 
 class InPlaceABNFunction(torch.autograd.Function):
@@ -192,7 +224,7 @@ class InPlaceABNFunction(torch.autograd.Function):
         act, act_param = (config.activation, config.activation_param) if invertible else ("identity", 0.0)
         count = x.numel() // x.size(1)
         # A copy of the lossy channels, normalised below once the statistics are known.
-        xhat = None if lossy is None else x.index_select(1, lossy)
+        xhat = None if lossy is None else _keep_channels_(x, lossy)
         if config.training and not config.sync:  # the op also updates the running statistics
             mean, var = _ops.forward_train_(
                 x, weight, bias, running_mean, running_var, config.momentum, config.eps, act, act_param, residual
@@ -356,6 +388,32 @@ def _eval_standard_ops(
     return activations.get(activation).apply(y, activation_param)
 
 
+def _apply(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    residual: Optional[Tensor],
+    lossy: Optional[Tensor],
+    config: LayerConfig,
+) -> Tensor:
+    """:class:`InPlaceABNFunction` on ``x``, which ends up holding the output, eager or compiled.
+
+    Under torch.compile the Function writes into a copy, and the result is copied into ``x``: when ``x``
+    is an input of the compiled graph (the model's input, or the first tensor after a graph break),
+    AOTAutograd treats the Function's write into it as a mutation hidden from autograd, applies it outside
+    autograd and hands back ``x`` with its old history, so that dx came out as dy, silently (torch 2.13 and
+    2.14, aot_eager and inductor). ``copy_`` is a write autograd sees. Inside a graph, where ``x`` is an
+    intermediate nobody reads again, the compiler drops that write; what backward keeps is unchanged (y).
+    """
+    if not torch.compiler.is_compiling():
+        return InPlaceABNFunction.apply(x, weight, bias, running_mean, running_var, residual, lossy, config)
+    y = InPlaceABNFunction.apply(x.clone(), weight, bias, running_mean, running_var, residual, lossy, config)
+    x.copy_(y)
+    return y  # not x: the graph would then keep both y (for this layer) and the copy (for the next)
+
+
 def _layer(
     x: Tensor,
     weight: Optional[Tensor],
@@ -388,11 +446,11 @@ def _layer(
         validation.check_count(x.numel() // x.size(1), x.shape)
     config = LayerConfig(bool(training), float(momentum), float(eps), activation, activation_param, group, sync_stats)
     if residual is not None:
-        return _residual_layer(x, weight, bias, running_mean, running_var, residual, config)
-    return InPlaceABNFunction.apply(x, weight, bias, running_mean, running_var, None, None, config)
+        layer = _sync_residual_layer if sync_stats else _residual_layer
+        return layer(x, weight, bias, running_mean, running_var, residual, config)
+    return _apply(x, weight, bias, running_mean, running_var, None, None, config)
 
 
-@torch.compiler.disable(recursive=True)
 def _residual_layer(
     x: Tensor,
     weight: Optional[Tensor],
@@ -402,20 +460,18 @@ def _residual_layer(
     residual: Tensor,
     config: LayerConfig,
 ) -> Tensor:
-    """The fused residual layer: the lossy-channel decision, then the Function.
-
-    Runs eagerly under torch.compile (a graph break on each side): the decision depends on the data, and
-    with a graph break inside the layer AOTAutograd gave wrong gradients to the input that the next graph
-    overwrites (torch 2.13, aot_eager and inductor; tests/test_residual.py checks compiled gradients).
-    """
+    """The fused residual layer: the lossy-channel decision, then the Function."""
     lossy = None
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual)):
         lossy = residual_lossy_channels(
             residual, weight, bias, config.eps, x.dtype, config.activation, config.group, config.sync
         )
-        if lossy is not None:
-            _warn_keep_xhat(x.dtype)
-    return InPlaceABNFunction.apply(x, weight, bias, running_mean, running_var, residual, lossy, config)
+    return _apply(x, weight, bias, running_mean, running_var, residual, lossy, config)
+
+
+# The synchronised layer's decision makes a collective (sync.all_reduce_max), which dynamo does not trace: under
+# torch.compile that layer runs eagerly, a graph break on each side (none inside: see _lossy_channels).
+_sync_residual_layer = torch.compiler.disable(_residual_layer, recursive=True)
 
 
 def inplace_abn(

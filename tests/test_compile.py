@@ -301,6 +301,44 @@ def test_saved_activations_on_aot_graph(backend, kind, partition):
             assert "auto_functionalized" in str(node.args[0].target), (name, node.args[0].target)
 
 
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+def test_layer_overwriting_a_graph_input(backend, compiler, with_residual):
+    """The tensor the layer overwrites is an input of the compiled graph (here the model's input; also the
+    first tensor after a graph break). AOTAutograd used to apply the Function's write into it outside
+    autograd and hand back the input with its old history: dx came out equal to dy, silently
+    (functions._apply). Output, dx, d(residual), parameter gradients and the overwritten input equal eager."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = InPlaceABN(C, activation="leaky_relu", activation_param=0.1).double()
+    with torch.no_grad():
+        eager.weight.uniform_(0.5, 1.5)
+        eager.bias.normal_()
+    compiled_layer = copy.deepcopy(eager)
+    x = torch.randn(2, C, 5, 4, dtype=torch.float64)
+    r = torch.randn_like(x) if with_residual else None
+    dy = torch.randn_like(x)
+    results = []
+    for layer in (eager, torch.compile(compiled_layer, backend=compiler, fullgraph=True)):
+        leaf = x.clone().requires_grad_()
+        r_leaf = None if r is None else r.clone().requires_grad_()
+        inp = leaf * 1.0  # a non-leaf graph input, which the layer may overwrite
+        y = layer(inp) if r_leaf is None else layer(inp, r_leaf)
+        y.backward(dy)
+        results.append((y.detach(), inp.detach(), leaf.grad, None if r_leaf is None else r_leaf.grad))
+    (y_e, inp_e, dx_e, dr_e), (y_c, inp_c, dx_c, dr_c) = results
+    tol = COMPILED_TOLERANCES[torch.float64]
+    check_close(y_c, y_e, tol=tol, label="output")
+    check_close(inp_c, y_e, tol=tol, label="the overwritten input")
+    assert not torch.equal(dx_c, dy), "dx == dy: the layer's backward was dropped"
+    check_close(dx_c, dx_e, tol=tol, label="dx")
+    if with_residual:
+        check_close(dr_c, dr_e, tol=tol, label="d(residual)")
+    for name, p in eager.named_parameters():
+        check_close(dict(compiled_layer.named_parameters())[name].grad, p.grad, tol=tol, label=f"grad {name}")
+    torch._dynamo.reset()
+
+
 def test_inductor_runs_layer_in_place_without_layout_optimization():
     """With inductor's CPU conv layout optimisation off, the compiled forward calls forward_train_ directly
     on the conv output (re-inplaced: no clone); with it on, inductor makes its conv outputs channels_last

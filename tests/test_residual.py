@@ -18,12 +18,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from inplace_abn import ABN, InPlaceABN, InPlaceABNSync, activations, functions
+from inplace_abn import ABN, InPlaceABN, InPlaceABNSync, activations, functions, pure_backend
 from inplace_abn.functions import inplace_abn as iabn_fn
 from inplace_abn.functions import inplace_abn_sync as iabn_sync_fn
 from inplace_abn.reference import in_place_scale
 
-from helpers import EPS, check_close, make_weight, tolerance
+from helpers import EPS, check_close, make_weight, random_input, tolerance
 
 ACTS = [("leaky_relu", 0.01), ("elu", 1.0), ("identity", 0.0), ("relu", 0.0)]
 FUNCTIONS = {"local": iabn_fn, "sync": iabn_sync_fn}
@@ -417,21 +417,31 @@ class FusedBlock(nn.Module):
         return self.bn2(self.conv2(out), x)
 
 
-# Under torch.compile the fused layer runs eagerly (functions._residual_layer is compiler.disable'd: its lossy-
-# channel decision depends on the data). Before that, the graph break inside the layer handed the next graph
-# the tensor the layer overwrites as an input, and AOTAutograd (aot_eager, inductor; torch 2.13) dropped the
-# layer's custom backward there: dx came out as dy, silently. These cases catch that.
+# The fused layer compiles into the model's graph (fullgraph=True): its lossy-channel decision is an op of
+# data-dependent size (functions._lossy_channels). Without fullgraph, dynamo graph-breaks on that op; the layer
+# then starts the next graph with the tensor it overwrites as a graph input, where AOTAutograd (aot_eager,
+# inductor; torch 2.13, 2.14) used to drop the layer's backward: dx came out as dy, silently
+# (functions._apply). The zero-initialised cases keep x_hat of every channel, the others of none.
 @pytest.mark.parametrize(
-    "compiler,zero_init",
-    [("eager", False), ("aot_eager", False), ("aot_eager", True), ("inductor", False)],
-    ids=["eager", "aot_eager", "aot_eager-zero-init", "inductor"],
+    "compiler,zero_init,fullgraph",
+    [
+        ("eager", False, False),
+        ("aot_eager", False, False),
+        ("aot_eager", True, False),
+        ("aot_eager", False, True),
+        ("aot_eager", True, True),
+        ("inductor", False, False),
+        ("inductor", True, True),
+    ],
+    ids=["eager", "aot_eager", "aot_eager-zero-init", "aot_eager-fullgraph", "aot_eager-fullgraph-zero-init",
+         "inductor", "inductor-fullgraph-zero-init"],
 )
-def test_compiled_block_matches_eager(backend, compiler, zero_init):
+def test_compiled_block_matches_eager(backend, compiler, zero_init, fullgraph):
     torch._dynamo.reset()
     torch.manual_seed(0)
     eager = FusedBlock(zero_init=zero_init).double()
     compiled_model = copy.deepcopy(eager)
-    compiled = torch.compile(compiled_model, backend=compiler)
+    compiled = torch.compile(compiled_model, backend=compiler, fullgraph=fullgraph)
     x = torch.randn(2, 8, 6, 6, dtype=torch.float64)
     dy = torch.randn(x.shape, dtype=torch.float64)
     results = []
@@ -449,4 +459,85 @@ def test_compiled_block_matches_eager(backend, compiler, zero_init):
         check_close(named_compiled[name].grad, p.grad, tol=tol, label=f"grad {name}")
     for name, buf in eager.named_buffers():
         assert_close(dict(compiled_model.named_buffers())[name], buf, rtol=1e-11, atol=1e-11, msg=name)
+    torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The two ops of the lossy-channel decision (functions.py: defined in Python, present on both backends)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _decision_op_samples(dtype):
+    amplification = torch.tensor([3.0, 2e5, 0.5, 1e9, float("nan")], dtype=pure_backend.opmath_dtype(dtype))
+    for limit in (1e10, 16384.0, 0.0):  # none, some, all but NaN above the limit
+        yield torch.ops.inplace_abn.lossy_channels.default, (amplification, limit)
+    for shape, layout in [((4, 5, 3, 2), "contiguous"), ((4, 5, 3, 2), "channels_last"), ((3, 5), "contiguous"),
+                          ((2, 5, 2, 3, 2), "strided"), ((0, 5, 3), "contiguous")]:  # fmt: skip
+        for channels in ([], [1, 3], [0, 1, 2, 3, 4]):
+            x = random_input(shape, dtype, layout)
+            yield torch.ops.inplace_abn.keep_channels_.default, (x, torch.tensor(channels, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+def test_decision_ops_pass_opcheck(dtype):
+    """lossy_channels and keep_channels_ pass every check of torch.library.opcheck (schema, fake kernel of
+    data-dependent size, AOT dispatch); keep_channels_ leaves x unchanged and copies exactly its channels."""
+    for op, args in _decision_op_samples(dtype):
+        if op is torch.ops.inplace_abn.keep_channels_.default:
+            x, channels = args
+            before = x.clone()
+            kept = op(x, channels)
+            assert torch.equal(x, before), "keep_channels_ changed x"
+            assert kept.is_contiguous() and torch.equal(kept, before.index_select(1, channels))
+        result = torch.library.opcheck(op, args)
+        failed = {k: v for k, v in result.items() if v != "SUCCESS"}
+        assert not failed, f"{op} {dtype}: {failed}"
+    found = torch.ops.inplace_abn.lossy_channels(torch.tensor([3.0, 2e5, 0.5, 1e9]), 16384.0)
+    assert found.tolist() == [1, 3]
+
+
+def _amplification(bn, residual):
+    """(amplification per channel, limit) of residual_lossy_channels for a float32 layer ``bn``."""
+    with torch.no_grad():
+        reach = (residual.abs().amax((0, 2, 3)) + bn.bias.abs()) / (bn.weight.abs() + bn.eps)
+    return reach, functions.residual_amplification_limit(torch.float32)
+
+
+@pytest.mark.parametrize("partition", ["default", "min_cut"])
+def test_compiled_block_keeps_only_the_lossy_channels(backend, partition):
+    """Compiled (fullgraph), a fused block with 3 of 8 lossy channels keeps for backward: its input x (conv1's
+    input and the residual), y1, y2 and the 3 lossy channels' x_hat, not a copy of conv2's output. As a
+    recomputable aten op the copy of those channels was moved into backward, and min_cut kept all of conv2's
+    output for it (functions._keep_channels_)."""
+    from functorch.compile import default_partition, make_boxed_func, min_cut_rematerialization_partition
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = {}
+
+    def recorder(name):
+        def compiler(gm, example_inputs):
+            graphs[name] = gm
+            return make_boxed_func(gm.forward)
+
+        return compiler
+
+    partition_fn = default_partition if partition == "default" else min_cut_rematerialization_partition
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    block = FusedBlock()
+    with torch.no_grad():
+        block.bn2.weight[:3] = 0.0  # lossy: amplification (max|r| + |b|) / eps far above 16384
+    compiled = torch.compile(
+        block, backend=aot_autograd(fw_compiler=recorder("fw"), bw_compiler=recorder("bw"), partition_fn=partition_fn),
+        fullgraph=True,
+    )  # fmt: skip
+    x = torch.randn(2, 8, 6, 6, requires_grad=True)
+    with quiet():
+        compiled(x).sum().backward()
+    saved = [n.meta["val"] for n in graphs["bw"].graph.nodes if n.op == "placeholder" and not n.name.startswith("tangents")]
+    # the kept channels' count is symbolic (data-dependent) in the graph: compare shapes as text
+    shapes = sorted(str(tuple(v.shape)) for v in saved if isinstance(v, torch.Tensor) and v.dim() == 4 and v.shape[0] == 2)
+    assert shapes == ["(2, 8, 6, 6)"] * 3 + ["(2, u0, 6, 6)"], shapes
+    with quiet():
+        assert torch.ops.inplace_abn.lossy_channels(*_amplification(block.bn2, x)).tolist() == [0, 1, 2]
     torch._dynamo.reset()
