@@ -25,6 +25,7 @@ from torch.autograd.function import once_differentiable
 
 from . import _ops, activations, sync, validation
 from .pure_backend import opmath_dtype, update_running_stats, weight_grad
+from .reference import in_place_scale
 
 __all__ = [
     "inplace_abn",
@@ -363,29 +364,47 @@ def _exporting() -> bool:
     )
 
 
-def _eval_standard_ops(
+def _standard_ops(
     x: Tensor,
     weight: Optional[Tensor],
     bias: Optional[Tensor],
-    running_mean: Tensor,
-    running_var: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    training: bool,
+    momentum: float,
     eps: float,
     activation: str,
     activation_param: float,
     residual: Optional[Tensor],
 ) -> Tensor:
-    """The eval-mode layer as standard ops (batch_norm with weight |w| + eps, the residual add, then the
-    activation).
+    """The layer as standard differentiable ops: batch_norm with weight |w| + eps (gradient sign(w), sign(0) =
+    +1, as the layer's), the residual add, then the activation. Returns the result; ``x`` is not written.
 
-    Used while exporting: exported graphs then contain only aten/ONNX standard operators, which every
-    runtime and graph pass (e.g. conv-BN folding) understands. The result is returned, not written into
-    ``x``: an exported graph has no use for the in-place storage trick.
+    Used where a graph of standard ops serves better than the in-place trick: while exporting (every runtime
+    and graph pass, e.g. conv-BN folding, understands them), and under torch.compile with an activation-memory
+    budget below 1 (see :func:`_compiler_recomputes`).
     """
-    scale = None if weight is None else weight.abs() + eps
-    y = torch.nn.functional.batch_norm(x, running_mean, running_var, scale, bias, False, 0.0, eps)
+    scale = None if weight is None else in_place_scale(weight, eps)
+    y = torch.nn.functional.batch_norm(x, running_mean, running_var, scale, bias, training, momentum, eps)
     if residual is not None:
         y = y + residual
     return activations.get(activation).apply(y, activation_param)
+
+
+def _compiler_recomputes() -> bool:
+    """True while torch.compile traces under ``torch._functorch.config.activation_memory_budget`` < 1.
+
+    The budget's partitioner then recomputes forward work in backward to keep less than eager mode does, and
+    it can recompute only standard ops: kept opaque, every layer's output would have to be kept (resnet50 at
+    64x64 kept 3.5 MB per sample at budgets 0.5 and 0.2, against the compiler's 3.0 and 1.3 for BatchNorm).
+    Traced as standard ops, the layer leaves what to keep to the compiler. (The budget's documented knob
+    lives in torch._functorch.config; it is read while tracing, as the partitioner reads it.)
+    """
+    if not torch.compiler.is_compiling():
+        return False
+    import torch._functorch.config as functorch_config
+
+    return functorch_config.activation_memory_budget < 1.0
 
 
 def _apply(
@@ -437,14 +456,20 @@ def _layer(
     if not activations.invertible(activation, activation_param):
         activations.warn_non_invertible()
     if not training and _exporting():
-        return _eval_standard_ops(
-            x, weight, bias, running_mean, running_var, eps, activation, activation_param, residual
+        return _standard_ops(
+            x, weight, bias, running_mean, running_var, False, 0.0, eps, activation, activation_param, residual
         )
     # Eval mode uses the running statistics: no collective, and nothing to warn about.
     sync_stats = bool(training) and sync_stats and sync.sync_enabled(group)
     if training and not sync_stats:
         validation.check_count(x.numel() // x.size(1), x.shape)
     config = LayerConfig(bool(training), float(momentum), float(eps), activation, activation_param, group, sync_stats)
+    if training and not sync_stats and _compiler_recomputes():
+        # Out of place: x keeps its value. Written back, x would be a tensor batch_norm's backward may read
+        # after the write when x is a graph input (the partitioner keeps inputs rather than copies of them).
+        return _standard_ops(
+            x, weight, bias, running_mean, running_var, True, momentum, eps, activation, activation_param, residual
+        )
     if residual is not None:
         layer = _sync_residual_layer if sync_stats else _residual_layer
         return layer(x, weight, bias, running_mean, running_var, residual, config)

@@ -18,7 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from inplace_abn import ABN, InPlaceABN, InPlaceABNSync, activations, functions, pure_backend
+from inplace_abn import ABN, InPlaceABN, InPlaceABNSync, activations, functions, pure_backend, to_batchnorm
+from inplace_abn.memory import parameters_of, saved_tensor_bytes
 from inplace_abn.functions import inplace_abn as iabn_fn
 from inplace_abn.functions import inplace_abn_sync as iabn_sync_fn
 from inplace_abn.reference import in_place_scale
@@ -540,4 +541,80 @@ def test_compiled_block_keeps_only_the_lossy_channels(backend, partition):
     assert shapes == ["(2, 8, 6, 6)"] * 3 + ["(2, u0, 6, 6)"], shapes
     with quiet():
         assert torch.ops.inplace_abn.lossy_channels(*_amplification(block.bn2, x)).tolist() == [0, 1, 2]
+    torch._dynamo.reset()
+
+
+# Under torch.compile with an activation-memory budget below 1 the layer traces as standard ops
+# (functions._compiler_recomputes), so that the budget's partitioner can recompute it.
+def _compiled_step(model, budget, x):
+    import torch._functorch.config as functorch_config  # the budget's documented knob
+
+    namespace = {}
+    exec("def step(m, x):\n    return m(x)\n", namespace)  # a fresh code object: no graph shared across budgets
+    compiled = torch.compile(namespace["step"], fullgraph=True)
+    with functorch_config.patch(activation_memory_budget=budget):
+        compiled(model, x.clone().requires_grad_()).sum().backward()  # compiles outside the count
+        model.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_()
+        total, loss, _ = saved_tensor_bytes(lambda: compiled(model, xi).sum(), exclude=parameters_of(model) + [xi])
+        loss.backward()
+    return total, xi.grad
+
+
+def test_compiled_under_a_memory_budget_keeps_what_the_compiler_keeps(backend):
+    """Fused blocks compiled with activation_memory_budget=0.5 keep exactly what the same blocks as BatchNorm +
+    add + leaky ReLU (to_batchnorm) keep compiled alike, with dx equal to eager's; compiled without a budget,
+    the fused blocks keep less than those."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    fused = nn.Sequential(FusedBlock(8), FusedBlock(8)).float()
+    standard = to_batchnorm(copy.deepcopy(fused))
+    x = torch.randn(2, 8, 12, 12)
+    eager_x = x.clone().requires_grad_()
+    with quiet():
+        copy.deepcopy(fused)(eager_x).sum().backward()
+    with quiet():
+        fused_bytes, fused_dx = _compiled_step(copy.deepcopy(fused), 0.5, x)
+        standard_bytes, _ = _compiled_step(copy.deepcopy(standard), 0.5, x)
+        fused_default, _ = _compiled_step(copy.deepcopy(fused), 1.0, x)
+        standard_default, _ = _compiled_step(copy.deepcopy(standard), 1.0, x)
+    assert fused_bytes == standard_bytes, (fused_bytes, standard_bytes)
+    assert fused_default < standard_default, (fused_default, standard_default)
+    check_close(fused_dx, eager_x.grad, tol=(1e-4, 1e-5), label="dx under the budget")
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_compiled_under_a_memory_budget_matches_eager(backend, compiler):
+    """Output, dx, d(residual), parameter gradients (a zero weight included: sign(0) = +1) and running statistics
+    equal eager mode; the layer is out of place there (x keeps its value)."""
+    import torch._functorch.config as functorch_config
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = InPlaceABN(8, activation="leaky_relu", activation_param=0.1).double()
+    with torch.no_grad():
+        eager.weight.uniform_(-1, 1)
+        eager.weight[0] = 0.0
+    compiled_layer = copy.deepcopy(eager)
+    x, r = torch.randn(2, 8, 5, 4, dtype=torch.float64), torch.randn(2, 8, 5, 4, dtype=torch.float64)
+    dy = torch.randn_like(x)
+    results = []
+    for layer in (eager, torch.compile(compiled_layer, backend=compiler, fullgraph=True)):
+        leaf, r_leaf = x.clone().requires_grad_(), r.clone().requires_grad_()
+        inp = leaf * 1.0
+        with functorch_config.patch(activation_memory_budget=0.5), quiet():
+            y = layer(inp, r_leaf)
+            y.backward(dy)
+        results.append((y.detach(), leaf.grad, r_leaf.grad, inp.detach()))
+    (y_e, dx_e, dr_e, _), (y_c, dx_c, dr_c, inp_c) = results
+    tol = (1e-11, 1e-11)
+    check_close(y_c, y_e, tol=tol, label="output")
+    check_close(dx_c, dx_e, tol=tol, label="dx")
+    check_close(dr_c, dr_e, tol=tol, label="d(residual)")
+    torch.testing.assert_close(inp_c, x, rtol=0, atol=0, msg="x was written under the budget")
+    for name, p in eager.named_parameters():
+        check_close(dict(compiled_layer.named_parameters())[name].grad, p.grad, tol=tol, label=f"grad {name}")
+    for name, buf in eager.named_buffers():
+        assert_close(dict(compiled_layer.named_buffers())[name], buf, rtol=1e-11, atol=1e-11, msg=name)
     torch._dynamo.reset()
