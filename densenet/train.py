@@ -30,9 +30,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from trainkit import (
+    DivergenceError,
     ResumeError,
     ResumePoint,
     SavedMemory,
+    check_finite_step,
     check_stop_after,
     compare_saved_memory,
     load_resume_checkpoint,
@@ -150,17 +152,21 @@ def train_one_epoch(
 
     Returns:
         (mean training loss, training accuracy) over the samples seen.
+
+    Raises:
+        DivergenceError: the loss or the weights after a step are not finite (names the iteration).
     """
     model.train()
     loss_sum, correct, seen = 0.0, 0, 0
     with progress(len(data_loader), f"epoch {epoch}/{args.epochs}", enabled=not args.no_progress) as bar:
-        for x, y in data_loader:
+        for i, (x, y) in enumerate(data_loader, 1):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             logits = model(x)
             loss = criterion(logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            check_finite_step(model, loss, (epoch - 1) * len(data_loader) + i, epoch=epoch)
             loss_sum += loss.item() * len(y)
             correct += (logits.argmax(1) == y).sum().item()
             seen += len(y)
@@ -333,7 +339,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """CLI entry point; returns the exit status (0 ok, 2 bad data/checkpoint/option)."""
-    return run_cli(build_parser(), run, argv, (DataError, ResumeError, ValueError))
+    return run_cli(build_parser(), run, argv, (DataError, ResumeError, ValueError, DivergenceError))
 
 
 if __name__ == "__main__":

@@ -53,11 +53,13 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from trainkit import (
     CheckpointError,
     DeviceError,
+    DivergenceError,
     DistInfo,
     ResumeError,
     ResumePoint,
     SavedMemory,
     all_gather_objects,
+    check_finite_step,
     check_stop_after,
     cleanup_distributed,
     compare_saved_memory,
@@ -472,7 +474,7 @@ def train_one_epoch(
         The iteration count, the epoch's mean loss and this rank's per-iteration losses.
 
     Raises:
-        FloatingPointError: a non-finite loss without ``--amp`` (training diverged).
+        DivergenceError: the loss (unless a GradScaler is enabled) or the weights after a step are not finite.
     """
     model.train()
     n_this = max(0, min(len(data_loader), max_iters - iteration))
@@ -493,9 +495,11 @@ def train_one_epoch(
             scaler.update()
             scheduler.step()
             iteration += 1
+            # Loss and weights after the step; a GradScaler (float16 on CUDA) skips the steps whose
+            # gradients overflow, so only then is a non-finite loss not divergence.
+            check_finite_step(getattr(model, "module", model), None if scaler.is_enabled() else loss, iteration,
+                              epoch=epoch, distributed=info.distributed)
             value = float(loss.detach())
-            if not math.isfinite(value) and not args.amp:
-                raise FloatingPointError(f"training diverged: loss {value} at iteration {iteration}; lower --lr")
             losses.append(value)
             loss_sum += value
             bar.update(1)
@@ -696,7 +700,7 @@ def _finish(summary: Dict[str, Any], results: Optional[Dict[str, Any]], args: ar
 
 # Exceptions that mean bad options, data, checkpoints or device (one line on stderr, exit status 2), by type.
 # torch.OutOfMemoryError: the batch or crop does not fit the device's memory (lower them).
-_USER_ERRORS = (DataError, CheckpointError, ValueError, FloatingPointError, DeviceError, torch.OutOfMemoryError)
+_USER_ERRORS = (DataError, CheckpointError, ValueError, DivergenceError, DeviceError, torch.OutOfMemoryError)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import pickle
+import re
 import sys
 from pathlib import Path
 
@@ -293,3 +294,41 @@ def test_saved_mib_is_the_meters_exact_count(tmp_path):
                                         exclude=parameters_of(model))
     assert mem.norm_bytes == real
     assert mem.norm_bytes < mem.bn_bytes and "memory=checkpoint" in mem.baseline
+
+
+# ------------------------------------------------------------------------------------------- divergence
+
+
+def test_divergence_is_a_clear_error_without_a_checkpoint(tmp_path, capsys):
+    _write_cifar(tmp_path / "data", n=8)
+    out = tmp_path / "out"
+    rc = dn_train.main(_tiny_args(out, "--data", "cifar10", "--data-dir", str(tmp_path / "data"), "--epochs", "1",
+                                  "--limit-train", "32", "--lr", "1e30"))
+    err = capsys.readouterr().err
+    assert rc == 2 and re.search(r"diverged at iteration \d+ \(epoch 1\)", err) and "Traceback" not in err
+    assert not (out / "checkpoint.pt").exists()
+
+
+def test_divergence_in_a_later_epoch_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
+    _write_cifar(tmp_path / "data", n=8)
+    real_step = torch.optim.SGD.step
+    calls = {"n": 0}
+
+    def step(self, *a, **k):  # step 3 = the first of epoch 2 (2 batches of 16 per epoch)
+        out = real_step(self, *a, **k)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            with torch.no_grad():
+                self.param_groups[0]["params"][-1].view(-1)[0] = float("inf")
+        return out
+
+    monkeypatch.setattr(torch.optim.SGD, "step", step)
+    out = tmp_path / "out"
+    rc = dn_train.main(_tiny_args(out, "--data", "cifar10", "--data-dir", str(tmp_path / "data"), "--epochs", "2",
+                                  "--limit-train", "32"))
+    err = capsys.readouterr().err
+    assert rc == 2 and "diverged at iteration 3 (epoch 2)" in err
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values()
+                                      if v.is_floating_point())
+    assert not (out / "final.json").exists()

@@ -10,6 +10,7 @@ import csv
 import json
 import math
 import os
+import re
 import socket
 import sys
 import time
@@ -407,3 +408,46 @@ _real_generate = synthetic.generate
 def _small_generate(out: str, **kwargs: Any) -> None:
     kwargs.update(num_train=4, num_val=2, size=(48, 64), color=False)
     _real_generate(out, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------- divergence
+
+
+def _poison_step_at(monkeypatch, at: int) -> None:
+    """Makes the optimizer step number ``at`` (1-based, counted over the whole process) write a NaN weight."""
+    real_step = torch.optim.SGD.step
+    calls = {"n": 0}
+
+    def step(self, *a, **k):
+        out = real_step(self, *a, **k)
+        calls["n"] += 1
+        if calls["n"] == at:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].view(-1)[0] = float("nan")
+        return out
+
+    monkeypatch.setattr(torch.optim.SGD, "step", step)
+
+
+@pytest.mark.parametrize("mode", [[], ["--amp"]], ids=["float32", "amp"])
+@pytest.mark.parametrize("at", [5, 6], ids=["mid-epoch", "last-step"])
+def test_divergence_stops_with_the_iteration_and_keeps_the_good_checkpoint(data_dir, tmp_path, capsys, monkeypatch,
+                                                                         mode, at):
+    # 2 epochs of 3 iterations; the weights become NaN at step `at` of epoch 2 (6 = the very last step).
+    _poison_step_at(monkeypatch, at)
+    rc = seg_train.main(_tiny(data_dir, tmp_path, "--epochs", "2", "--eval-every", "0", "--save-predictions", "0",
+                              *mode))
+    err = capsys.readouterr().err
+    assert rc == 2 and f"diverged at iteration {at} (epoch 2)" in err and "Traceback" not in err
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["iteration"] == 3
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert not (tmp_path / "final.json").exists()
+
+
+def test_huge_learning_rate_diverges_without_a_checkpoint(data_dir, tmp_path, capsys):
+    rc = seg_train.main(_tiny(data_dir, tmp_path, "--iters", "3", "--eval-every", "0", "--save-predictions", "0",
+                              "--lr", "1e30"))
+    err = capsys.readouterr().err
+    assert rc == 2 and re.search(r"diverged at iteration [123] \(epoch 1\)", err) and "Traceback" not in err
+    assert not (tmp_path / "checkpoint.pt").exists()

@@ -433,3 +433,36 @@ def test_compare_saved_memory_and_line():
     assert counted == ["bn"] and same.ratio == 1.0  # the baseline itself is counted once
     real = compare_saved_memory(lambda norm: saved_bytes_on_meta(lambda: _conv_iabn(norm), _step), "iabn")
     assert real.norm_bytes < real.bn_bytes
+
+
+# ------------------------------------------------------------------------------------------- divergence
+
+
+@pytest.mark.parametrize("where", ["weight", "buffer", "loss"])
+def test_check_finite_step_names_iteration_and_tensor(where):
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    trainkit.check_finite_step(model, torch.tensor(1.0), 1)  # all finite: no error
+    loss = torch.tensor(1.0)
+    with torch.no_grad():
+        if where == "weight":
+            model[0].weight[1, 1] = float("nan")
+        elif where == "buffer":
+            model[1].running_var[0] = float("inf")
+        else:
+            loss = torch.tensor(float("-inf"))
+    expect = {"weight": "'0.weight'", "buffer": "'1.running_var'", "loss": "loss -inf"}[where]
+    with pytest.raises(trainkit.DivergenceError, match=rf"iteration 7 \(epoch 2\): .*{expect}"):
+        trainkit.check_finite_step(model, loss, 7, epoch=2)
+
+
+def test_save_training_checkpoint_refuses_non_finite_weights(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1)
+    path = tmp_path / "checkpoint.pt"
+    save_training_checkpoint(str(path), model=model, optimizer=opt, scheduler=sched, epoch=1, args={})
+    with torch.no_grad():
+        model.bias[0] = float("nan")
+    with pytest.raises(trainkit.DivergenceError, match="'bias'"):
+        save_training_checkpoint(str(path), model=model, optimizer=opt, scheduler=sched, epoch=2, args={})
+    assert torch.load(path, weights_only=True)["epoch"] == 1 and os.listdir(tmp_path) == ["checkpoint.pt"]

@@ -14,6 +14,8 @@
 * :mod:`trainkit.csvlog`: :func:`write_csv` / :func:`read_csv` (the per-epoch log).
 * :mod:`trainkit.distributed`: :func:`setup_distributed` for torchrun (gloo on CPU, NCCL on GPU),
   :class:`DeviceError`.
+* :mod:`trainkit.divergence`: :func:`check_finite_step` (after every optimizer step) and
+  :class:`DivergenceError`: a diverged run stops before it saves non-finite weights.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 from .checkpoint import CheckpointError, ResumeError, atomic_save, check_same_args, load_checkpoint
 from .cli import run_cli
 from .csvlog import read_csv, write_csv
+from .divergence import DivergenceError, check_finite_step, first_nonfinite
 from .distributed import (
     DeviceError,
     DistInfo,
@@ -47,6 +50,9 @@ __all__ = [
     "CheckpointError",
     "ResumeError",
     "DeviceError",
+    "DivergenceError",
+    "check_finite_step",
+    "first_nonfinite",
     "run_cli",
     "atomic_save",
     "check_same_args",
