@@ -38,6 +38,7 @@ from trainkit import (
     check_stop_after,
     compare_saved_memory,
     load_resume_checkpoint,
+    prepare_out_dir,
     progress,
     read_csv,
     restore_training_state,
@@ -68,6 +69,8 @@ __all__ = [
 
 CSV_FIELDS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds", "saved_mib")
 CHECKPOINT_NAME = "checkpoint.pt"
+# What a run writes into --out: any of them there means an earlier run (refused without --resume / --overwrite).
+RUN_FILES = (CHECKPOINT_NAME, "log.csv", "final.json")
 EVAL_BATCH_SIZE = 500
 NUM_CLASSES = 10
 # Arguments that must match between the run that wrote a checkpoint and the run resuming it.
@@ -112,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("output")
     g.add_argument("--out", default=os.path.join("runs", "densenet-digits"))
     g.add_argument("--resume", default=None, metavar="PATH", help="checkpoint.pt to continue from")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the earlier run in --out (without it, or --resume, such an --out is refused)")
     g.add_argument("--stop-after", type=int, default=None, metavar="N",
                    help="stop after N epochs of this process (as if interrupted); continue later with --resume")
     g.add_argument("--no-progress", action="store_true", help="no progress bar (one line per epoch only)")
@@ -264,6 +269,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     _check_args(args)
     ckpt = (load_resume_checkpoint(args.resume, vars(args), _RESUME_MUST_MATCH, kind="densenet.train",
                                    checkpoint_name=CHECKPOINT_NAME) if args.resume else None)
+    prepare_out_dir(args.out, RUN_FILES, resume=args.resume, overwrite=args.overwrite)
     device = torch.device("cpu")
     dtype = getattr(torch, args.dtype)
 
@@ -290,7 +296,6 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     start = (restore_training_state(ckpt, args.resume, model, optimizer, scheduler) if ckpt is not None
              else ResumePoint())
 
-    os.makedirs(args.out, exist_ok=True)
     csv_path = os.path.join(args.out, "log.csv")
     ckpt_path = os.path.join(args.out, CHECKPOINT_NAME)
     rows = read_csv(csv_path, start.epoch) if start.resumed else []

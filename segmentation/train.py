@@ -65,6 +65,7 @@ from trainkit import (
     compare_saved_memory,
     format_seconds,
     load_resume_checkpoint,
+    prepare_out_dir,
     progress,
     read_csv,
     restore_training_state,
@@ -103,6 +104,8 @@ __all__ = [
 
 CSV_FIELDS = ("epoch", "iters", "lr", "train_loss", "val_miou", "pixel_acc", "seconds")
 CHECKPOINT_NAME = "checkpoint.pt"
+# What a run writes into --out: any of them there means an earlier run (refused without --resume / --overwrite).
+RUN_FILES = (CHECKPOINT_NAME, "log.csv", "final.json")
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "iteration", "rng", "args")
 # Options that must match between the run that wrote a checkpoint and the run resuming it.
 _RESUME_MUST_MATCH = (
@@ -164,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write colour PNGs of the first K validation predictions (and labels)")
     g.add_argument("--out", default=os.path.join("runs", "segmentation"))
     g.add_argument("--resume", default=None, metavar="PATH", help="checkpoint.pt to continue from")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the earlier run in --out (without it, or --resume, such an --out is refused)")
     g.add_argument("--stop-after", type=int, default=None, metavar="N",
                    help="stop after N epochs of this process (as if interrupted); continue later with --resume")
     g.add_argument("--no-progress", action="store_true", help="no progress bar (one line per epoch only)")
@@ -564,6 +569,7 @@ def _train(args: argparse.Namespace, info: DistInfo, return_model: bool) -> Dict
                                    required=CHECKPOINT_KEYS, checkpoint_name=CHECKPOINT_NAME,
                                    defaults=_RESUME_DEFAULTS)
             if args.resume else None)
+    prepare_out_dir(args.out, RUN_FILES, resume=args.resume, overwrite=args.overwrite, create=info.is_main)
 
     # Data: epoch e's order is DistributedSampler's permutation of (seed, e); the loader's generator (worker
     # seeds) is reseeded with (seed, e, rank) every epoch; fixed-size batches (the last incomplete one dropped).
@@ -603,8 +609,6 @@ def _train(args: argparse.Namespace, info: DistInfo, return_model: bool) -> Dict
             model, device_ids=[device.index] if device.type == "cuda" else None,
             **_buffer_sync_kwarg(args.norm != "iabn_sync"))
 
-    if info.is_main:
-        os.makedirs(args.out, exist_ok=True)
     csv_path = os.path.join(args.out, "log.csv")
     ckpt_path = os.path.join(args.out, CHECKPOINT_NAME)
     pred_dir = os.path.join(args.out, "predictions")

@@ -332,3 +332,31 @@ def test_divergence_in_a_later_epoch_keeps_the_last_good_checkpoint(tmp_path, ca
     assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values()
                                       if v.is_floating_point())
     assert not (out / "final.json").exists()
+
+
+# ------------------------------------------------------------------------------------------- --out protection
+
+
+def test_out_with_an_earlier_run_is_refused_unless_resume_or_overwrite(tmp_path, capsys):
+    _write_cifar(tmp_path / "data", n=8)
+    common = ["--data", "cifar10", "--data-dir", str(tmp_path / "data"), "--epochs", "1", "--limit-train", "16"]
+    out = tmp_path / "out"
+    assert dn_train.main(_tiny_args(out, *common)) == 0
+    first = (out / "checkpoint.pt").read_bytes()
+    capsys.readouterr()
+    assert dn_train.main(_tiny_args(out, *common, "--seed", "3")) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--overwrite" in err and str(out) in err
+    assert (out / "checkpoint.pt").read_bytes() == first
+    assert dn_train.main(_tiny_args(out, *common, "--seed", "3", "--overwrite")) == 0
+    assert (out / "checkpoint.pt").read_bytes() != first
+
+
+@pytest.mark.parametrize("kind", ["file", "under-a-file"])
+def test_unusable_out_fails_before_training(tmp_path, capsys, kind):
+    (tmp_path / "f").write_bytes(b"")
+    out = tmp_path / "f" if kind == "file" else tmp_path / "f" / "sub"
+    rc = dn_train.main(_tiny_args(out, "--data", "cifar10", "--data-dir", str(tmp_path / "missing")))
+    err = capsys.readouterr().err
+    # refused before the (missing) data is even looked at
+    assert rc == 2 and "--out" in err and str(out) in err and "cifar" not in err.lower()

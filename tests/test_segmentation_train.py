@@ -451,3 +451,29 @@ def test_huge_learning_rate_diverges_without_a_checkpoint(data_dir, tmp_path, ca
     err = capsys.readouterr().err
     assert rc == 2 and re.search(r"diverged at iteration [123] \(epoch 1\)", err) and "Traceback" not in err
     assert not (tmp_path / "checkpoint.pt").exists()
+
+
+# ------------------------------------------------------------------------------------------- --out protection
+
+
+def test_out_with_an_earlier_run_is_refused_unless_resume_or_overwrite(data_dir, tmp_path, capsys):
+    common = ["--iters", "1", "--eval-every", "0", "--save-predictions", "0"]
+    assert seg_train.main(_tiny(data_dir, tmp_path, *common)) == 0
+    first = {n: (tmp_path / n).read_bytes() for n in ("checkpoint.pt", "log.csv", "final.json")}
+    capsys.readouterr()
+    assert seg_train.main(_tiny(data_dir, tmp_path, *common, "--seed", "5")) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--overwrite" in err and "--resume" in err
+    assert {n: (tmp_path / n).read_bytes() for n in first} == first
+    (tmp_path / ".tmp-killed.pt").write_bytes(b"\0" * 4096)  # an interrupted atomic write
+    assert seg_train.main(_tiny(data_dir, tmp_path, *common, "--seed", "5", "--overwrite")) == 0
+    assert (tmp_path / "checkpoint.pt").read_bytes() != first["checkpoint.pt"]
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_out_that_is_a_file_fails_before_training(data_dir, tmp_path, capsys):
+    out = tmp_path / "file"
+    out.write_bytes(b"")
+    assert seg_train.main(_tiny(data_dir, out, "--iters", "1")) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "is a file" in err and "epoch" not in err

@@ -466,3 +466,49 @@ def test_save_training_checkpoint_refuses_non_finite_weights(tmp_path):
     with pytest.raises(trainkit.DivergenceError, match="'bias'"):
         save_training_checkpoint(str(path), model=model, optimizer=opt, scheduler=sched, epoch=2, args={})
     assert torch.load(path, weights_only=True)["epoch"] == 1 and os.listdir(tmp_path) == ["checkpoint.pt"]
+
+
+# ------------------------------------------------------------------------------------------- --out protection
+
+_RUN = ("checkpoint.pt", "log.csv", "final.json")
+
+
+@pytest.mark.parametrize("layout, kwargs, fragment", [
+    ({"checkpoint.pt": b"x"}, {}, "already holds a run (checkpoint.pt)"),
+    ({"log.csv": b"x", "final.json": b"{}"}, {}, "already holds a run (log.csv, final.json)"),
+    ({"log.csv": b"x"}, {"create": False}, "--overwrite"),
+    ("file", {}, "is a file, not a folder"),
+    ("file", {"resume": "ck.pt"}, "is a file, not a folder"),
+    ("under-a-file", {}, "cannot be written"),
+], ids=["checkpoint", "log-and-final", "read-only-check", "file", "file-with-resume", "under-a-file"])
+def test_prepare_out_dir_refuses(tmp_path, layout, kwargs, fragment):
+    out = tmp_path / "out"
+    if layout == "file":
+        out.write_bytes(b"not a folder")
+    elif layout == "under-a-file":
+        (tmp_path / "f").write_bytes(b"")
+        out = tmp_path / "f" / "out"
+    else:
+        out.mkdir()
+        for name, data in layout.items():
+            (out / name).write_bytes(data)
+    before = {p.name: p.read_bytes() for p in out.iterdir()} if out.is_dir() else None
+    with pytest.raises(trainkit.OutDirError, match="--out") as e:
+        trainkit.prepare_out_dir(str(out), _RUN, **kwargs)
+    assert fragment in str(e.value) and str(out) in str(e.value)
+    if before is not None:
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing touched
+
+
+def test_prepare_out_dir_resume_overwrite_and_stale_temp_files(tmp_path):
+    out = tmp_path / "run"
+    trainkit.prepare_out_dir(str(out), _RUN)  # creates a missing folder
+    assert out.is_dir() and os.listdir(out) == []
+    (out / "checkpoint.pt").write_bytes(b"ck")
+    (out / "final.json").write_bytes(b"{}")
+    (out / ".tmp-abc123.pt").write_bytes(b"\0" * 1000)  # what a killed atomic_save leaves
+    (out / "notes.txt").write_bytes(b"mine")
+    trainkit.prepare_out_dir(str(out), _RUN, resume=str(out / "checkpoint.pt"))
+    assert sorted(os.listdir(out)) == ["checkpoint.pt", "final.json", "notes.txt"]  # the run kept, temp gone
+    trainkit.prepare_out_dir(str(out), _RUN, overwrite=True)
+    assert os.listdir(out) == ["notes.txt"]  # the earlier run's files removed, nothing else

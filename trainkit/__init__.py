@@ -16,6 +16,8 @@
   :class:`DeviceError`.
 * :mod:`trainkit.divergence`: :func:`check_finite_step` (after every optimizer step) and
   :class:`DivergenceError`: a diverged run stops before it saves non-finite weights.
+* :mod:`trainkit.outdir`: :func:`prepare_out_dir` (``--out`` usable, an earlier run kept unless
+  ``--resume`` / ``--overwrite``, stale ``.tmp-*`` files removed), :class:`OutDirError`.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from .distributed import (
     launched_by_torchrun,
     setup_distributed,
 )
+from .outdir import OutDirError, prepare_out_dir, remove_stale_temp_files
 from .memory_meter import MIB, SavedMemory, compare_saved_memory, saved_bytes_on_meta
 from .progress import Progress, format_seconds, progress
 from .resume import (
@@ -53,6 +56,9 @@ __all__ = [
     "DivergenceError",
     "check_finite_step",
     "first_nonfinite",
+    "OutDirError",
+    "prepare_out_dir",
+    "remove_stale_temp_files",
     "run_cli",
     "atomic_save",
     "check_same_args",

@@ -8,6 +8,8 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Type
 
 import torch
 
+from .outdir import TEMP_PREFIX
+
 __all__ = ["CheckpointError", "ResumeError", "atomic_save", "load_checkpoint", "check_same_args"]
 
 
@@ -30,7 +32,7 @@ def atomic_save(obj: Any, path: str) -> None:
         path: Destination; its folder must exist.
     """
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".pt", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
