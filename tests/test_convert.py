@@ -6,6 +6,7 @@ packages cannot be imported with the installed torch.
 
 from __future__ import annotations
 
+import argparse
 import collections
 import copy
 import io
@@ -391,6 +392,48 @@ def test_load_v1_checkpoint_into_wrapped_model_and_path(tmp_path):
     with pytest.raises(RuntimeError):
         load_inplace_abn_v1_state_dict(_v1_model(), {"0.weight": torch.zeros(4, 3, 1, 1)})
     load_inplace_abn_v1_state_dict(_v1_model(), {"0.weight": torch.zeros(4, 3, 1, 1)}, strict=False)
+
+
+def _v1_file(path, kind):
+    """Writes a 1.1.0-style checkpoint file at ``path``, intact or damaged as ``kind`` says."""
+    _, sd = _v1_state(drop_nbt=False)
+    if kind == "missing":
+        return
+    if kind == "pickled-object":  # intact, but holds an object the safe loader refuses
+        torch.save({"state_dict": sd, "args": argparse.Namespace(lr=0.1)}, path)
+        return
+    torch.save({"state_dict": sd}, path, _use_new_zipfile_serialization=kind.endswith("zip"))
+    data = path.read_bytes()
+    path.write_bytes({"empty": b"", "garbage": b"\x00garbage" * 50, "truncated-zip": data[: len(data) // 2],
+                      "truncated-legacy": data[: len(data) // 2]}[kind])
+
+
+@pytest.mark.parametrize("kind, exc, fragment", [
+    ("missing", FileNotFoundError, "not found"),
+    ("empty", ValueError, "is empty (0 bytes)"),
+    ("garbage", ValueError, "is not a PyTorch checkpoint"),
+    ("truncated-zip", ValueError, "is not a PyTorch checkpoint"),
+    ("truncated-legacy", ValueError, "is corrupt or truncated"),
+    ("pickled-object", ValueError, "Only if the file is intact and from a source you trust"),
+])
+def test_load_v1_bad_files_name_the_file(tmp_path, kind, exc, fragment):
+    path = tmp_path / "v1.pth"
+    _v1_file(path, kind)
+    with pytest.raises(exc, match="state_dict_or_path") as e:
+        load_inplace_abn_v1_state_dict(_v1_model(), str(path))
+    assert fragment in str(e.value) and str(path) in str(e.value)
+    if kind == "pickled-object":  # the documented way out for a trusted file
+        load_inplace_abn_v1_state_dict(_v1_model(), str(path), weights_only=False)
+    elif kind != "missing":
+        assert "weights_only=False" not in str(e.value)  # a damaged file gets no hint at the unsafe loader
+
+
+def test_load_v1_legacy_format_file(tmp_path):
+    src, sd = _v1_state(drop_nbt=False)
+    torch.save(sd, tmp_path / "v1.pth", _use_new_zipfile_serialization=False)
+    dst = _v1_model()
+    load_inplace_abn_v1_state_dict(dst, str(tmp_path / "v1.pth"))
+    torch.testing.assert_close(dst[1].weight, src[1].weight)
 
 
 # ------------------------------------------------------------------------ third-party models (optional)

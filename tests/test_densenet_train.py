@@ -360,3 +360,17 @@ def test_unusable_out_fails_before_training(tmp_path, capsys, kind):
     err = capsys.readouterr().err
     # refused before the (missing) data is even looked at
     assert rc == 2 and "--out" in err and str(out) in err and "cifar" not in err.lower()
+
+
+def test_damaged_checkpoint_is_refused_on_resume(tmp_path, capsys):
+    from helpers import damage_checkpoint
+
+    _write_cifar(tmp_path / "data", n=8)
+    common = ["--data", "cifar10", "--data-dir", str(tmp_path / "data"), "--epochs", "2", "--limit-train", "16"]
+    out = tmp_path / "out"
+    assert dn_train.main(_tiny_args(out, *common, "--stop-after", "1")) == 0
+    damage_checkpoint(out / "checkpoint.pt")
+    capsys.readouterr()
+    assert dn_train.main(_tiny_args(out, *common, "--resume", str(out / "checkpoint.pt"))) == 2
+    err = capsys.readouterr().err
+    assert "is damaged" in err and str(out / "checkpoint.pt") in err

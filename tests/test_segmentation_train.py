@@ -477,3 +477,23 @@ def test_out_that_is_a_file_fails_before_training(data_dir, tmp_path, capsys):
     assert seg_train.main(_tiny(data_dir, out, "--iters", "1")) == 2
     err = capsys.readouterr().err
     assert "--out" in err and "is a file" in err and "epoch" not in err
+
+
+# ------------------------------------------------------------------------------------------- damaged checkpoints
+
+
+def test_damaged_checkpoint_is_refused_by_resume_and_evaluate(data_dir, tmp_path, capsys):
+    from helpers import damage_checkpoint
+
+    common = ["--iters", "2", "--eval-every", "0", "--save-predictions", "0"]
+    assert seg_train.main(_tiny(data_dir, tmp_path, *common)) == 0
+    ckpt = tmp_path / "checkpoint.pt"
+    damage_checkpoint(ckpt, nbytes=4096)
+    capsys.readouterr()
+    assert seg_train.main(_tiny(data_dir, tmp_path, *common, "--resume", str(ckpt))) == 2
+    err = capsys.readouterr().err
+    assert "is damaged" in err and str(ckpt) in err and "--resume" in err
+    assert seg_eval.main(["--checkpoint", str(ckpt), "--data", str(data_dir), "--save-predictions", "0",
+                          "--device", "cpu", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "is damaged" in err and "--checkpoint" in err

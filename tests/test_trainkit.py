@@ -512,3 +512,51 @@ def test_prepare_out_dir_resume_overwrite_and_stale_temp_files(tmp_path):
     assert sorted(os.listdir(out)) == ["checkpoint.pt", "final.json", "notes.txt"]  # the run kept, temp gone
     trainkit.prepare_out_dir(str(out), _RUN, overwrite=True)
     assert os.listdir(out) == ["notes.txt"]  # the earlier run's files removed, nothing else
+
+
+# ------------------------------------------------------------------------------------------- checksums
+
+
+def _tamper_tensor_bytes(path):
+    from helpers import damage_checkpoint
+
+    damage_checkpoint(str(path))
+
+
+def _tamper_number(path):  # a re-pickled file whose epoch changed but whose stored checksum did not
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["epoch"] += 1
+    torch.save(ckpt, path)
+
+
+def _tamper_key(path):
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["model"] = {k.replace("weight", "weigth"): v for k, v in ckpt["model"].items()}
+    torch.save(ckpt, path)
+
+
+@pytest.mark.parametrize("tamper", [_tamper_tensor_bytes, _tamper_number, _tamper_key],
+                         ids=["tensor-bytes", "number", "key"])
+def test_load_checkpoint_refuses_content_that_does_not_match_its_checksum(tmp_path, tamper):
+    path = tmp_path / "checkpoint.pt"
+    atomic_save({"model": torch.nn.Linear(8, 8).state_dict(), "epoch": 3, "args": {"lr": 0.1}}, str(path))
+    assert load_checkpoint(str(path), required=("model",))["epoch"] == 3  # intact: verified and loaded
+    tamper(path)
+    with pytest.raises(CheckpointError, match="is damaged") as e:
+        load_checkpoint(str(path), required=("model",), option="--checkpoint")
+    assert str(path) in str(e.value) and "--checkpoint" in str(e.value)
+
+
+def test_content_sha256_sees_every_entry_and_legacy_files_load():
+    base = {"w": torch.arange(6.0).reshape(2, 3), "n": 1, "s": "a", "l": [1.5, None]}
+    digest = trainkit.content_sha256(base)
+    assert trainkit.content_sha256({**base, trainkit.CHECKSUM_KEY: "anything"}) == digest
+    for changed in ({**base, "w": torch.arange(6.0).reshape(3, 2)}, {**base, "w": base["w"].double()},
+                    {**base, "n": 2}, {**base, "s": "b"}, {**base, "l": [1.5, 0]}, {**base, "x": 0}):
+        assert trainkit.content_sha256(changed) != digest
+
+
+def test_checkpoint_without_checksum_loads_unverified(tmp_path):
+    path = tmp_path / "old.pt"
+    torch.save({"model": {"w": torch.ones(2)}}, path)  # as written before checksums existed
+    assert torch.equal(load_checkpoint(str(path), required=("model",))["model"]["w"], torch.ones(2))

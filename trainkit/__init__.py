@@ -2,7 +2,8 @@
 
 * :mod:`trainkit.rng`: :func:`seed_everything`, :func:`rng_state` / :func:`set_rng_state` (exact resume),
   :func:`set_epoch_seed` (the seeded shuffling stream of one epoch).
-* :mod:`trainkit.checkpoint`: :func:`atomic_save`, :func:`load_checkpoint` (clear errors),
+* :mod:`trainkit.checkpoint`: :func:`atomic_save` (with a content SHA-256), :func:`load_checkpoint` (verifies
+  it; clear errors),
   :func:`check_same_args`, :class:`CheckpointError`, :class:`ResumeError`.
 * :mod:`trainkit.resume`: the training checkpoint and ``--stop-after``: :func:`load_resume_checkpoint`,
   :func:`restore_training_state` (weights, optimizer, scheduler, scaler, RNG, counters),
@@ -22,7 +23,15 @@
 
 from __future__ import annotations
 
-from .checkpoint import CheckpointError, ResumeError, atomic_save, check_same_args, load_checkpoint
+from .checkpoint import (
+    CHECKSUM_KEY,
+    CheckpointError,
+    ResumeError,
+    atomic_save,
+    check_same_args,
+    content_sha256,
+    load_checkpoint,
+)
 from .cli import run_cli
 from .csvlog import read_csv, write_csv
 from .divergence import DivergenceError, check_finite_step, first_nonfinite
@@ -60,6 +69,8 @@ __all__ = [
     "prepare_out_dir",
     "remove_stale_temp_files",
     "run_cli",
+    "CHECKSUM_KEY",
+    "content_sha256",
     "atomic_save",
     "check_same_args",
     "load_checkpoint",
