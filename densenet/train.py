@@ -35,8 +35,9 @@ from trainkit import (
     ResumePoint,
     SavedMemory,
     check_finite_step,
-    check_stop_after,
     compare_saved_memory,
+    float_range,
+    int_range,
     load_resume_checkpoint,
     prepare_out_dir,
     progress,
@@ -90,46 +91,37 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--data", choices=DATASETS, default="digits")
     g.add_argument("--data-dir", default=None, help="cifar10: folder holding cifar-10-batches-py/ (never downloaded)")
-    g.add_argument("--image-size", type=int, default=16, help="digits: 8x8 images are upsampled to this side")
+    g.add_argument("--image-size", type=int_range(4), default=16, help="digits: 8x8 images are upsampled to this side")
     g.add_argument("--augment", choices=("auto", "on", "off"), default="auto",
                    help="random crop (pad 4) + horizontal flip; auto = on for cifar10, off for digits")
-    g.add_argument("--limit-train", type=int, default=None, help="use only the first N training images")
-    g.add_argument("--limit-test", type=int, default=None, help="use only the first N test images")
+    g.add_argument("--limit-train", type=int_range(2), default=None, help="use only the first N training images")
+    g.add_argument("--limit-test", type=int_range(1), default=None, help="use only the first N test images")
     g = p.add_argument_group("model")
-    g.add_argument("--depth", type=int, default=40, help="DenseNet-BC depth, 6n+4")
-    g.add_argument("--growth-rate", type=int, default=12)
+    g.add_argument("--depth", type=int_range(10), default=40, help="DenseNet-BC depth, 6n+4")
+    g.add_argument("--growth-rate", type=int_range(1), default=12)
     g.add_argument("--norm", choices=NORMS, default="iabn", help="bn: BatchNorm2d + ReLU; iabn: In-Place ABN")
     g.add_argument("--memory", choices=MEMORY_MODES, default="naive",
                    help="memory strategy of the dense layers (efficient needs --norm iabn)")
-    g.add_argument("--drop-rate", type=float, default=0.0)
+    g.add_argument("--drop-rate", type=float_range(0, 1, high_open=True), default=0.0)
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=15)
-    g.add_argument("--batch-size", type=int, default=64)
-    g.add_argument("--lr", type=float, default=0.1)
-    g.add_argument("--weight-decay", type=float, default=1e-4)
+    g.add_argument("--epochs", type=int_range(1), default=15)
+    g.add_argument("--batch-size", type=int_range(2), default=64)
+    g.add_argument("--lr", type=float_range(0, low_open=True), default=0.1)
+    g.add_argument("--weight-decay", type=float_range(0), default=1e-4)
     g.add_argument("--schedule", choices=("cosine", "step"), default="cosine",
                    help="cosine annealing to 0, or x0.1 at 50%% and 75%% of the epochs")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    g.add_argument("--seed", type=int_range(0, 2**63 - 1), default=0)
+    g.add_argument("--threads", type=int_range(1), default=None, help="torch.set_num_threads (default: torch's choice)")
     g.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     g = p.add_argument_group("output")
     g.add_argument("--out", default=os.path.join("runs", "densenet-digits"))
     g.add_argument("--resume", default=None, metavar="PATH", help="checkpoint.pt to continue from")
     g.add_argument("--overwrite", action="store_true",
                    help="replace the earlier run in --out (without it, or --resume, such an --out is refused)")
-    g.add_argument("--stop-after", type=int, default=None, metavar="N",
+    g.add_argument("--stop-after", type=int_range(1), default=None, metavar="N",
                    help="stop after N epochs of this process (as if interrupted); continue later with --resume")
     g.add_argument("--no-progress", action="store_true", help="no progress bar (one line per epoch only)")
     return p
-
-
-def _check_args(args: argparse.Namespace) -> None:
-    """Option values that argparse cannot check; ValueError naming the option."""
-    if args.epochs < 1:
-        raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
-    if args.batch_size < 2:
-        raise ValueError(f"--batch-size must be >= 2 (batch norm), got {args.batch_size}")
-    check_stop_after(args.stop_after)
 
 
 # ------------------------------------------------------------------------------------ train / evaluate
@@ -266,7 +258,6 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     """
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    _check_args(args)
     ckpt = (load_resume_checkpoint(args.resume, vars(args), _RESUME_MUST_MATCH, kind="densenet.train",
                                    checkpoint_name=CHECKPOINT_NAME) if args.resume else None)
     prepare_out_dir(args.out, RUN_FILES, resume=args.resume, overwrite=args.overwrite)

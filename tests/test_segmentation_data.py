@@ -154,7 +154,7 @@ def test_synthetic_refuses_non_empty_and_cli(tmp_path, capsys):
                            "--width", "32"]) == 2
     assert "not empty" in capsys.readouterr().err
     assert synthetic.main(["--out", str(out), "--num-train", "0"]) == 2
-    assert "num_train" in capsys.readouterr().err
+    assert "argument --num-train: must be an integer >= 1" in capsys.readouterr().err
     # --force replaces leftImg8bit/ and gtFine/ (a stale image disappears) and leaves other files alone.
     stale = out / "leftImg8bit" / "train" / "x" / "stale_leftImg8bit.png"
     stale.parent.mkdir(parents=True)

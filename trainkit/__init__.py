@@ -10,7 +10,8 @@
   :func:`save_training_checkpoint`, :func:`stop_after_reached`.
 * :mod:`trainkit.memory_meter`: the saved-for-backward meter (exact bytes on ``meta``):
   :func:`saved_bytes_on_meta`, :func:`compare_saved_memory`, :class:`SavedMemory`.
-* :mod:`trainkit.cli`: :func:`run_cli` (user errors -> one line and exit code 2).
+* :mod:`trainkit.cli`: :func:`run_cli` (user errors -> one line and exit code 2); argparse range types
+  :func:`int_range`, :func:`float_range` (finite), :func:`int_list`.
 * :mod:`trainkit.progress`: :class:`Progress` / :func:`progress` (tqdm if installed, else built in).
 * :mod:`trainkit.csvlog`: :func:`write_csv` / :func:`read_csv` (the per-epoch log).
 * :mod:`trainkit.distributed`: :func:`setup_distributed` for torchrun (gloo on CPU, NCCL on GPU),
@@ -32,7 +33,7 @@ from .checkpoint import (
     content_sha256,
     load_checkpoint,
 )
-from .cli import run_cli
+from .cli import float_range, int_list, int_range, run_cli
 from .csvlog import read_csv, write_csv
 from .divergence import DivergenceError, check_finite_step, first_nonfinite
 from .distributed import (
@@ -69,6 +70,9 @@ __all__ = [
     "prepare_out_dir",
     "remove_stale_temp_files",
     "run_cli",
+    "int_range",
+    "float_range",
+    "int_list",
     "CHECKSUM_KEY",
     "content_sha256",
     "atomic_save",
