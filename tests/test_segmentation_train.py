@@ -18,6 +18,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Dict, List
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -497,3 +498,24 @@ def test_damaged_checkpoint_is_refused_by_resume_and_evaluate(data_dir, tmp_path
                           "--device", "cpu", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "is damaged" in err and "--checkpoint" in err
+
+
+# ------------------------------------------------------------------------------------------- label files
+
+
+@pytest.mark.parametrize("damage", ["jpeg", "values"])
+def test_label_file_that_is_not_what_it_claims_stops_the_run_naming_it(tmp_path, capsys, damage):
+    data = tmp_path / "data"
+    synthetic.generate(str(data), num_train=4, num_val=2, size=(64, 96), seed=1, color=False)
+    lab = sorted((data / "gtFine" / "train").glob("*/*_gtFine_labelIds.png"))[1]
+    if damage == "jpeg":
+        Image.open(lab).save(lab, format="JPEG")
+    else:
+        ids = np.array(Image.open(lab))
+        ids[5, 5] = 77
+        Image.fromarray(ids).save(lab)
+    rc = seg_train.main(_tiny(data, tmp_path / "out", "--epochs", "1", "--eval-every", "0",
+                              "--save-predictions", "0"))
+    err = capsys.readouterr().err
+    assert rc == 2 and str(lab) in err and "Traceback" not in err
+    assert not (tmp_path / "out" / "checkpoint.pt").exists()
