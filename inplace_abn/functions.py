@@ -387,9 +387,24 @@ def _layer(
     if training and not sync_stats:
         validation.check_count(x.numel() // x.size(1), x.shape)
     config = LayerConfig(bool(training), float(momentum), float(eps), activation, activation_param, group, sync_stats)
-    if residual is not None:
-        return _residual_layer(x, weight, bias, running_mean, running_var, residual, config)
-    return InPlaceABNFunction.apply(x, weight, bias, running_mean, running_var, None, None, config)
+    if residual is None and torch.compiler.is_compiling():
+        # A traced layer writes into a copy: when x is a graph input, AOTAutograd rebuilt the output (an alias
+        # of that mutated input) outside the graph, bypassing the layer's backward (dx == dy under aot_eager
+        # and inductor, torch 2.13). The copy is an ordinary intermediate, which inductor re-inplaces.
+        x = x.clone()
+    try:
+        if residual is not None:
+            return _residual_layer(x, weight, bias, running_mean, running_var, residual, config)
+        return InPlaceABNFunction.apply(x, weight, bias, running_mean, running_var, None, None, config)
+    except RuntimeError as e:
+        if "functorch" not in str(e):  # only autograd.Function's refusal under torch.func gets a new message
+            raise
+        raise RuntimeError(
+            "inplace_abn (InPlaceABN / InPlaceABNSync / ABN layers) cannot run under torch.func transforms "
+            "(grad, vmap, jacrev, functional_call + grad, ...): the layer overwrites its input and keeps only its "
+            "output, which these transforms do not support. Use loss.backward() / torch.autograd.grad, or swap "
+            "the layers for nn.BatchNorm + activation with inplace_abn.convert.to_batchnorm(model) first."
+        ) from e
 
 
 @torch.compiler.disable(recursive=True)

@@ -324,3 +324,27 @@ def test_inductor_runs_layer_in_place_without_layout_optimization():
     for line in calls:
         arg = line.split("forward_train_.default(")[1].split(",")[0]
         assert f"{arg} = extern_kernels.convolution(" in forward_code, line
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("activation", ["identity", "leaky_relu"])
+def test_layer_whose_input_is_a_graph_input_gets_the_eager_gradients(backend, compiler, activation):
+    """The compiled layer's x is the compiled function's own input (mutated in place by the layer): its
+    gradient used to be dy itself (the layer's backward bypassed, torch 2.13) under both compilers."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = InPlaceABN(3, activation=activation).double()
+    x0 = torch.randn(4, 3, 5, dtype=torch.float64)
+    dy = torch.randn(4, 3, 5, dtype=torch.float64)
+
+    def grads(fn):
+        x = x0.clone().requires_grad_()
+        fn(x * 1.0).backward(dy)
+        return x.grad, layer.weight.grad.clone(), layer.bias.grad.clone()
+
+    eager = grads(layer)
+    layer.zero_grad()
+    compiled = grads(torch.compile(layer, backend=compiler, fullgraph=True))
+    assert not torch.allclose(compiled[0], dy)
+    for got, want in zip(compiled, eager):
+        torch.testing.assert_close(got, want)
