@@ -394,6 +394,66 @@ def test_load_v1_checkpoint_into_wrapped_model_and_path(tmp_path):
     load_inplace_abn_v1_state_dict(_v1_model(), {"0.weight": torch.zeros(4, 3, 1, 1)}, strict=False)
 
 
+def _mutate_data(y):
+    y.data.mul_(0.5)
+
+
+def _init_on_data(y):  # (fx cannot trace item assignment on a proxy: such a model stays unconverted)
+    nn.init.zeros_(y.data)
+
+
+def _transpose_attr(y):
+    y.mT.add_(1.0)
+
+
+def _tensor_method_on_data(y):
+    torch.clamp_(y.data, max=0.1)
+
+
+def _detach_then_fill(y):
+    y.detach().view(-1)[:3].fill_(2.0)
+
+
+# Writes into the output of a BatchNorm -> activation pair that autograd does not see (through .data, a
+# detached view, an aliasing attribute). The fused layer keeps that output for backward: such a pair stays
+# unconverted, and the report says why.
+HIDDEN_MUTATIONS = [
+    ("data-mul_", _mutate_data, "call_method mul_"),
+    ("nn.init.zeros_-on-data", _init_on_data, "call_method zero_"),
+    ("mT-add_", _transpose_attr, "call_method add_"),
+    ("torch.clamp_-on-data", _tensor_method_on_data, "call_function clamp_"),
+    ("detach-view-fill_", _detach_then_fill, "call_method fill_"),
+]
+
+
+@pytest.mark.parametrize("mutate, fragment", [r[1:] for r in HIDDEN_MUTATIONS], ids=[r[0] for r in HIDDEN_MUTATIONS])
+def test_hidden_mutation_of_the_output_keeps_the_pair_and_says_so(mutate, fragment):
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.act = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.LeakyReLU(0.01)
+            self.head = nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            y = self.act(self.bn(self.conv(x)))
+            mutate(y)
+            return self.head(y)
+
+    torch.manual_seed(0)
+    model = _randomize_bn(M()).double()
+    conv, report = convert_model(model, return_report=True)
+    assert not report.layers[0].converted and isinstance(conv.bn, nn.BatchNorm2d)
+    assert "its output is modified in place by " + fragment in report.layers[0].reason
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    grads = []
+    for m in (model, conv):
+        m.train().zero_grad()
+        m(x).square().mean().backward()
+        grads.append([p.grad for p in m.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
 def _v1_file(path, kind):
     """Writes a 1.1.0-style checkpoint file at ``path``, intact or damaged as ``kind`` says."""
     _, sd = _v1_state(drop_nbt=False)
