@@ -551,6 +551,8 @@ def test_content_sha256_sees_every_entry_and_legacy_files_load():
     base = {"w": torch.arange(6.0).reshape(2, 3), "n": 1, "s": "a", "l": [1.5, None]}
     digest = trainkit.content_sha256(base)
     assert trainkit.content_sha256({**base, trainkit.CHECKSUM_KEY: "anything"}) == digest
+    # a set's iteration order changes with the process's string hashing: its checksum must not
+    assert trainkit.content_sha256({"s": {"a", "bb", "ccc"}}) == trainkit.content_sha256({"s": {"ccc", "a", "bb"}})
     for changed in ({**base, "w": torch.arange(6.0).reshape(3, 2)}, {**base, "w": base["w"].double()},
                     {**base, "n": 2}, {**base, "s": "b"}, {**base, "l": [1.5, 0]}, {**base, "x": 0}):
         assert trainkit.content_sha256(changed) != digest

@@ -37,12 +37,22 @@ def _feed(h: "hashlib._Hash", obj: Any) -> None:
         for k, v in obj.items():
             _feed(h, k)
             _feed(h, v)
+    elif isinstance(obj, (set, frozenset)):  # iteration order varies between processes: hash sorted digests
+        h.update(f"S{len(obj)}".encode())
+        for digest in sorted(_digest(v) for v in obj):
+            h.update(digest)
     elif isinstance(obj, (list, tuple)):
         h.update(f"{type(obj).__name__[0]}{len(obj)}".encode())
         for v in obj:
             _feed(h, v)
     else:  # numbers, strings, None, dtypes: repr round-trips them (floats exactly, NaN included)
         h.update(f"{type(obj).__name__}:{obj!r};".encode())
+
+
+def _digest(obj: Any) -> bytes:
+    h = hashlib.sha256()
+    _feed(h, obj)
+    return h.digest()
 
 
 def content_sha256(obj: Mapping[str, Any]) -> str:
