@@ -1,7 +1,8 @@
 """What every benchmark row records (machine, torch version, git revision, date) and how rows are appended.
 
 Shared by the benchmark scripts of this folder (run as ``python benchmarks/<script>.py``, which puts this
-folder on ``sys.path``).
+folder on ``sys.path``). Also hands them trainkit's argparse range types (``int_range``, ``float_range``,
+``int_list``): every numeric option is checked before any work.
 """
 
 from __future__ import annotations
@@ -10,14 +11,19 @@ import csv
 import datetime as _dt
 import platform
 import subprocess
+import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import torch
 
-__all__ = ["machine_name", "git_rev", "provenance", "append_csv"]
+__all__ = ["machine_name", "git_rev", "provenance", "append_csv", "int_range", "float_range", "int_list"]
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # appended: an installed inplace_abn is not shadowed by the source tree
+    sys.path.append(str(ROOT))
+
+from trainkit.cli import float_range, int_list, int_range  # noqa: E402
 
 
 def machine_name() -> str:

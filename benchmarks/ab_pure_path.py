@@ -41,7 +41,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from _provenance import ROOT, provenance
+from _provenance import ROOT, int_range, provenance
 
 SLOPE = 0.01
 _HEAP_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 28), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
@@ -123,9 +123,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("revisions", nargs="+", help="git revisions, or 'worktree' for the working tree")
     parser.add_argument("--shape", type=parse_shape, default=[8, 32, 28, 28], help="NxCxHxW (default 8x32x28x28)")
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
-    parser.add_argument("--rounds", type=int, default=2000, help="timed rounds (default 2000)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int_range(1), default=2, help="torch.set_num_threads (default 2)")
+    parser.add_argument("--rounds", type=int_range(1), default=2000, help="timed rounds (default 2000)")
+    parser.add_argument("--seed", type=int_range(0, 2**63 - 1), default=0)
     parser.add_argument("--stable-heap", action=argparse.BooleanOptionalAction, default=True,
                         help="re-execute with large-block reuse (see the module docstring; default on)")  # fmt: skip
     args = parser.parse_args(argv)

@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from densenet import densenet121, densenet169, densenet201, densenet264, densenet_bc  # noqa: E402
 from inplace_abn.memory import parameters_of, saved_tensor_bytes  # noqa: E402
 
-from _provenance import append_csv, provenance  # noqa: E402  (benchmarks/, on sys.path as the script's folder)
+from _provenance import append_csv, int_range, provenance  # noqa: E402  (benchmarks/, on sys.path as the script's folder)
 
 CONFIGS: Tuple[Tuple[str, str], ...] = (
     ("naive", "bn"),
@@ -122,8 +122,8 @@ def _plot(depths: Sequence[int], sweep: Dict[Tuple[str, str], List[float]], path
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller sweep and fewer timing rounds")
-    parser.add_argument("--time-depth", type=int, default=40, help="DenseNet-BC depth of the timing run")
-    parser.add_argument("--rounds", type=int, default=None, help="timing rounds (default 10, quick 4)")
+    parser.add_argument("--time-depth", type=int_range(10), default=40, help="DenseNet-BC depth of the timing run")
+    parser.add_argument("--rounds", type=int_range(1), default=None, help="timing rounds (default 10, quick 4)")
     parser.add_argument("--no-time", action="store_true", help="skip the CPU timing")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     args = parser.parse_args(argv)

@@ -70,7 +70,7 @@ import torch.nn as nn
 
 import inplace_abn
 
-from _provenance import append_csv, git_rev, machine_name  # benchmarks/, on sys.path as the script's folder
+from _provenance import append_csv, git_rev, int_list, int_range, machine_name  # benchmarks/, on sys.path as the script's folder
 
 try:  # progress bar is optional
     from tqdm import tqdm as _tqdm  # type: ignore
@@ -175,6 +175,14 @@ def parse_shape(text: str) -> Tuple[int, ...]:
     if len(dims) < 2 or any(d <= 0 for d in dims):
         raise argparse.ArgumentTypeError(f"bad shape {text!r}; expected e.g. 16x64x56x56")
     return dims
+
+
+def parse_shapes(text: str) -> List[Tuple[int, ...]]:
+    """``--shapes``: comma-separated shapes, each as :func:`parse_shape`."""
+    shapes = [parse_shape(s) for s in text.split(",") if s]
+    if not shapes:
+        raise argparse.ArgumentTypeError(f"expected comma-separated shapes such as 16x64x56x56, got {text!r}")
+    return shapes
 
 
 def shape_str(shape: Sequence[int]) -> str:
@@ -383,14 +391,14 @@ def write_rows(out: Path, rows: List[Dict[str, object]]) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma-separated NxCxHxW (default %(default)s)")
-    parser.add_argument("--threads", default="1,2", help="comma-separated torch.set_num_threads values (CPU)")
+    parser.add_argument("--shapes", type=parse_shapes, default=DEFAULT_SHAPES, help="comma-separated NxCxHxW (default %(default)s)")
+    parser.add_argument("--threads", type=int_list(1), default="1,2", help="comma-separated torch.set_num_threads values (CPU)")
     parser.add_argument("--modes", default=",".join(MODES), help="subset of full,fwd,bwd")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--rounds", type=int, default=None,
+    parser.add_argument("--rounds", type=int_range(1), default=None,
                         help="timed rounds per block (default: 60 for >=1M elements, 300 for small shapes)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed warm-up rounds (default: rounds/10, >=3)")
+    parser.add_argument("--warmup", type=int_range(0), default=None, help="untimed warm-up rounds (default: rounds/10, >=3)")
     parser.add_argument("--quick", action="store_true", help="short smoke run (few rounds)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="CSV to append to (default %(default)s)")
     parser.add_argument("--no-csv", action="store_true", help="print only, write nothing")
@@ -400,7 +408,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="skip the channels_last variants (contiguous inputs only)")
     args = parser.parse_args(argv)
 
-    shapes = [parse_shape(s) for s in args.shapes.split(",") if s]
+    shapes = args.shapes
     modes = [m for m in args.modes.split(",") if m]
     if any(m not in MODES for m in modes):
         parser.error(f"--modes must be a subset of {MODES}")
@@ -413,7 +421,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         machine = torch.cuda.get_device_name(device)
     else:
         device = torch.device("cpu")
-        threads_list = [int(t) for t in args.threads.split(",") if t]
+        threads_list = args.threads
         machine = machine_name()
 
     variants = build_variants(device, channels_last=not args.no_channels_last)

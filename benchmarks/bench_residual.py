@@ -70,7 +70,7 @@ from inplace_abn import InPlaceABN  # noqa: E402
 from inplace_abn.convert import convert_model, to_batchnorm  # noqa: E402
 from inplace_abn.memory import parameters_of, saved_tensor_bytes  # noqa: E402
 
-from _provenance import append_csv, provenance  # noqa: E402  (benchmarks/, the script's folder)
+from _provenance import append_csv, float_range, int_range, provenance  # noqa: E402  (benchmarks/, the script's folder)
 
 try:
     from tqdm import tqdm
@@ -81,18 +81,15 @@ RESULTS = Path(__file__).resolve().parent / "results"
 GRAD_FLOOR_FACTOR = 2.0
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def _budget(text: str) -> float:
-    value = float(text)
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"a memory budget must be in (0, 1], got {text}")
-    return value
+def _shape(text: str) -> Tuple[int, ...]:
+    """``--shapes`` entry ``NxCxHxW`` (positive sizes)."""
+    try:
+        shape = tuple(int(v) for v in text.lower().split("x"))
+    except ValueError:
+        shape = ()
+    if len(shape) < 3 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected a shape such as 8x32x28x28 (>= 3 positive sizes), got {text!r}")
+    return shape
 
 
 def _progress(items, desc: str):
@@ -143,8 +140,8 @@ LAYERS: Dict[str, Callable[[int], nn.Module]] = {
 def bench_layer(args: argparse.Namespace) -> None:
     rows = []
     meta = provenance()
-    for shape_text in args.shapes:
-        shape = tuple(int(v) for v in shape_text.split("x"))
+    for shape in args.shapes:
+        shape_text = "x".join(map(str, shape))
         torch.manual_seed(0)
         x_leaf = torch.randn(shape, requires_grad=True)
         r_leaf = torch.randn(shape, requires_grad=True)
@@ -432,19 +429,19 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="part", required=True)
     layer = sub.add_parser("layer", help="one fused layer against BatchNorm + add + ReLU")
-    layer.add_argument("--shapes", nargs="+", default=["16x256x56x56", "8x32x28x28"])
-    layer.add_argument("--threads", nargs="+", type=_positive_int, default=[1, 2])
-    layer.add_argument("--rounds", type=_positive_int, default=None, help="interleaved rounds (default 30; --quick 5)")
+    layer.add_argument("--shapes", nargs="+", type=_shape, default=["16x256x56x56", "8x32x28x28"])
+    layer.add_argument("--threads", nargs="+", type=int_range(1), default=[1, 2])
+    layer.add_argument("--rounds", type=int_range(1), default=None, help="interleaved rounds (default 30; --quick 5)")
     layer.add_argument("--quick", action="store_true")
     layer.add_argument("--out", type=Path, default=None)
     models = sub.add_parser("models", help="whole-model training steps (needs torchvision)")
     models.add_argument("--models", nargs="+", choices=["resnet50", "deeplabv3_resnet50"], default=None)
     models.add_argument("--variants", nargs="+", default=None, help="only variants whose name starts with one of these")
-    models.add_argument("--size", type=_positive_int, default=None, help="image size (default 224; --quick 64)")
-    models.add_argument("--batches", nargs=2, type=_positive_int, default=[2, 4], metavar=("SMALL", "LARGE"))
-    models.add_argument("--budgets", nargs="+", type=_budget, default=[0.5, 0.2])
-    models.add_argument("--threads", nargs=1, type=_positive_int, default=[2])
-    models.add_argument("--rounds", type=_positive_int, default=None, help="interleaved rounds (default 5; --quick 2)")
+    models.add_argument("--size", type=int_range(1), default=None, help="image size (default 224; --quick 64)")
+    models.add_argument("--batches", nargs=2, type=int_range(1), default=[2, 4], metavar=("SMALL", "LARGE"))
+    models.add_argument("--budgets", nargs="+", type=float_range(0, 1, low_open=True), default=[0.5, 0.2])
+    models.add_argument("--threads", nargs=1, type=int_range(1), default=[2])
+    models.add_argument("--rounds", type=int_range(1), default=None, help="interleaved rounds (default 5; --quick 2)")
     models.add_argument("--quick", action="store_true")
     models.add_argument(
         "--rss", action="store_true",

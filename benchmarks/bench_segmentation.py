@@ -43,7 +43,7 @@ from inplace_abn.memory import parameters_of, saved_tensor_bytes  # noqa: E402
 from segmentation import build_model  # noqa: E402
 from segmentation.models import MaxPool2d  # noqa: E402
 
-from _provenance import append_csv, provenance  # noqa: E402  (benchmarks/, on sys.path as the script's folder)
+from _provenance import append_csv, float_range, int_list, int_range, provenance  # noqa: E402  (benchmarks/, on sys.path as the script's folder)
 
 ARCHS: Tuple[str, ...] = ("wrn38", "resnet50")
 NORMS: Tuple[str, ...] = ("bn", "iabn")
@@ -178,12 +178,12 @@ def plot(mem: Dict[Tuple[str, int, int, int, str], int], strides: Sequence[int],
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="CI: output stride 16 only, tiny timing run")
-    parser.add_argument("--budget-gib", type=float, default=16.0, help="activation budget for the batch fit")
-    parser.add_argument("--budget-size", type=int, default=512, help="crop size of the batch fit")
-    parser.add_argument("--time-width", type=float, default=None, help="width of the timed models (0.5; quick 0.125)")
-    parser.add_argument("--time-size", type=int, default=None, help="timed input 1x3xSxS (256; quick 64)")
-    parser.add_argument("--rounds", type=int, default=None, help="timing rounds (default 12, quick 3)")
-    parser.add_argument("--threads", default=None, help="comma-separated thread counts (default 1,2; quick 2)")
+    parser.add_argument("--budget-gib", type=float_range(0, low_open=True), default=16.0, help="activation budget for the batch fit")
+    parser.add_argument("--budget-size", type=int_range(16), default=512, help="crop size of the batch fit")
+    parser.add_argument("--time-width", type=float_range(0, low_open=True), default=None, help="width of the timed models (0.5; quick 0.125)")
+    parser.add_argument("--time-size", type=int_range(16), default=None, help="timed input 1x3xSxS (256; quick 64)")
+    parser.add_argument("--rounds", type=int_range(1), default=None, help="timing rounds (default 12, quick 3)")
+    parser.add_argument("--threads", type=int_list(1), default=None, help="comma-separated thread counts (default 1,2; quick 2)")
     parser.add_argument("--no-time", action="store_true", help="skip the CPU timing")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     args = parser.parse_args(argv)
@@ -193,7 +193,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     width = args.time_width or (0.125 if quick else 0.5)
     size = args.time_size or (64 if quick else 256)
     rounds = args.rounds or (3 if quick else 12)
-    threads_list = [int(t) for t in (args.threads or ("2" if quick else "1,2")).split(",") if t]
+    threads_list = args.threads or ([2] if quick else [1, 2])
     prov = provenance()
     mode = "quick" if quick else "full"
     print(f"[segmentation] run {prov['run_id']} ({mode}) on {prov['machine']}, torch {prov['torch_version']}, "

@@ -26,6 +26,8 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from inplace_abn import ABN, get_backend  # noqa: E402
+
+from _provenance import int_range  # noqa: E402  (benchmarks/, the script's folder)
 from inplace_abn.convert import convert_model  # noqa: E402
 from inplace_abn.memory import parameters_of, saved_tensor_bytes  # noqa: E402
 
@@ -84,8 +86,8 @@ def _train_step(model, x):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--size", type=int_range(32), default=224)
+    parser.add_argument("--batch", type=int_range(2), default=2)
     parser.add_argument("--csv", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                       "convert_models.csv"))
     args = parser.parse_args(argv)

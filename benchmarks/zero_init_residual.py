@@ -37,7 +37,7 @@ from segmentation.data import CityscapesSegmentation  # noqa: E402
 from segmentation.models import Bottleneck  # noqa: E402
 from segmentation.synthetic import generate  # noqa: E402
 
-from _provenance import append_csv, provenance  # noqa: E402  (benchmarks/, the script's folder)
+from _provenance import append_csv, float_range, int_range, provenance  # noqa: E402  (benchmarks/, the script's folder)
 
 try:
     from tqdm import tqdm
@@ -76,32 +76,16 @@ class _KeepCounter:
             functions.residual_lossy_channels = self._rule
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
-
-
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="activation dtype (CPU autocast)")
-    parser.add_argument("--steps", type=_positive_int, default=300)
-    parser.add_argument("--report-at", nargs="+", type=_non_negative_int, default=[0, 1, 5, 10, 25, 50, 100, 200, 300])
-    parser.add_argument("--batch", type=_positive_int, default=4)
-    parser.add_argument("--lr", type=float, default=0.01)
-    parser.add_argument("--threads", type=_positive_int, default=2)
+    parser.add_argument("--steps", type=int_range(1), default=300)
+    parser.add_argument("--report-at", nargs="+", type=int_range(0), default=[0, 1, 5, 10, 25, 50, 100, 200, 300])
+    parser.add_argument("--batch", type=int_range(1), default=4)
+    parser.add_argument("--lr", type=float_range(0, 10, low_open=True, high_open=True), default=0.01)
+    parser.add_argument("--threads", type=int_range(1), default=2)
     parser.add_argument("--out", type=Path, default=RESULTS / "zero_init_residual.csv")
     args = parser.parse_args(argv)
-    if not 0.0 < args.lr < 10.0:
-        parser.error(f"--lr must be in (0, 10), got {args.lr}")
     late = [s for s in args.report_at if s > args.steps]
     if late:
         parser.error(f"--report-at {late} lies beyond --steps {args.steps}")

@@ -30,12 +30,16 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from trainkit import (
+    DivergenceError,
     ResumeError,
     ResumePoint,
     SavedMemory,
-    check_stop_after,
+    check_finite_step,
     compare_saved_memory,
+    float_range,
+    int_range,
     load_resume_checkpoint,
+    prepare_out_dir,
     progress,
     read_csv,
     restore_training_state,
@@ -66,6 +70,8 @@ __all__ = [
 
 CSV_FIELDS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds", "saved_mib")
 CHECKPOINT_NAME = "checkpoint.pt"
+# What a run writes into --out: any of them there means an earlier run (refused without --resume / --overwrite).
+RUN_FILES = (CHECKPOINT_NAME, "log.csv", "final.json")
 EVAL_BATCH_SIZE = 500
 NUM_CLASSES = 10
 # Arguments that must match between the run that wrote a checkpoint and the run resuming it.
@@ -85,44 +91,37 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--data", choices=DATASETS, default="digits")
     g.add_argument("--data-dir", default=None, help="cifar10: folder holding cifar-10-batches-py/ (never downloaded)")
-    g.add_argument("--image-size", type=int, default=16, help="digits: 8x8 images are upsampled to this side")
+    g.add_argument("--image-size", type=int_range(4), default=16, help="digits: 8x8 images are upsampled to this side")
     g.add_argument("--augment", choices=("auto", "on", "off"), default="auto",
                    help="random crop (pad 4) + horizontal flip; auto = on for cifar10, off for digits")
-    g.add_argument("--limit-train", type=int, default=None, help="use only the first N training images")
-    g.add_argument("--limit-test", type=int, default=None, help="use only the first N test images")
+    g.add_argument("--limit-train", type=int_range(2), default=None, help="use only the first N training images")
+    g.add_argument("--limit-test", type=int_range(1), default=None, help="use only the first N test images")
     g = p.add_argument_group("model")
-    g.add_argument("--depth", type=int, default=40, help="DenseNet-BC depth, 6n+4")
-    g.add_argument("--growth-rate", type=int, default=12)
+    g.add_argument("--depth", type=int_range(10), default=40, help="DenseNet-BC depth, 6n+4")
+    g.add_argument("--growth-rate", type=int_range(1), default=12)
     g.add_argument("--norm", choices=NORMS, default="iabn", help="bn: BatchNorm2d + ReLU; iabn: In-Place ABN")
     g.add_argument("--memory", choices=MEMORY_MODES, default="naive",
                    help="memory strategy of the dense layers (efficient needs --norm iabn)")
-    g.add_argument("--drop-rate", type=float, default=0.0)
+    g.add_argument("--drop-rate", type=float_range(0, 1, high_open=True), default=0.0)
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=15)
-    g.add_argument("--batch-size", type=int, default=64)
-    g.add_argument("--lr", type=float, default=0.1)
-    g.add_argument("--weight-decay", type=float, default=1e-4)
+    g.add_argument("--epochs", type=int_range(1), default=15)
+    g.add_argument("--batch-size", type=int_range(2), default=64)
+    g.add_argument("--lr", type=float_range(0, low_open=True), default=0.1)
+    g.add_argument("--weight-decay", type=float_range(0), default=1e-4)
     g.add_argument("--schedule", choices=("cosine", "step"), default="cosine",
                    help="cosine annealing to 0, or x0.1 at 50%% and 75%% of the epochs")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    g.add_argument("--seed", type=int_range(0, 2**63 - 1), default=0)
+    g.add_argument("--threads", type=int_range(1), default=None, help="torch.set_num_threads (default: torch's choice)")
     g.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     g = p.add_argument_group("output")
     g.add_argument("--out", default=os.path.join("runs", "densenet-digits"))
     g.add_argument("--resume", default=None, metavar="PATH", help="checkpoint.pt to continue from")
-    g.add_argument("--stop-after", type=int, default=None, metavar="N",
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the earlier run in --out (without it, or --resume, such an --out is refused)")
+    g.add_argument("--stop-after", type=int_range(1), default=None, metavar="N",
                    help="stop after N epochs of this process (as if interrupted); continue later with --resume")
     g.add_argument("--no-progress", action="store_true", help="no progress bar (one line per epoch only)")
     return p
-
-
-def _check_args(args: argparse.Namespace) -> None:
-    """Option values that argparse cannot check; ValueError naming the option."""
-    if args.epochs < 1:
-        raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
-    if args.batch_size < 2:
-        raise ValueError(f"--batch-size must be >= 2 (batch norm), got {args.batch_size}")
-    check_stop_after(args.stop_after)
 
 
 # ------------------------------------------------------------------------------------ train / evaluate
@@ -150,17 +149,21 @@ def train_one_epoch(
 
     Returns:
         (mean training loss, training accuracy) over the samples seen.
+
+    Raises:
+        DivergenceError: the loss or the weights after a step are not finite (names the iteration).
     """
     model.train()
     loss_sum, correct, seen = 0.0, 0, 0
     with progress(len(data_loader), f"epoch {epoch}/{args.epochs}", enabled=not args.no_progress) as bar:
-        for x, y in data_loader:
+        for i, (x, y) in enumerate(data_loader, 1):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             logits = model(x)
             loss = criterion(logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            check_finite_step(model, loss, (epoch - 1) * len(data_loader) + i, epoch=epoch)
             loss_sum += loss.item() * len(y)
             correct += (logits.argmax(1) == y).sum().item()
             seen += len(y)
@@ -255,9 +258,9 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     """
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    _check_args(args)
     ckpt = (load_resume_checkpoint(args.resume, vars(args), _RESUME_MUST_MATCH, kind="densenet.train",
                                    checkpoint_name=CHECKPOINT_NAME) if args.resume else None)
+    prepare_out_dir(args.out, RUN_FILES, resume=args.resume, overwrite=args.overwrite)
     device = torch.device("cpu")
     dtype = getattr(torch, args.dtype)
 
@@ -284,7 +287,6 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     start = (restore_training_state(ckpt, args.resume, model, optimizer, scheduler) if ckpt is not None
              else ResumePoint())
 
-    os.makedirs(args.out, exist_ok=True)
     csv_path = os.path.join(args.out, "log.csv")
     ckpt_path = os.path.join(args.out, CHECKPOINT_NAME)
     rows = read_csv(csv_path, start.epoch) if start.resumed else []
@@ -333,7 +335,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """CLI entry point; returns the exit status (0 ok, 2 bad data/checkpoint/option)."""
-    return run_cli(build_parser(), run, argv, (DataError, ResumeError, ValueError))
+    return run_cli(build_parser(), run, argv, (DataError, ResumeError, ValueError, DivergenceError))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ by :mod:`inplace_abn.convert`, where 1.1.0-era and user code imports it from.
 from __future__ import annotations
 
 import os
+import pickle
+import zipfile
 from typing import Any, Dict, Mapping, Union
 
 import torch
@@ -38,6 +40,36 @@ def _rename(state: Mapping[str, Any], old: str, new: str) -> Dict[str, Any]:
     return out
 
 
+# The first bytes of a file written by torch.save's legacy (pre-1.6, non-zip) format: its pickled magic number.
+_LEGACY_HEAD = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)[:12]
+
+
+def _load_file(path: Union[str, os.PathLike], weights_only: bool) -> Any:
+    """``torch.load`` of a checkpoint file, with errors that name the file and tell corrupt from untrusted."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"state_dict_or_path: checkpoint file {os.fspath(path)!r} not found")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"state_dict_or_path: checkpoint file {os.fspath(path)!r} is empty (0 bytes): an "
+                         "interrupted write or copy; copy the checkpoint again")
+    with open(path, "rb") as f:
+        head = f.read(len(_LEGACY_HEAD))
+    if not (zipfile.is_zipfile(path) or head == _LEGACY_HEAD):
+        raise ValueError(f"state_dict_or_path: {os.fspath(path)!r} is not a PyTorch checkpoint (corrupt, truncated "
+                         "or another format); copy the checkpoint again")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except pickle.UnpicklingError as e:
+        if not weights_only:
+            raise ValueError(f"state_dict_or_path: checkpoint {os.fspath(path)!r} is corrupt ({e})") from e
+        raise ValueError(
+            f"state_dict_or_path: checkpoint {os.fspath(path)!r} could not be loaded with weights_only=True: it is "
+            "corrupt, or it pickles objects other than tensors and containers. Only if the file is intact and "
+            f"from a source you trust, pass weights_only=False. ({e})") from e
+    except Exception as e:  # noqa: BLE001 - a damaged archive or truncated pickle fails in many ways
+        raise ValueError(f"state_dict_or_path: checkpoint {os.fspath(path)!r} is corrupt or truncated "
+                         f"({type(e).__name__}: {e}); copy the checkpoint again") from e
+
+
 def load_inplace_abn_v1_state_dict(
     model: nn.Module,
     state_dict_or_path: Union[Mapping[str, Any], str, os.PathLike, Any],
@@ -63,9 +95,16 @@ def load_inplace_abn_v1_state_dict(
 
     Returns:
         What ``model.load_state_dict`` returns (missing and unexpected keys, with ``strict=False``).
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+        ValueError: the file is empty, corrupt, truncated, not a PyTorch checkpoint, or (with
+            ``weights_only=True``) pickles other objects (the message names the file).
     """
     obj = state_dict_or_path
-    if isinstance(obj, (str, os.PathLike)) or hasattr(obj, "read"):
+    if isinstance(obj, (str, os.PathLike)):
+        obj = _load_file(obj, weights_only)
+    elif hasattr(obj, "read"):
         obj = torch.load(obj, map_location="cpu", weights_only=weights_only)
     for key in _CONTAINER_KEYS:
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):

@@ -470,10 +470,20 @@ def _layer(
         return _standard_ops(
             x, weight, bias, running_mean, running_var, True, momentum, eps, activation, activation_param, residual
         )
-    if residual is not None:
-        layer = _sync_residual_layer if sync_stats else _residual_layer
-        return layer(x, weight, bias, running_mean, running_var, residual, config)
-    return _apply(x, weight, bias, running_mean, running_var, None, None, config)
+    try:
+        if residual is not None:
+            layer = _sync_residual_layer if sync_stats else _residual_layer
+            return layer(x, weight, bias, running_mean, running_var, residual, config)
+        return _apply(x, weight, bias, running_mean, running_var, None, None, config)
+    except RuntimeError as e:
+        if "functorch" not in str(e):  # only autograd.Function's refusal under torch.func gets a new message
+            raise
+        raise RuntimeError(
+            "inplace_abn (InPlaceABN / InPlaceABNSync / ABN layers) cannot run under torch.func transforms "
+            "(grad, vmap, jacrev, functional_call + grad, ...): the layer overwrites its input and keeps only its "
+            "output, which these transforms do not support. Use loss.backward() / torch.autograd.grad, or swap "
+            "the layers for nn.BatchNorm + activation with inplace_abn.convert.to_batchnorm(model) first."
+        ) from e
 
 
 def _residual_layer(

@@ -146,6 +146,9 @@ _VIEW_FUNCTIONS = {
     torch.narrow, torch.select, torch.chunk, torch.split, torch.unbind, torch.movedim, torch.swapaxes, torch.t,
     torch.detach, torch.as_strided,
 }
+#: Tensor attributes that alias the tensor: an in-place op through ``y.data`` (fx records ``getattr(y, "data")``)
+#: writes into ``y`` without autograd seeing it.
+_VIEW_ATTRIBUTES = {"data", "T", "mT", "H", "mH", "real", "imag"}
 _VIEW_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 _INPLACE_OPERATORS = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
                       operator.itruediv: operator.truediv}
@@ -349,6 +352,8 @@ def _is_view(user: fx.Node, value: fx.Node, modules: Dict[str, nn.Module]) -> bo
     """Whether ``user`` may return a tensor sharing memory with ``value`` (its first argument)."""
     if not user.args or user.args[0] is not value:
         return False
+    if user.op == "call_function" and user.target is getattr:  # ``value.data`` and other aliasing attributes
+        return len(user.args) > 1 and user.args[1] in _VIEW_ATTRIBUTES
     return _calls_one_of(user, modules, _VIEW_METHODS, _VIEW_FUNCTIONS, _VIEW_MODULES)
 
 

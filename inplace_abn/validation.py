@@ -17,7 +17,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from . import activations
 from .pure_backend import opmath_dtype
 
-__all__ = ["FLOAT_TYPES", "check_layer_args", "check_count", "check_residual"]
+__all__ = ["FLOAT_TYPES", "check_layer_args", "check_count", "check_residual", "has_internal_overlap"]
 
 #: The input dtypes of the layer (parameters: the input's dtype or its opmath dtype).
 FLOAT_TYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -40,7 +40,8 @@ def check_layer_args(
     Raises:
         TypeError: a non-tensor or a non-floating dtype, or parameters of a dtype the kernels do not take.
         ValueError: a shape, device, eps, momentum or activation problem (including a slope / alpha whose
-            reciprocal overflows in the compute dtype), or eval mode without running statistics.
+            reciprocal overflows in the compute dtype), x or a running statistic whose elements overlap in
+            memory, or eval mode without running statistics.
         RuntimeError: ``x`` is a leaf that requires grad (the layer overwrites it).
     """
     if not isinstance(x, Tensor):
@@ -74,6 +75,15 @@ def check_layer_args(
                 f"{name} has dtype {v.dtype} but x has dtype {x.dtype}; parameters must be {x.dtype}"
                 + (f" or {opmath_dtype(x.dtype)}" if opmath_dtype(x.dtype) != x.dtype else "")
                 + " (convert the layer with .to(dtype))"
+            )
+    for name, v in (("x", x), ("running_mean", running_mean), ("running_var", running_var)):
+        if v is not None and has_internal_overlap(v):
+            raise ValueError(
+                f"{name} has internally overlapping memory (a view from expand, unfold or as_strided whose "
+                f"elements share storage, shape {tuple(v.shape)} strides {tuple(v.stride())}): the layer writes "
+                f"into {name}, so elements sharing a location would get several results; pass {name}.contiguous()"
+                + (" (and copy the result back into the original tensor if you need it there)" if name == "x" else
+                   " (a buffer of its own)")
             )
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be both tensors or both None")
@@ -130,6 +140,31 @@ def _shares_memory(a: Tensor, b: Tensor) -> bool:
     if torch.compiler.is_compiling():
         return False  # traced tensors: aliasing is autograd's and the functionaliser's business
     return StorageWeakRef(a.untyped_storage()) == StorageWeakRef(b.untyped_storage())
+
+
+def has_internal_overlap(t: Tensor) -> bool:
+    """Whether two elements of ``t`` share a memory location (``expand``, overlapping ``unfold`` /
+    ``as_strided`` views), from its sizes and strides.
+
+    Dimensions taken by increasing stride: when each stride exceeds the largest offset reachable by the
+    smaller ones, every element has its own location (contiguous, channels_last, permuted, sliced and
+    stepped views: no work). Otherwise the offsets are enumerated once (unusual strides only). Traced
+    tensors are not checked (no data to enumerate; aliasing is the compiler's business).
+    """
+    if torch.compiler.is_compiling():
+        return False
+    dims = sorted((stride, size) for size, stride in zip(t.shape, t.stride()) if size > 1)
+    reach = 0
+    for stride, size in dims:
+        if stride <= reach:
+            break
+        reach += stride * (size - 1)
+    else:
+        return False
+    offsets = torch.zeros((), dtype=torch.int64)
+    for stride, size in dims:
+        offsets = (offsets.unsqueeze(-1) + torch.arange(size, dtype=torch.int64) * stride).reshape(-1)
+    return int(offsets.unique().numel()) != offsets.numel()
 
 
 def check_count(count: int, shape: Sequence[int]) -> None:

@@ -146,6 +146,35 @@ def label_ids_to_train_ids(label_ids: np.ndarray) -> np.ndarray:
 _LABEL_MODES = ("L", "P", "I", "I;16", "I;16B", "I;16L", "I;16N")
 
 
+def _valid_label_ids() -> np.ndarray:
+    valid = np.zeros(256, dtype=bool)
+    for lab in CITYSCAPES_LABELS:
+        valid[lab.id % 256] = True  # -1 (license plate) is stored as 255 in an 8-bit PNG
+    valid.flags.writeable = False
+    return valid
+
+
+# VALID_LABEL_ID[v]: v is a Cityscapes label id as stored in a *_gtFine_labelIds.png (0..33, and 255 for -1).
+_VALID_LABEL_ID = _valid_label_ids()
+
+
+def _check_label_ids(label_ids: np.ndarray, path: str) -> None:
+    """Refuses a label array holding values that are not Cityscapes label ids (DataError naming the file)."""
+    a = np.asarray(label_ids)
+    in_range = (a >= 0) & (a <= 255)
+    ok = in_range.all() and bool(_VALID_LABEL_ID[a.astype(np.int64)].all())
+    if ok:
+        return
+    values = np.unique(a)
+    bad = [int(v) for v in values if not (0 <= v <= 255 and _VALID_LABEL_ID[int(v)])]
+    shown = ", ".join(map(str, bad[:8])) + (f" ... ({len(bad)} values)" if len(bad) > 8 else "")
+    raise DataError(
+        f"label {path!r} holds values that are not Cityscapes label ids ({shown}; valid: 0..33, and 255 for -1). "
+        "It is not a *_gtFine_labelIds.png (an instanceIds, trainIds-remapped, colour or lossy-compressed "
+        "file?): replace it with the labelIds file (or delete the image/label pair)."
+    )
+
+
 def _open_image(path: str) -> Image.Image:
     """Opens (header only) a PNG, turning any PIL/IO failure into a DataError naming the file."""
     try:
@@ -189,8 +218,9 @@ class CityscapesSegmentation(Dataset):
 
     All image/label pairs are discovered (sorted by city and name) and checked when the dataset is
     built: missing folders, images without labels, labels without images, unreadable headers, labels that
-    are not single-channel and image/label size mismatches raise :class:`DataError` naming the file.
-    Corrupt pixel data that only shows when decoding raises :class:`DataError` from ``__getitem__``.
+    are not PNG files (a JPEG named .png is lossy) or not single-channel and image/label size mismatches
+    raise :class:`DataError` naming the file. Corrupt pixel data and label values that are not Cityscapes
+    label ids (0..33, 255) only show when decoding: they raise :class:`DataError` from ``__getitem__``.
 
     Args:
         root: Folder holding ``leftImg8bit/`` and ``gtFine/``.
@@ -249,7 +279,13 @@ class CityscapesSegmentation(Dataset):
         with _open_image(img_path) as img:
             img_size = img.size
         with _open_image(lab_path) as lab:
-            lab_size, lab_mode = lab.size, lab.mode
+            lab_size, lab_mode, lab_format = lab.size, lab.mode, lab.format
+        if lab_format != "PNG":
+            raise DataError(
+                f"label {lab_path!r} is a {lab_format or 'non-PNG'} file named .png. Label ids must be stored "
+                "losslessly (a JPEG changes the ids of pixels near every edge): replace it with the PNG labelIds "
+                "file (or delete the image/label pair)."
+            )
         if lab_mode not in _LABEL_MODES:
             raise DataError(
                 f"label {lab_path!r} has mode {lab_mode!r} but must be single-channel (mode 'L': one label id "
@@ -276,7 +312,9 @@ class CityscapesSegmentation(Dataset):
                 f"size mismatch: image {img_path!r} is {image.size[0]}x{image.size[1]} (WxH) but its label "
                 f"{lab_path!r} is {label.size[0]}x{label.size[1]}."
             )
-        train_ids = label_ids_to_train_ids(np.asarray(label))
+        label_ids = np.asarray(label)
+        _check_label_ids(label_ids, lab_path)
+        train_ids = label_ids_to_train_ids(label_ids)
         return image, Image.fromarray(train_ids)
 
     def __getitem__(self, index: int) -> Tuple[Tensor, Tensor]:

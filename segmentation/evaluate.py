@@ -25,6 +25,7 @@ from trainkit import (
     DeviceError,
     DistInfo,
     cleanup_distributed,
+    int_range,
     load_checkpoint,
     run_cli,
     setup_distributed,
@@ -51,13 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, metavar="DIR",
                    help="data folder (default: the one the model was trained on)")
     p.add_argument("--split", default="val")
-    p.add_argument("--save-predictions", type=int, default=0, metavar="K",
+    p.add_argument("--save-predictions", type=int_range(0), default=0, metavar="K",
                    help="write colour PNGs of the first K predictions (and labels) to --out")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="folder for the PNGs and results.json (default: predictions-SPLIT next to the checkpoint)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--workers", type=int_range(0), default=0)
+    p.add_argument("--threads", type=int_range(1), default=None)
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -95,8 +96,6 @@ def run(args: argparse.Namespace, info: Optional[DistInfo] = None) -> Dict[str, 
             torch.set_num_threads(args.threads)
         info = setup_distributed(resolve_device(args.device))
     try:
-        if args.save_predictions < 0:
-            raise ValueError(f"--save-predictions must be >= 0, got {args.save_predictions}")
         model, ckpt = load_model(args.checkpoint, info.device)
         saved = ckpt["args"]
         data = args.data if args.data is not None else saved.get("data")

@@ -28,6 +28,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageDraw
 
+from trainkit import int_range
+
 from .data import CITYSCAPES_CLASSES, CITYSCAPES_LABELS, IMAGE_SUFFIX, LABEL_ID_TO_TRAIN_ID, LABEL_SUFFIX
 
 __all__ = ["generate", "main", "SYNTHETIC_LABEL_IDS", "SYNTHETIC_CITIES", "DEFAULT_SIZE"]
@@ -343,15 +345,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--out", required=True, help="output folder (must be missing or empty unless --force)")
-    p.add_argument("--num-train", type=int, default=80)
-    p.add_argument("--num-val", type=int, default=20)
-    p.add_argument("--height", type=int, default=DEFAULT_SIZE[0])
-    p.add_argument("--width", type=int, default=DEFAULT_SIZE[1])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-train", type=int_range(1), default=80)
+    p.add_argument("--num-val", type=int_range(1), default=20)
+    p.add_argument("--height", type=int_range(32), default=DEFAULT_SIZE[0])
+    p.add_argument("--width", type=int_range(32), default=DEFAULT_SIZE[1])
+    p.add_argument("--seed", type=int_range(0, 2**63 - 1), default=0)
     p.add_argument("--no-color", action="store_true", help="skip the *_gtFine_color.png visualisations")
     p.add_argument("--force", action="store_true",
                    help="allow a non-empty --out: replace its leftImg8bit/ and gtFine/ folders")
-    args = p.parse_args(argv)
+    try:
+        args = p.parse_args(argv)
+    except SystemExit as e:  # a value out of range (argparse printed it) or --help: hand the status back
+        return e.code if isinstance(e.code, int) else 2
     try:
         _check_args(args.num_train, args.num_val, (args.height, args.width), args.seed)
         generate(args.out, num_train=args.num_train, num_val=args.num_val, size=(args.height, args.width),

@@ -53,16 +53,20 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from trainkit import (
     CheckpointError,
     DeviceError,
+    DivergenceError,
     DistInfo,
     ResumeError,
     ResumePoint,
     SavedMemory,
     all_gather_objects,
-    check_stop_after,
+    check_finite_step,
     cleanup_distributed,
     compare_saved_memory,
+    float_range,
     format_seconds,
+    int_range,
     load_resume_checkpoint,
+    prepare_out_dir,
     progress,
     read_csv,
     restore_training_state,
@@ -101,6 +105,8 @@ __all__ = [
 
 CSV_FIELDS = ("epoch", "iters", "lr", "train_loss", "val_miou", "pixel_acc", "seconds")
 CHECKPOINT_NAME = "checkpoint.pt"
+# What a run writes into --out: any of them there means an earlier run (refused without --resume / --overwrite).
+RUN_FILES = (CHECKPOINT_NAME, "log.csv", "final.json")
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "iteration", "rng", "args")
 # Options that must match between the run that wrote a checkpoint and the run resuming it.
 _RESUME_MUST_MATCH = (
@@ -126,84 +132,64 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder with leftImg8bit/ and gtFine/ (python -m segmentation.synthetic --out DIR makes one)")
     g.add_argument("--train-split", default="train")
     g.add_argument("--val-split", default="val")
-    g.add_argument("--crop", type=int, default=512, help="side of the square training crops")
-    g.add_argument("--scale-min", type=float, default=0.5, help="random scale range of training images (low)")
-    g.add_argument("--scale-max", type=float, default=2.0, help="random scale range (high); 1 1 disables scaling")
-    g.add_argument("--flip-p", type=float, default=0.5, help="probability of a horizontal flip")
-    g.add_argument("--workers", type=int, default=0,
+    g.add_argument("--crop", type=int_range(16), default=512, help="side of the square training crops")
+    g.add_argument("--scale-min", type=float_range(0, low_open=True), default=0.5, help="random scale range of training images (low)")
+    g.add_argument("--scale-max", type=float_range(0, low_open=True), default=2.0, help="random scale range (high); 1 1 disables scaling")
+    g.add_argument("--flip-p", type=float_range(0, 1), default=0.5, help="probability of a horizontal flip")
+    g.add_argument("--workers", type=int_range(0), default=0,
                    help="DataLoader worker processes per rank (0: load in the main process)")
     g = p.add_argument_group("model")
     g.add_argument("--arch", choices=ARCHS, default="wrn38")
     g.add_argument("--norm", choices=NORMS, default="iabn",
                    help="bn: BatchNorm2d + LeakyReLU; iabn: In-Place ABN; iabn_sync: synchronised over DDP ranks")
-    g.add_argument("--width", type=float, default=1.0, help="channel multiplier (1.0 = the real network)")
+    g.add_argument("--width", type=float_range(0, low_open=True), default=1.0, help="channel multiplier (1.0 = the real network)")
     g.add_argument("--output-stride", type=int, choices=(8, 16), default=16)
     g = p.add_argument_group("training")
     length = g.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=int, default=None, help="passes over the training set (default 50)")
-    length.add_argument("--iters", type=int, default=None,
+    length.add_argument("--epochs", type=int_range(1), default=None, help="passes over the training set (default 50)")
+    length.add_argument("--iters", type=int_range(1), default=None,
                         help="total iterations instead of --epochs (the last epoch may be partial)")
-    g.add_argument("--batch-size", type=int, default=8, help="images per process and iteration")
-    g.add_argument("--lr", type=float, default=0.01)
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=float, default=1e-4)
-    g.add_argument("--poly-power", type=float, default=0.9, help="lr * (1 - iter / max_iter) ** power")
+    g.add_argument("--batch-size", type=int_range(1), default=8, help="images per process and iteration")
+    g.add_argument("--lr", type=float_range(0, low_open=True), default=0.01)
+    g.add_argument("--momentum", type=float_range(0, 1), default=0.9)
+    g.add_argument("--weight-decay", type=float_range(0), default=1e-4)
+    g.add_argument("--poly-power", type=float_range(0), default=0.9, help="lr * (1 - iter / max_iter) ** power")
     g.add_argument("--amp", action="store_true",
                    help="automatic mixed precision: bfloat16 autocast on CPU, float16 + GradScaler on CUDA")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int_range(0, 2**63 - 1), default=0)
     g.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                    help="dtype of parameters and inputs (float64: exact comparisons, e.g. DDP against one process)")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda if available")
-    g.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    g.add_argument("--threads", type=int_range(1), default=None, help="torch.set_num_threads (default: torch's choice)")
     g = p.add_argument_group("evaluation and output")
-    g.add_argument("--eval-every", type=int, default=1, metavar="E",
+    g.add_argument("--eval-every", type=int_range(0), default=1, metavar="E",
                    help="evaluate on the val split every E epochs (0: only after the last one)")
-    g.add_argument("--save-predictions", type=int, default=4, metavar="K",
+    g.add_argument("--save-predictions", type=int_range(0), default=4, metavar="K",
                    help="write colour PNGs of the first K validation predictions (and labels)")
     g.add_argument("--out", default=os.path.join("runs", "segmentation"))
     g.add_argument("--resume", default=None, metavar="PATH", help="checkpoint.pt to continue from")
-    g.add_argument("--stop-after", type=int, default=None, metavar="N",
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the earlier run in --out (without it, or --resume, such an --out is refused)")
+    g.add_argument("--stop-after", type=int_range(1), default=None, metavar="N",
                    help="stop after N epochs of this process (as if interrupted); continue later with --resume")
     g.add_argument("--no-progress", action="store_true", help="no progress bar (one line per epoch only)")
     return p
 
 
 def _check_args(args: argparse.Namespace, info: DistInfo) -> None:
-    """Option values that argparse cannot check; ValueError naming the option."""
+    """Option values that argparse cannot check alone (each option's range is its argparse type); ValueError
+    naming the option."""
     if args.epochs is None and args.iters is None:
         args.epochs = 50
-    if args.epochs is not None and args.epochs < 1:
-        raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
-    if args.iters is not None and args.iters < 1:
-        raise ValueError(f"--iters must be >= 1, got {args.iters}")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     global_stats = args.batch_size * (info.world_size if args.norm == "iabn_sync" else 1)
     if global_stats < 2:
         raise ValueError(f"--batch-size {args.batch_size} gives batch statistics over a single image "
                          f"(norm={args.norm}, {info.world_size} process(es)); use --batch-size >= 2")
-    if args.crop < 16:
-        raise ValueError(f"--crop must be >= 16 pixels, got {args.crop}")
-    if not 0 < args.scale_min <= args.scale_max:
-        raise ValueError(f"--scale-min/--scale-max must satisfy 0 < min <= max, got {args.scale_min}, {args.scale_max}")
-    if not 0.0 <= args.flip_p <= 1.0:
-        raise ValueError(f"--flip-p must be in [0, 1], got {args.flip_p}")
-    if not (args.lr > 0 and math.isfinite(args.lr)):
-        raise ValueError(f"--lr must be a positive number, got {args.lr}")
-    if args.poly_power < 0:
-        raise ValueError(f"--poly-power must be >= 0, got {args.poly_power}")
-    if args.workers < 0:
-        raise ValueError(f"--workers must be >= 0, got {args.workers}")
-    if args.eval_every < 0:
-        raise ValueError(f"--eval-every must be >= 0, got {args.eval_every}")
-    if args.save_predictions < 0:
-        raise ValueError(f"--save-predictions must be >= 0, got {args.save_predictions}")
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if not args.scale_min <= args.scale_max:
+        raise ValueError(f"--scale-min/--scale-max must satisfy min <= max, got {args.scale_min}, {args.scale_max}")
     if args.amp and args.dtype != "float32":
         raise ValueError(f"--amp computes in half precision from float32 parameters; it cannot be combined "
                          f"with --dtype {args.dtype}")
-    check_stop_after(args.stop_after)
     if not os.path.isdir(args.data):
         raise DataError(f"--data folder {args.data!r} does not exist. Point --data at a Cityscapes-layout folder "
                         "(leftImg8bit/ + gtFine/) or write a small synthetic one with "
@@ -472,7 +458,7 @@ def train_one_epoch(
         The iteration count, the epoch's mean loss and this rank's per-iteration losses.
 
     Raises:
-        FloatingPointError: a non-finite loss without ``--amp`` (training diverged).
+        DivergenceError: the loss (unless a GradScaler is enabled) or the weights after a step are not finite.
     """
     model.train()
     n_this = max(0, min(len(data_loader), max_iters - iteration))
@@ -493,9 +479,11 @@ def train_one_epoch(
             scaler.update()
             scheduler.step()
             iteration += 1
+            # Loss and weights after the step; a GradScaler (float16 on CUDA) skips the steps whose
+            # gradients overflow, so only then is a non-finite loss not divergence.
+            check_finite_step(getattr(model, "module", model), None if scaler.is_enabled() else loss, iteration,
+                              epoch=epoch, distributed=info.distributed)
             value = float(loss.detach())
-            if not math.isfinite(value) and not args.amp:
-                raise FloatingPointError(f"training diverged: loss {value} at iteration {iteration}; lower --lr")
             losses.append(value)
             loss_sum += value
             bar.update(1)
@@ -560,6 +548,7 @@ def _train(args: argparse.Namespace, info: DistInfo, return_model: bool) -> Dict
                                    required=CHECKPOINT_KEYS, checkpoint_name=CHECKPOINT_NAME,
                                    defaults=_RESUME_DEFAULTS)
             if args.resume else None)
+    prepare_out_dir(args.out, RUN_FILES, resume=args.resume, overwrite=args.overwrite, create=info.is_main)
 
     # Data: epoch e's order is DistributedSampler's permutation of (seed, e); the loader's generator (worker
     # seeds) is reseeded with (seed, e, rank) every epoch; fixed-size batches (the last incomplete one dropped).
@@ -599,8 +588,6 @@ def _train(args: argparse.Namespace, info: DistInfo, return_model: bool) -> Dict
             model, device_ids=[device.index] if device.type == "cuda" else None,
             **_buffer_sync_kwarg(args.norm != "iabn_sync"))
 
-    if info.is_main:
-        os.makedirs(args.out, exist_ok=True)
     csv_path = os.path.join(args.out, "log.csv")
     ckpt_path = os.path.join(args.out, CHECKPOINT_NAME)
     pred_dir = os.path.join(args.out, "predictions")
@@ -696,7 +683,7 @@ def _finish(summary: Dict[str, Any], results: Optional[Dict[str, Any]], args: ar
 
 # Exceptions that mean bad options, data, checkpoints or device (one line on stderr, exit status 2), by type.
 # torch.OutOfMemoryError: the batch or crop does not fit the device's memory (lower them).
-_USER_ERRORS = (DataError, CheckpointError, ValueError, FloatingPointError, DeviceError, torch.OutOfMemoryError)
+_USER_ERRORS = (DataError, CheckpointError, ValueError, DivergenceError, DeviceError, torch.OutOfMemoryError)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

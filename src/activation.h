@@ -86,7 +86,8 @@ struct ActivationOp<Activation::ELU> {
     using std::log1p;
     const bool pos = y > T(0);
     const T lowest = T(-1) + elu_clamp_margin<T>();
-    const T ratio = y * p.inv_param > lowest ? y * p.inv_param : lowest;
+    // "below the floor -> floor", not "above -> keep": a NaN y fails the comparison and stays NaN.
+    const T ratio = y * p.inv_param < lowest ? lowest : y * p.inv_param;
     // Unlike leaky_relu, a branch: log1p does not vectorise anyway, and this way it only runs for y <= 0.
     z = pos ? y : log1p(ratio);
     dz = pos ? dy : dy * (y + p.param);

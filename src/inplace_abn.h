@@ -16,6 +16,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <limits>
 
 #include <optional>
 #include <string_view>
@@ -156,11 +157,21 @@ inline Output make_output(const at::Tensor& like, const at::Tensor& like_native)
   return {result, direct ? result : at::empty_like(like_native)};
 }
 
-// The activation's constants in the compute type (1 / param precomputed; identity has none).
+// The activation's constants in the compute type (1 / param precomputed; identity has none). A slope / alpha
+// that rounds to 0 in T or whose reciprocal overflows would turn the inversion into inf / NaN gradients:
+// refused, as the Python layer does (validation._check_invertible_in), for direct torch.ops callers.
 template <typename T>
 ActivationParams<T> activation_params(Activation a, double param) {
-  const T p = a == Activation::Identity ? T(0) : static_cast<T>(param);
-  return {p, a == Activation::Identity ? T(0) : T(1) / p};
+  if (a == Activation::Identity) {
+    return {T(0), T(0)};
+  }
+  const T p = static_cast<T>(param);
+  const T inv = T(1) / p;
+  TORCH_CHECK(
+      p > T(0) && inv < std::numeric_limits<T>::infinity(), "activation_param ", param, " is too small for ",
+      sizeof(T) >= 8 ? "float64" : "float32", " computation: the inversion divides by it and 1 / ", param,
+      " overflows; use a value >= ", 1.0 / static_cast<double>(std::numeric_limits<T>::max()), " (e.g. 0.01)");
+  return {p, inv};
 }
 
 // Calls f(std::integral_constant<Activation, A>) so kernels are instantiated per activation.

@@ -193,3 +193,26 @@ def norm_stack(norm: str, depth: int) -> nn.Sequential:
         else:
             layers += [nn.BatchNorm2d(16), nn.LeakyReLU(0.01, inplace=True)]
     return nn.Sequential(*layers)
+
+
+def damage_checkpoint(path, nbytes: int = 16) -> str:
+    """Flips ``nbytes`` bytes inside the largest weight tensor stored in the checkpoint at ``path``.
+
+    The file stays a loadable zip (torch does not verify tensor bytes), so only a content checksum can tell.
+
+    Returns:
+        The state-dict key of the damaged tensor.
+    """
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    weights = ckpt["model"] if "model" in ckpt else ckpt
+    key = max((k for k, v in weights.items() if v.is_floating_point()), key=lambda k: weights[k].numel())
+    raw = weights[key].contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+    with open(path, "rb") as f:
+        data = bytearray(f.read())
+    at = data.find(raw)
+    assert at >= 0, "tensor bytes not found in the file"
+    n = min(nbytes, len(raw))
+    data[at:at + n] = bytes(b ^ 0x5A for b in data[at:at + n])
+    with open(path, "wb") as f:
+        f.write(data)
+    return key

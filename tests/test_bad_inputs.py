@@ -54,6 +54,12 @@ def _momentum_set_after_construction():
     m(_x())
 
 
+def _eps_set_after_construction():
+    m = InPlaceABN(C)
+    m.eps = float("nan")
+    m(_x())
+
+
 def _output_modified_in_place():
     x = torch.randn(2, C, 4, requires_grad=True)
     y = iabn(x * 1.0, _v(), _v(), None, None)
@@ -140,6 +146,25 @@ BAD_INPUTS = [
         _x(dtype=torch.bfloat16)), ValueError, ("ELU alpha) 1e-39 is too small for torch.float32",)),
     ("momentum-set-after-construction", _momentum_set_after_construction, ValueError,
      ("momentum must be a number in [0, 1]", "2.0")),
+    ("eps-set-after-construction", _eps_set_after_construction, ValueError, ("eps must be > 0 and finite", "nan")),
+    # --- overlapping memory: the layer writes into x (and the running statistics) ---
+    ("x-overlapping-unfold", lambda: iabn(torch.randn(2, C, 10).unfold(2, 4, 2), _v(), _v(), None, None),
+     ValueError, ("x has internally overlapping memory", "unfold", "pass x.contiguous()")),
+    ("x-overlapping-expand", lambda: iabn(torch.randn(2, C, 1).expand(2, C, 5), _v(), _v(), None, None),
+     ValueError, ("x has internally overlapping memory", "strides (3, 1, 0)")),
+    ("x-overlapping-as-strided", lambda: iabn(torch.randn(40).as_strided((2, C, 4), (3, 1, 1)), _v(), _v(),
+                                              None, None), ValueError, ("x has internally overlapping memory",)),
+    ("x-overlapping-module", lambda: InPlaceABN(C)(torch.randn(2, C, 10).unfold(2, 4, 2)), ValueError,
+     ("x has internally overlapping memory",)),
+    ("running-mean-overlapping", lambda: iabn(_x(), _v(), _v(), torch.zeros(1).expand(C), torch.ones(C)),
+     ValueError, ("running_mean has internally overlapping memory", "running_mean.contiguous()")),
+    ("running-var-overlapping", lambda: iabn(_x(), _v(), _v(), torch.zeros(C), torch.ones(1).expand(C)),
+     ValueError, ("running_var has internally overlapping memory",)),
+    # --- torch.func transforms: the layer named, and the way out ---
+    ("torch-func-grad", lambda: torch.func.grad(lambda t: InPlaceABN(C)(t * 1.0).sum())(_x()), RuntimeError,
+     ("inplace_abn", "cannot run under torch.func transforms", "to_batchnorm")),
+    ("torch-func-vmap", lambda: torch.func.vmap(lambda t: iabn(t * 1.0, _v(), _v(), None, None))(_x(4, 2, C, 3)),
+     RuntimeError, ("inplace_abn", "cannot run under torch.func transforms")),
     ("eval-without-running-stats", lambda: iabn(_x(), _v(), _v(), None, None, False), ValueError,
      ("running_mean and running_var are required when training=False",)),
     ("functional-unknown-activation", lambda: iabn(_x(), _v(), _v(), None, None, True, 0.1, EPS, "swish"),
@@ -207,6 +232,13 @@ OP_BAD_INPUTS = [
      RuntimeError, ("x must have shape (N, C, *)", "[5]")),
     ("op-forward_-unknown-activation", lambda: _op("forward_")(_X(), *_MV(), _v(), _v(), EPS, "swish", 0.01),
      RuntimeError, ("activation must be one of", "'swish'")),
+    # a slope / alpha whose reciprocal overflows (or that rounds to 0) in the compute dtype: float32 here
+    ("op-forward_-leaky-slope-1e-40", lambda: _op("forward_")(_X(), *_MV(), _v(), _v(), EPS, "leaky_relu", 1e-40),
+     RuntimeError, ("activation_param 1e-40 is too small for float32", "overflows")),
+    ("op-forward_-elu-alpha-1e-46", lambda: _op("forward_")(_X(), *_MV(), _v(), _v(), EPS, "elu", 1e-46),
+     RuntimeError, ("activation_param 1e-46 is too small for float32",)),
+    ("op-invert-leaky-slope-1e-40", lambda: _op("invert")(_X(), _v(), _v(), EPS, "leaky_relu", 1e-40, None),
+     RuntimeError, ("activation_param 1e-40 is too small for float32",)),
     ("op-forward_-leaky-slope-0", lambda: _op("forward_")(_X(), *_MV(), _v(), _v(), EPS, "leaky_relu", 0.0),
      RuntimeError, ("activation_param (negative slope) must be > 0", "got 0")),
     ("op-forward_-elu-alpha-0", lambda: _op("forward_")(_X(), *_MV(), _v(), _v(), EPS, "elu", 0.0),
@@ -404,3 +436,50 @@ def test_tiny_slope_is_accepted_where_its_reciprocal_fits(backend):
     for name, g, r in zip(("dx", "dweight", "dbias"), grads, ref_grads):
         assert torch.isfinite(g).all(), name
         torch.testing.assert_close(g, r, rtol=1e-8, atol=1e-8, msg=name)
+
+
+@pytest.mark.parametrize("change", ["momentum", "eps", "overlapping-x"])
+def test_refused_call_leaves_every_state_alone(backend, change):
+    """momentum / eps changed after construction and an overlapping input are refused before anything is
+    written: the input's storage, the running statistics and num_batches_tracked are unchanged."""
+    m = InPlaceABN(C)
+    with torch.no_grad():
+        m.running_mean.uniform_()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    base = torch.randn(2, C, 10)
+    x = base[..., :6]
+    if change == "momentum":
+        m.momentum = -0.5
+    elif change == "eps":
+        m.eps = 0.0
+    else:
+        x = base.unfold(2, 4, 2)
+    base0 = base.clone()
+    with pytest.raises(ValueError, match={"momentum": "momentum", "eps": "eps", "overlapping-x": "overlapping"}[change]):
+        m(x)
+    torch.testing.assert_close(base, base0, rtol=0, atol=0)
+    for k, v in m.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0, msg=k)
+
+
+def _views():
+    """Non-overlapping strided inputs, which must be accepted (the last one has strides that need the exact
+    enumeration of offsets: channel stride 2 and length stride 3 interleave without colliding)."""
+    return {
+        "stepped": torch.randn(2, C, 12, dtype=torch.float64)[..., ::3],
+        "unfold-no-overlap": torch.randn(2, C, 8, dtype=torch.float64).unfold(2, 2, 2),
+        "as-strided-interleaved": torch.randn(16, dtype=torch.float64).as_strided((2, C, 2), (8, 2, 3)),
+    }
+
+
+@pytest.mark.parametrize("view", ["stepped", "unfold-no-overlap", "as-strided-interleaved"])
+def test_non_overlapping_strided_input_matches_its_contiguous_copy(backend, view):
+    x = _views()[view]
+    from inplace_abn.validation import has_internal_overlap
+
+    assert not has_internal_overlap(x)
+    xc = x.contiguous()
+    w, b = torch.tensor([0.5, -2.0, 1.5], dtype=torch.float64), torch.tensor([0.1, 0.0, -0.2], dtype=torch.float64)
+    y = iabn(x, w, b, None, None, True, 0.1, EPS, "leaky_relu", 0.1)
+    yc = iabn(xc, w, b, None, None, True, 0.1, EPS, "leaky_relu", 0.1)
+    torch.testing.assert_close(y, yc)

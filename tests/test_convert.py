@@ -6,6 +6,7 @@ packages cannot be imported with the installed torch.
 
 from __future__ import annotations
 
+import argparse
 import collections
 import copy
 import io
@@ -391,6 +392,108 @@ def test_load_v1_checkpoint_into_wrapped_model_and_path(tmp_path):
     with pytest.raises(RuntimeError):
         load_inplace_abn_v1_state_dict(_v1_model(), {"0.weight": torch.zeros(4, 3, 1, 1)})
     load_inplace_abn_v1_state_dict(_v1_model(), {"0.weight": torch.zeros(4, 3, 1, 1)}, strict=False)
+
+
+def _mutate_data(y):
+    y.data.mul_(0.5)
+
+
+def _init_on_data(y):  # (fx cannot trace item assignment on a proxy: such a model stays unconverted)
+    nn.init.zeros_(y.data)
+
+
+def _transpose_attr(y):
+    y.mT.add_(1.0)
+
+
+def _tensor_method_on_data(y):
+    torch.clamp_(y.data, max=0.1)
+
+
+def _detach_then_fill(y):
+    y.detach().view(-1)[:3].fill_(2.0)
+
+
+# Writes into the output of a BatchNorm -> activation pair that autograd does not see (through .data, a
+# detached view, an aliasing attribute). The fused layer keeps that output for backward: such a pair stays
+# unconverted, and the report says why.
+HIDDEN_MUTATIONS = [
+    ("data-mul_", _mutate_data, "call_method mul_"),
+    ("nn.init.zeros_-on-data", _init_on_data, "call_method zero_"),
+    ("mT-add_", _transpose_attr, "call_method add_"),
+    ("torch.clamp_-on-data", _tensor_method_on_data, "call_function clamp_"),
+    ("detach-view-fill_", _detach_then_fill, "call_method fill_"),
+]
+
+
+@pytest.mark.parametrize("mutate, fragment", [r[1:] for r in HIDDEN_MUTATIONS], ids=[r[0] for r in HIDDEN_MUTATIONS])
+def test_hidden_mutation_of_the_output_keeps_the_pair_and_says_so(mutate, fragment):
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.act = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.LeakyReLU(0.01)
+            self.head = nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            y = self.act(self.bn(self.conv(x)))
+            mutate(y)
+            return self.head(y)
+
+    torch.manual_seed(0)
+    model = _randomize_bn(M()).double()
+    conv, report = convert_model(model, return_report=True)
+    assert not report.layers[0].converted and isinstance(conv.bn, nn.BatchNorm2d)
+    assert "its output is modified in place by " + fragment in report.layers[0].reason
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    grads = []
+    for m in (model, conv):
+        m.train().zero_grad()
+        m(x).square().mean().backward()
+        grads.append([p.grad for p in m.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def _v1_file(path, kind):
+    """Writes a 1.1.0-style checkpoint file at ``path``, intact or damaged as ``kind`` says."""
+    _, sd = _v1_state(drop_nbt=False)
+    if kind == "missing":
+        return
+    if kind == "pickled-object":  # intact, but holds an object the safe loader refuses
+        torch.save({"state_dict": sd, "args": argparse.Namespace(lr=0.1)}, path)
+        return
+    torch.save({"state_dict": sd}, path, _use_new_zipfile_serialization=kind.endswith("zip"))
+    data = path.read_bytes()
+    path.write_bytes({"empty": b"", "garbage": b"\x00garbage" * 50, "truncated-zip": data[: len(data) // 2],
+                      "truncated-legacy": data[: len(data) // 2]}[kind])
+
+
+@pytest.mark.parametrize("kind, exc, fragment", [
+    ("missing", FileNotFoundError, "not found"),
+    ("empty", ValueError, "is empty (0 bytes)"),
+    ("garbage", ValueError, "is not a PyTorch checkpoint"),
+    ("truncated-zip", ValueError, "is not a PyTorch checkpoint"),
+    ("truncated-legacy", ValueError, "is corrupt or truncated"),
+    ("pickled-object", ValueError, "Only if the file is intact and from a source you trust"),
+])
+def test_load_v1_bad_files_name_the_file(tmp_path, kind, exc, fragment):
+    path = tmp_path / "v1.pth"
+    _v1_file(path, kind)
+    with pytest.raises(exc, match="state_dict_or_path") as e:
+        load_inplace_abn_v1_state_dict(_v1_model(), str(path))
+    assert fragment in str(e.value) and str(path) in str(e.value)
+    if kind == "pickled-object":  # the documented way out for a trusted file
+        load_inplace_abn_v1_state_dict(_v1_model(), str(path), weights_only=False)
+    elif kind != "missing":
+        assert "weights_only=False" not in str(e.value)  # a damaged file gets no hint at the unsafe loader
+
+
+def test_load_v1_legacy_format_file(tmp_path):
+    src, sd = _v1_state(drop_nbt=False)
+    torch.save(sd, tmp_path / "v1.pth", _use_new_zipfile_serialization=False)
+    dst = _v1_model()
+    load_inplace_abn_v1_state_dict(dst, str(tmp_path / "v1.pth"))
+    torch.testing.assert_close(dst[1].weight, src[1].weight)
 
 
 # ------------------------------------------------------------------------ third-party models (optional)

@@ -634,3 +634,24 @@ def test_absmax_empty(cuda_device, dtype):
     """absmax of an empty batch: zeros (no value exceeds 0), in the opmath dtype."""
     got = torch.ops.inplace_abn.absmax(torch.empty((0, 3, 4), dtype=dtype, device=cuda_device))
     assert got.dtype == torch.float32 and torch.equal(got.cpu(), torch.zeros(3))
+
+
+def test_float64_running_buffers_of_a_float32_layer_are_updated_in_float64(cuda_device):
+    """float32 input, float64 running statistics: the update runs in float64 as on the CPU (it used to be
+    rounded to float32 every step on CUDA, a drift the CPU and the pure-PyTorch path do not have)."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 16, 16)
+    rm = torch.tensor([0.1, 1e-9, -0.3], dtype=torch.float64) + 1.0 / 3.0
+    rv = torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64) + 1e-12
+    cpu = (rm.clone(), rv.clone())
+    dev = (rm.to(cuda_device), rv.to(cuda_device))
+    w, b = torch.ones(3), torch.zeros(3)
+    for stats, device in ((cpu, "cpu"), (dev, cuda_device)):
+        for _ in range(3):
+            xd, wd, bd = x.clone().to(device), w.to(device), b.to(device)
+            inplace_abn_fn(xd, wd, bd, *stats, True, 0.1, EPS, "leaky_relu", 0.01)
+    for got, want in zip(dev, cpu):
+        assert got.dtype == torch.float64
+        # float32 statistics (the same up to the reduction order), float64 update: far below float32's ulp
+        assert_close(got.cpu(), want, rtol=1e-6, atol=1e-7)
+        assert not torch.equal(got.cpu().float().double(), got.cpu())  # not rounded to float32

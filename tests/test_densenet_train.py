@@ -8,6 +8,7 @@ import json
 import math
 import os
 import pickle
+import re
 import sys
 from pathlib import Path
 
@@ -293,3 +294,83 @@ def test_saved_mib_is_the_meters_exact_count(tmp_path):
                                         exclude=parameters_of(model))
     assert mem.norm_bytes == real
     assert mem.norm_bytes < mem.bn_bytes and "memory=checkpoint" in mem.baseline
+
+
+# ------------------------------------------------------------------------------------------- divergence
+
+
+def test_divergence_is_a_clear_error_without_a_checkpoint(tmp_path, capsys):
+    _write_cifar(tmp_path / "data", n=8)
+    out = tmp_path / "out"
+    rc = dn_train.main(_tiny_args(out, "--data", "cifar10", "--data-dir", str(tmp_path / "data"), "--epochs", "1",
+                                  "--limit-train", "32", "--lr", "1e30"))
+    err = capsys.readouterr().err
+    assert rc == 2 and re.search(r"diverged at iteration \d+ \(epoch 1\)", err) and "Traceback" not in err
+    assert not (out / "checkpoint.pt").exists()
+
+
+def test_divergence_in_a_later_epoch_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
+    _write_cifar(tmp_path / "data", n=8)
+    real_step = torch.optim.SGD.step
+    calls = {"n": 0}
+
+    def step(self, *a, **k):  # step 3 = the first of epoch 2 (2 batches of 16 per epoch)
+        out = real_step(self, *a, **k)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            with torch.no_grad():
+                self.param_groups[0]["params"][-1].view(-1)[0] = float("inf")
+        return out
+
+    monkeypatch.setattr(torch.optim.SGD, "step", step)
+    out = tmp_path / "out"
+    rc = dn_train.main(_tiny_args(out, "--data", "cifar10", "--data-dir", str(tmp_path / "data"), "--epochs", "2",
+                                  "--limit-train", "32"))
+    err = capsys.readouterr().err
+    assert rc == 2 and "diverged at iteration 3 (epoch 2)" in err
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values()
+                                      if v.is_floating_point())
+    assert not (out / "final.json").exists()
+
+
+# ------------------------------------------------------------------------------------------- --out protection
+
+
+def test_out_with_an_earlier_run_is_refused_unless_resume_or_overwrite(tmp_path, capsys):
+    _write_cifar(tmp_path / "data", n=8)
+    common = ["--data", "cifar10", "--data-dir", str(tmp_path / "data"), "--epochs", "1", "--limit-train", "16"]
+    out = tmp_path / "out"
+    assert dn_train.main(_tiny_args(out, *common)) == 0
+    first = (out / "checkpoint.pt").read_bytes()
+    capsys.readouterr()
+    assert dn_train.main(_tiny_args(out, *common, "--seed", "3")) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--overwrite" in err and str(out) in err
+    assert (out / "checkpoint.pt").read_bytes() == first
+    assert dn_train.main(_tiny_args(out, *common, "--seed", "3", "--overwrite")) == 0
+    assert (out / "checkpoint.pt").read_bytes() != first
+
+
+@pytest.mark.parametrize("kind", ["file", "under-a-file"])
+def test_unusable_out_fails_before_training(tmp_path, capsys, kind):
+    (tmp_path / "f").write_bytes(b"")
+    out = tmp_path / "f" if kind == "file" else tmp_path / "f" / "sub"
+    rc = dn_train.main(_tiny_args(out, "--data", "cifar10", "--data-dir", str(tmp_path / "missing")))
+    err = capsys.readouterr().err
+    # refused before the (missing) data is even looked at
+    assert rc == 2 and "--out" in err and str(out) in err and "cifar" not in err.lower()
+
+
+def test_damaged_checkpoint_is_refused_on_resume(tmp_path, capsys):
+    from helpers import damage_checkpoint
+
+    _write_cifar(tmp_path / "data", n=8)
+    common = ["--data", "cifar10", "--data-dir", str(tmp_path / "data"), "--epochs", "2", "--limit-train", "16"]
+    out = tmp_path / "out"
+    assert dn_train.main(_tiny_args(out, *common, "--stop-after", "1")) == 0
+    damage_checkpoint(out / "checkpoint.pt")
+    capsys.readouterr()
+    assert dn_train.main(_tiny_args(out, *common, "--resume", str(out / "checkpoint.pt"))) == 2
+    err = capsys.readouterr().err
+    assert "is damaged" in err and str(out / "checkpoint.pt") in err

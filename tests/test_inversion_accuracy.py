@@ -660,3 +660,18 @@ if __name__ == "__main__":
     parser.add_argument("--residual", action="store_true", help="the fused residual grid (RES_BOUNDS) instead")
     cli = parser.parse_args()
     _main_residual(cli.seeds) if cli.residual else _main(cli.seeds)
+
+
+@pytest.mark.parametrize("activation, param", [("leaky_relu", 0.01), ("elu", 1.0), ("elu", 0.3), ("identity", 0.0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_invert_propagates_nan(backend, activation, param, dtype):
+    """A NaN output inverts to NaN (the ELU clamp used to map it to the saturation floor, a finite value),
+    on both backends; the finite elements of the same call are unaffected."""
+    y = torch.tensor([[float("nan"), 0.5, -0.1], [0.25, float("nan"), 0.0]], dtype=dtype)
+    w, b = torch.tensor([1.5, -0.5, 2.0], dtype=dtype), torch.tensor([0.1, 0.2, -0.3], dtype=dtype)
+    x_hat = functions.recover_normalized_input(y, w, b, 1e-5, activation, param)
+    nan = torch.isnan(y)
+    assert torch.isnan(x_hat[nan]).all(), x_hat
+    finite = functions.recover_normalized_input(torch.where(nan, torch.zeros_like(y), y), w, b, 1e-5, activation,
+                                                param)
+    torch.testing.assert_close(x_hat[~nan], finite[~nan])

@@ -417,13 +417,14 @@ def test_create_graph_gives_first_order_grads_and_refuses_second_order(backend):
         grads[1][0].sum().backward()
 
 
-def test_torch_func_transforms_get_pytorchs_refusal(backend):
-    """The layer's autograd.Function has no vmap rule: vmap raises PyTorch's own error instead of running
-    unbatched."""
+def test_torch_func_transforms_are_refused_naming_the_layer(backend):
+    """The layer's autograd.Function has no vmap rule: vmap raises (instead of running unbatched) with a
+    message naming the layer and the way out, PyTorch's own refusal chained as the cause."""
     x = torch.randn(3, 2, 4, 5)
     weight, bias = torch.ones(4), torch.zeros(4)
-    with pytest.raises(RuntimeError, match="setup_context"):
+    with pytest.raises(RuntimeError, match="inplace_abn .* cannot run under torch.func transforms") as e:
         torch.func.vmap(lambda t: inplace_abn.functions.inplace_abn(t.clone(), weight, bias, None, None))(x)
+    assert "setup_context" in str(e.value.__cause__)
 
 
 @pytest.mark.skipif(not inplace_abn.extension_loaded(), reason="needs both backends")

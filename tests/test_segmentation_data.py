@@ -25,6 +25,7 @@ if _ROOT not in sys.path:
 from segmentation import synthetic  # noqa: E402
 from segmentation.data import (  # noqa: E402
     CITYSCAPES_CLASSES,
+    CITYSCAPES_LABELS,
     IGNORE_INDEX,
     LABEL_ID_TO_TRAIN_ID,
     NUM_CLASSES,
@@ -154,7 +155,7 @@ def test_synthetic_refuses_non_empty_and_cli(tmp_path, capsys):
                            "--width", "32"]) == 2
     assert "not empty" in capsys.readouterr().err
     assert synthetic.main(["--out", str(out), "--num-train", "0"]) == 2
-    assert "num_train" in capsys.readouterr().err
+    assert "argument --num-train: must be an integer >= 1" in capsys.readouterr().err
     # --force replaces leftImg8bit/ and gtFine/ (a stale image disappears) and leaves other files alone.
     stale = out / "leftImg8bit" / "train" / "x" / "stale_leftImg8bit.png"
     stale.parent.mkdir(parents=True)
@@ -231,6 +232,59 @@ def test_error_label_not_single_channel(small_root):
     Image.open(lab).convert("RGB").save(lab)
     with pytest.raises(DataError, match=re.escape(lab.name) + ".*single-channel"):
         CityscapesSegmentation(str(small_root), "train")
+
+
+def _as_jpeg(lab: Path) -> None:
+    Image.open(lab).save(lab, format="JPEG", quality=75)  # a lossy file under the .png name
+
+
+def _as_gif(lab: Path) -> None:
+    Image.open(lab).save(lab, format="GIF")  # lossless, but not a PNG
+
+
+def _with_value(value: int, dtype=np.uint8):
+    def damage(lab: Path) -> None:
+        ids = np.array(Image.open(lab)).astype(dtype)  # uint16: a 16-bit PNG (as instanceIds files are)
+        ids[0, :3] = value
+        Image.fromarray(ids).save(lab)
+    return damage
+
+
+# (damage, when the error is raised, message fragment): every row names the label file.
+LABEL_FILE_CASES = [
+    (_as_jpeg, "construction", "is a JPEG file named .png"),
+    (_as_gif, "construction", "is a GIF file named .png"),
+    (_with_value(34), "load", "not Cityscapes label ids (34;"),
+    (_with_value(200), "load", "not Cityscapes label ids (200;"),
+    (_with_value(26001, np.uint16), "load", "not Cityscapes label ids (26001;"),  # an instanceIds value
+    (_with_value(256, np.uint16), "load", "not Cityscapes label ids (256;"),
+]
+
+
+@pytest.mark.parametrize("damage, when, fragment", LABEL_FILE_CASES,
+                         ids=["jpeg", "gif", "id-34", "id-200", "instance-id", "id-256"])
+def test_label_file_that_is_not_what_it_claims_is_refused(small_root, damage, when, fragment):
+    img, lab = _pairs(small_root)[0]
+    damage(lab)
+    if when == "construction":
+        with pytest.raises(DataError, match=re.escape(str(lab))) as e:
+            CityscapesSegmentation(str(small_root), "train")
+    else:
+        ds = CityscapesSegmentation(str(small_root), "train")
+        with pytest.raises(DataError, match=re.escape(str(lab))) as e:
+            ds[0]
+        ds[1]  # the intact pair still loads
+    assert fragment in str(e.value)
+
+
+def test_every_cityscapes_label_id_is_accepted(small_root):
+    img, lab = _pairs(small_root)[0]
+    ids = np.array(Image.open(lab))
+    all_ids = np.array([lb.id % 256 for lb in CITYSCAPES_LABELS], dtype=np.uint8)
+    ids.reshape(-1)[: all_ids.size] = all_ids
+    Image.fromarray(ids).save(lab)
+    _, y = CityscapesSegmentation(str(small_root), "train")[0]
+    assert set(torch.unique(y).tolist()) <= VALID_TRAIN_IDS
 
 
 # ------------------------------------------------------------------------------------------------ transforms

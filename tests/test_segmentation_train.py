@@ -10,6 +10,7 @@ import csv
 import json
 import math
 import os
+import re
 import socket
 import sys
 import time
@@ -17,6 +18,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Dict, List
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -407,3 +409,113 @@ _real_generate = synthetic.generate
 def _small_generate(out: str, **kwargs: Any) -> None:
     kwargs.update(num_train=4, num_val=2, size=(48, 64), color=False)
     _real_generate(out, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------- divergence
+
+
+def _poison_step_at(monkeypatch, at: int) -> None:
+    """Makes the optimizer step number ``at`` (1-based, counted over the whole process) write a NaN weight."""
+    real_step = torch.optim.SGD.step
+    calls = {"n": 0}
+
+    def step(self, *a, **k):
+        out = real_step(self, *a, **k)
+        calls["n"] += 1
+        if calls["n"] == at:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].view(-1)[0] = float("nan")
+        return out
+
+    monkeypatch.setattr(torch.optim.SGD, "step", step)
+
+
+@pytest.mark.parametrize("mode", [[], ["--amp"]], ids=["float32", "amp"])
+@pytest.mark.parametrize("at", [5, 6], ids=["mid-epoch", "last-step"])
+def test_divergence_stops_with_the_iteration_and_keeps_the_good_checkpoint(data_dir, tmp_path, capsys, monkeypatch,
+                                                                         mode, at):
+    # 2 epochs of 3 iterations; the weights become NaN at step `at` of epoch 2 (6 = the very last step).
+    _poison_step_at(monkeypatch, at)
+    rc = seg_train.main(_tiny(data_dir, tmp_path, "--epochs", "2", "--eval-every", "0", "--save-predictions", "0",
+                              *mode))
+    err = capsys.readouterr().err
+    assert rc == 2 and f"diverged at iteration {at} (epoch 2)" in err and "Traceback" not in err
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["iteration"] == 3
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert not (tmp_path / "final.json").exists()
+
+
+def test_huge_learning_rate_diverges_without_a_checkpoint(data_dir, tmp_path, capsys):
+    rc = seg_train.main(_tiny(data_dir, tmp_path, "--iters", "3", "--eval-every", "0", "--save-predictions", "0",
+                              "--lr", "1e30"))
+    err = capsys.readouterr().err
+    assert rc == 2 and re.search(r"diverged at iteration [123] \(epoch 1\)", err) and "Traceback" not in err
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+# ------------------------------------------------------------------------------------------- --out protection
+
+
+def test_out_with_an_earlier_run_is_refused_unless_resume_or_overwrite(data_dir, tmp_path, capsys):
+    common = ["--iters", "1", "--eval-every", "0", "--save-predictions", "0"]
+    assert seg_train.main(_tiny(data_dir, tmp_path, *common)) == 0
+    first = {n: (tmp_path / n).read_bytes() for n in ("checkpoint.pt", "log.csv", "final.json")}
+    capsys.readouterr()
+    assert seg_train.main(_tiny(data_dir, tmp_path, *common, "--seed", "5")) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--overwrite" in err and "--resume" in err
+    assert {n: (tmp_path / n).read_bytes() for n in first} == first
+    (tmp_path / ".tmp-killed.pt").write_bytes(b"\0" * 4096)  # an interrupted atomic write
+    assert seg_train.main(_tiny(data_dir, tmp_path, *common, "--seed", "5", "--overwrite")) == 0
+    assert (tmp_path / "checkpoint.pt").read_bytes() != first["checkpoint.pt"]
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_out_that_is_a_file_fails_before_training(data_dir, tmp_path, capsys):
+    out = tmp_path / "file"
+    out.write_bytes(b"")
+    assert seg_train.main(_tiny(data_dir, out, "--iters", "1")) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "is a file" in err and "epoch" not in err
+
+
+# ------------------------------------------------------------------------------------------- damaged checkpoints
+
+
+def test_damaged_checkpoint_is_refused_by_resume_and_evaluate(data_dir, tmp_path, capsys):
+    from helpers import damage_checkpoint
+
+    common = ["--iters", "2", "--eval-every", "0", "--save-predictions", "0"]
+    assert seg_train.main(_tiny(data_dir, tmp_path, *common)) == 0
+    ckpt = tmp_path / "checkpoint.pt"
+    damage_checkpoint(ckpt, nbytes=4096)
+    capsys.readouterr()
+    assert seg_train.main(_tiny(data_dir, tmp_path, *common, "--resume", str(ckpt))) == 2
+    err = capsys.readouterr().err
+    assert "is damaged" in err and str(ckpt) in err and "--resume" in err
+    assert seg_eval.main(["--checkpoint", str(ckpt), "--data", str(data_dir), "--save-predictions", "0",
+                          "--device", "cpu", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "is damaged" in err and "--checkpoint" in err
+
+
+# ------------------------------------------------------------------------------------------- label files
+
+
+@pytest.mark.parametrize("damage", ["jpeg", "values"])
+def test_label_file_that_is_not_what_it_claims_stops_the_run_naming_it(tmp_path, capsys, damage):
+    data = tmp_path / "data"
+    synthetic.generate(str(data), num_train=4, num_val=2, size=(64, 96), seed=1, color=False)
+    lab = sorted((data / "gtFine" / "train").glob("*/*_gtFine_labelIds.png"))[1]
+    if damage == "jpeg":
+        Image.open(lab).save(lab, format="JPEG")
+    else:
+        ids = np.array(Image.open(lab))
+        ids[5, 5] = 77
+        Image.fromarray(ids).save(lab)
+    rc = seg_train.main(_tiny(data, tmp_path / "out", "--epochs", "1", "--eval-every", "0",
+                              "--save-predictions", "0"))
+    err = capsys.readouterr().err
+    assert rc == 2 and str(lab) in err and "Traceback" not in err
+    assert not (tmp_path / "out" / "checkpoint.pt").exists()

@@ -433,3 +433,132 @@ def test_compare_saved_memory_and_line():
     assert counted == ["bn"] and same.ratio == 1.0  # the baseline itself is counted once
     real = compare_saved_memory(lambda norm: saved_bytes_on_meta(lambda: _conv_iabn(norm), _step), "iabn")
     assert real.norm_bytes < real.bn_bytes
+
+
+# ------------------------------------------------------------------------------------------- divergence
+
+
+@pytest.mark.parametrize("where", ["weight", "buffer", "loss"])
+def test_check_finite_step_names_iteration_and_tensor(where):
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    trainkit.check_finite_step(model, torch.tensor(1.0), 1)  # all finite: no error
+    loss = torch.tensor(1.0)
+    with torch.no_grad():
+        if where == "weight":
+            model[0].weight[1, 1] = float("nan")
+        elif where == "buffer":
+            model[1].running_var[0] = float("inf")
+        else:
+            loss = torch.tensor(float("-inf"))
+    expect = {"weight": "'0.weight'", "buffer": "'1.running_var'", "loss": "loss -inf"}[where]
+    with pytest.raises(trainkit.DivergenceError, match=rf"iteration 7 \(epoch 2\): .*{expect}"):
+        trainkit.check_finite_step(model, loss, 7, epoch=2)
+
+
+def test_save_training_checkpoint_refuses_non_finite_weights(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1)
+    path = tmp_path / "checkpoint.pt"
+    save_training_checkpoint(str(path), model=model, optimizer=opt, scheduler=sched, epoch=1, args={})
+    with torch.no_grad():
+        model.bias[0] = float("nan")
+    with pytest.raises(trainkit.DivergenceError, match="'bias'"):
+        save_training_checkpoint(str(path), model=model, optimizer=opt, scheduler=sched, epoch=2, args={})
+    assert torch.load(path, weights_only=True)["epoch"] == 1 and os.listdir(tmp_path) == ["checkpoint.pt"]
+
+
+# ------------------------------------------------------------------------------------------- --out protection
+
+_RUN = ("checkpoint.pt", "log.csv", "final.json")
+
+
+@pytest.mark.parametrize("layout, kwargs, fragment", [
+    ({"checkpoint.pt": b"x"}, {}, "already holds a run (checkpoint.pt)"),
+    ({"log.csv": b"x", "final.json": b"{}"}, {}, "already holds a run (log.csv, final.json)"),
+    ({"log.csv": b"x"}, {"create": False}, "--overwrite"),
+    ("file", {}, "is a file, not a folder"),
+    ("file", {"resume": "ck.pt"}, "is a file, not a folder"),
+    ("under-a-file", {}, "cannot be written"),
+], ids=["checkpoint", "log-and-final", "read-only-check", "file", "file-with-resume", "under-a-file"])
+def test_prepare_out_dir_refuses(tmp_path, layout, kwargs, fragment):
+    out = tmp_path / "out"
+    if layout == "file":
+        out.write_bytes(b"not a folder")
+    elif layout == "under-a-file":
+        (tmp_path / "f").write_bytes(b"")
+        out = tmp_path / "f" / "out"
+    else:
+        out.mkdir()
+        for name, data in layout.items():
+            (out / name).write_bytes(data)
+    before = {p.name: p.read_bytes() for p in out.iterdir()} if out.is_dir() else None
+    with pytest.raises(trainkit.OutDirError, match="--out") as e:
+        trainkit.prepare_out_dir(str(out), _RUN, **kwargs)
+    assert fragment in str(e.value) and str(out) in str(e.value)
+    if before is not None:
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing touched
+
+
+def test_prepare_out_dir_resume_overwrite_and_stale_temp_files(tmp_path):
+    out = tmp_path / "run"
+    trainkit.prepare_out_dir(str(out), _RUN)  # creates a missing folder
+    assert out.is_dir() and os.listdir(out) == []
+    (out / "checkpoint.pt").write_bytes(b"ck")
+    (out / "final.json").write_bytes(b"{}")
+    (out / ".tmp-abc123.pt").write_bytes(b"\0" * 1000)  # what a killed atomic_save leaves
+    (out / "notes.txt").write_bytes(b"mine")
+    trainkit.prepare_out_dir(str(out), _RUN, resume=str(out / "checkpoint.pt"))
+    assert sorted(os.listdir(out)) == ["checkpoint.pt", "final.json", "notes.txt"]  # the run kept, temp gone
+    trainkit.prepare_out_dir(str(out), _RUN, overwrite=True)
+    assert os.listdir(out) == ["notes.txt"]  # the earlier run's files removed, nothing else
+
+
+# ------------------------------------------------------------------------------------------- checksums
+
+
+def _tamper_tensor_bytes(path):
+    from helpers import damage_checkpoint
+
+    damage_checkpoint(str(path))
+
+
+def _tamper_number(path):  # a re-pickled file whose epoch changed but whose stored checksum did not
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["epoch"] += 1
+    torch.save(ckpt, path)
+
+
+def _tamper_key(path):
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["model"] = {k.replace("weight", "weigth"): v for k, v in ckpt["model"].items()}
+    torch.save(ckpt, path)
+
+
+@pytest.mark.parametrize("tamper", [_tamper_tensor_bytes, _tamper_number, _tamper_key],
+                         ids=["tensor-bytes", "number", "key"])
+def test_load_checkpoint_refuses_content_that_does_not_match_its_checksum(tmp_path, tamper):
+    path = tmp_path / "checkpoint.pt"
+    atomic_save({"model": torch.nn.Linear(8, 8).state_dict(), "epoch": 3, "args": {"lr": 0.1}}, str(path))
+    assert load_checkpoint(str(path), required=("model",))["epoch"] == 3  # intact: verified and loaded
+    tamper(path)
+    with pytest.raises(CheckpointError, match="is damaged") as e:
+        load_checkpoint(str(path), required=("model",), option="--checkpoint")
+    assert str(path) in str(e.value) and "--checkpoint" in str(e.value)
+
+
+def test_content_sha256_sees_every_entry_and_legacy_files_load():
+    base = {"w": torch.arange(6.0).reshape(2, 3), "n": 1, "s": "a", "l": [1.5, None]}
+    digest = trainkit.content_sha256(base)
+    assert trainkit.content_sha256({**base, trainkit.CHECKSUM_KEY: "anything"}) == digest
+    # a set's iteration order changes with the process's string hashing: its checksum must not
+    assert trainkit.content_sha256({"s": {"a", "bb", "ccc"}}) == trainkit.content_sha256({"s": {"ccc", "a", "bb"}})
+    for changed in ({**base, "w": torch.arange(6.0).reshape(3, 2)}, {**base, "w": base["w"].double()},
+                    {**base, "n": 2}, {**base, "s": "b"}, {**base, "l": [1.5, 0]}, {**base, "x": 0}):
+        assert trainkit.content_sha256(changed) != digest
+
+
+def test_checkpoint_without_checksum_loads_unverified(tmp_path):
+    path = tmp_path / "old.pt"
+    torch.save({"model": {"w": torch.ones(2)}}, path)  # as written before checksums existed
+    assert torch.equal(load_checkpoint(str(path), required=("model",))["model"]["w"], torch.ones(2))

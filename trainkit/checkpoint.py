@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from typing import Any, Dict, Iterable, Mapping, Optional, Type
 
 import torch
 
-__all__ = ["CheckpointError", "ResumeError", "atomic_save", "load_checkpoint", "check_same_args"]
+from .outdir import TEMP_PREFIX
+
+__all__ = ["CheckpointError", "ResumeError", "CHECKSUM_KEY", "content_sha256", "atomic_save", "load_checkpoint",
+           "check_same_args"]
+
+#: Top-level key of the content checksum that :func:`atomic_save` adds to a dict checkpoint.
+CHECKSUM_KEY = "content_sha256"
 
 
 class CheckpointError(RuntimeError):
@@ -19,18 +26,69 @@ class ResumeError(CheckpointError):
     """A --resume checkpoint is missing, corrupt or was written by an incompatible run."""
 
 
+def _feed(h: "hashlib._Hash", obj: Any) -> None:
+    """Hashes ``obj`` into ``h``: type tags, lengths and keys in order, tensors by dtype, shape and bytes."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, Mapping):
+        h.update(f"D{len(obj)}".encode())
+        for k, v in obj.items():
+            _feed(h, k)
+            _feed(h, v)
+    elif isinstance(obj, (set, frozenset)):  # iteration order varies between processes: hash sorted digests
+        h.update(f"S{len(obj)}".encode())
+        for digest in sorted(_digest(v) for v in obj):
+            h.update(digest)
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"{type(obj).__name__[0]}{len(obj)}".encode())
+        for v in obj:
+            _feed(h, v)
+    else:  # numbers, strings, None, dtypes: repr round-trips them (floats exactly, NaN included)
+        h.update(f"{type(obj).__name__}:{obj!r};".encode())
+
+
+def _digest(obj: Any) -> bytes:
+    h = hashlib.sha256()
+    _feed(h, obj)
+    return h.digest()
+
+
+def content_sha256(obj: Mapping[str, Any]) -> str:
+    """SHA-256 of a checkpoint's content (every entry but :data:`CHECKSUM_KEY`), as it is after loading.
+
+    Computed over the loaded objects rather than the file's bytes, so the checksum lives inside the file
+    (still a plain ``torch.load``-able dict) and a flipped byte anywhere in a tensor, a number or a key
+    changes it.
+
+    Args:
+        obj: A checkpoint dict.
+
+    Returns:
+        The hex digest.
+    """
+    h = hashlib.sha256()
+    _feed(h, {k: v for k, v in obj.items() if k != CHECKSUM_KEY})
+    return h.hexdigest()
+
+
 def atomic_save(obj: Any, path: str) -> None:
     """``torch.save(obj)`` to a temp file in the target's folder, fsync, then ``os.replace`` onto ``path``.
 
     A crash (or Ctrl-C) at any moment leaves either the previous file or the new one, never half a file;
     the temp file is removed on failure. The result gets the usual permissions (0666 minus the umask).
+    A dict gets its :func:`content_sha256` under :data:`CHECKSUM_KEY`, which :func:`load_checkpoint`
+    verifies.
 
     Args:
         obj: Anything ``torch.save`` accepts.
         path: Destination; its folder must exist.
     """
+    if isinstance(obj, dict):
+        obj = {**obj, CHECKSUM_KEY: content_sha256(obj)}
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".pt", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
@@ -54,7 +112,10 @@ def load_checkpoint(
     error: Type[Exception] = CheckpointError,
     checkpoint_name: str = "checkpoint.pt",
 ) -> Dict[str, Any]:
-    """Loads a checkpoint on the CPU with ``weights_only=True`` and checks that it has the ``required`` keys.
+    """Loads a checkpoint on the CPU with ``weights_only=True``, verifies its checksum and its ``required`` keys.
+
+    A checkpoint written by :func:`atomic_save` carries a :func:`content_sha256` that must match its content
+    (a damaged file is refused); one without the key (written before checksums existed) loads unverified.
 
     Args:
         path: The file.
@@ -68,7 +129,8 @@ def load_checkpoint(
         The checkpoint dict.
 
     Raises:
-        error: file not found ("not found"), unreadable ("corrupt"), or keys missing ("not a ... checkpoint").
+        error: file not found ("not found"), unreadable ("corrupt"), content that does not match its checksum
+            ("damaged"), or keys missing ("not a ... checkpoint").
     """
     if not os.path.isfile(path):
         raise error(
@@ -81,6 +143,11 @@ def load_checkpoint(
             f"{option} checkpoint {path!r} is corrupt or not a checkpoint ({type(e).__name__}: {e}). "
             f"Checkpoints are written atomically, so use an intact {checkpoint_name} or start afresh without {option}."
         ) from e
+    if isinstance(ckpt, dict) and CHECKSUM_KEY in ckpt and ckpt[CHECKSUM_KEY] != content_sha256(ckpt):
+        raise error(
+            f"{option} checkpoint {path!r} is damaged: its content does not match the SHA-256 stored when it was "
+            f"written. Use an intact copy of {checkpoint_name} or start afresh without {option}."
+        )
     missing = [k for k in required if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise error(f"{option} checkpoint {path!r} is not a {kind} checkpoint (missing {missing}).")

@@ -7,6 +7,8 @@ import os
 import tempfile
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
+from .outdir import TEMP_PREFIX
+
 __all__ = ["write_csv", "read_csv"]
 
 
@@ -19,7 +21,7 @@ def write_csv(path: str, rows: Sequence[Mapping[str, Any]], fields: Sequence[str
         fields: Column names, in order.
     """
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".csv", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".csv", dir=folder)
     try:
         with os.fdopen(fd, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(fields))

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .checkpoint import ResumeError, atomic_save, check_same_args, load_checkpoint
+from .divergence import DivergenceError, first_nonfinite
 from .rng import rng_state, set_rng_state
 
 __all__ = [
@@ -187,7 +188,14 @@ def save_training_checkpoint(
             ``rng_per_rank``: its first entry).
         rng_per_rank: Every rank's RNG state, in rank order (stored when given).
         **extra: Further top-level entries (e.g. ``num_classes``).
+
+    Raises:
+        DivergenceError: a weight or buffer of ``model`` is not finite (the file on disk is left as it was).
     """
+    bad = first_nonfinite(model)
+    if bad is not None:
+        raise DivergenceError(f"refusing to write {path!r}: weight {bad!r} is not finite (training diverged); "
+                              "the previous checkpoint is kept")
     if rng is None:
         rng = rng_per_rank[0] if rng_per_rank else rng_state()
     obj: Dict[str, Any] = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),

@@ -20,6 +20,8 @@
 // instantiated with and without a residual (R): a layer without one loads and stores nothing more than
 // before the fusion existed.
 // Indices and sizes are int64 throughout (tensors beyond 2^31 elements work).
+#include <type_traits>
+
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -617,13 +619,18 @@ unsigned channel_blocks(int64_t C) {
   return static_cast<unsigned>(std::clamp<int64_t>((C + kChannelThreads - 1) / kChannelThreads, 1, 65535));
 }
 
+// The update runs in the wider of the buffer's dtype and the statistics' opmath dtype: float64 buffers of a
+// float32 layer are updated in float64 (as the CPU kernel and the pure-PyTorch backend do), not rounded to
+// float32 every step.
 template <typename r_t, typename acc_t>
 __global__ void running_update_kernel(
-    r_t* running, int64_t stride, const acc_t* batch, acc_t factor, acc_t momentum, int64_t C) {
+    r_t* running, int64_t stride, const acc_t* batch, double factor, double momentum, int64_t C) {
+  using u_t = std::conditional_t<std::is_same_v<r_t, double>, double, acc_t>;
   for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < C;
        c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    running[c * stride] = static_cast<r_t>(
-        running_update<acc_t>(static_cast<acc_t>(running[c * stride]), batch[c] * factor, momentum));
+    running[c * stride] = static_cast<r_t>(running_update<u_t>(
+        static_cast<u_t>(running[c * stride]), static_cast<u_t>(batch[c]) * static_cast<u_t>(factor),
+        static_cast<u_t>(momentum)));
   }
 }
 
@@ -640,8 +647,7 @@ void update_running(at::Tensor& running, const at::Tensor& batch, double factor,
   const int64_t C = running.size(0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running.scalar_type(), "inplace_abn_running_cuda", [&] {
     running_update_kernel<scalar_t, acc_t><<<channel_blocks(C), kChannelThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        running.mutable_data_ptr<scalar_t>(), running.stride(0), batch.const_data_ptr<acc_t>(),
-        static_cast<acc_t>(factor), static_cast<acc_t>(momentum), C);
+        running.mutable_data_ptr<scalar_t>(), running.stride(0), batch.const_data_ptr<acc_t>(), factor, momentum, C);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
