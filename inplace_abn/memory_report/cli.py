@@ -228,8 +228,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not isinstance(model, nn.Module):
         parser.error(f"argument MODEL: {args.model!r} returned a {type(model).__name__}, not an nn.Module")
     print(f"counting saved tensors of 3 variants at batch {shape[0]} and {2 * shape[0]} ...", file=sys.stderr)
-    report = memory_report(model, shape, dtype=DTYPES[args.dtype], optimizer=args.optimizer, budget=budget,
-                           top=args.top, name=args.model)
+    try:
+        report = memory_report(model, shape, dtype=DTYPES[args.dtype], optimizer=args.optimizer, budget=budget,
+                               top=args.top, name=args.model)
+    except (RuntimeError, ValueError) as exc:  # typically a shape the model rejects: say which argument
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        parser.error(f"argument --input: {args.model} failed on a {args.input} {args.dtype} input: {first}")
     print(report)
     if args.json:
         with open(args.json, "w") as f:
