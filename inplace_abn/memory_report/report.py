@@ -94,7 +94,7 @@ class VariantReport:
         param_bytes, grad_bytes, optimizer_bytes: P, G and O of the formula.
         activation_per_sample, activation_fixed: The largest single activation, linear in B.
         recompute_per_sample, recompute_fixed: R(B) (0 except for the checkpoint variant).
-        top_modules: The modules keeping the most bytes for backward (at batch N).
+        top_modules: The modules keeping the most bytes for backward (at batch ``counted_at[0]``).
         unconverted: ``(module, reason)`` for each BatchNorm ``convert_model`` kept (In-Place ABN only).
         converted, fused: BatchNorms converted, and of those fused with a residual add.
         untraced: Modules ``convert_model`` could not trace (their traceable children were converted).
@@ -155,6 +155,8 @@ class MemoryReport:
         budget_bytes: The memory budget of ``max_batch`` (None: not computed).
         variants: as given, In-Place ABN, checkpoint (in that order).
         formula: The peak estimate's formula.
+        counted_at: The two batch sizes the forwards ran at (N and 2N, at least 2 and 4); the totals at N
+            are the line through them (exact: the counts are linear in the batch size).
         seconds: Wall time of the measurement.
     """
 
@@ -165,6 +167,7 @@ class MemoryReport:
     budget_bytes: Optional[int]
     variants: List[VariantReport]
     formula: str = PEAK_FORMULA
+    counted_at: Tuple[int, int] = (0, 0)
     seconds: float = 0.0
 
     def variant(self, name: str) -> VariantReport:
@@ -179,6 +182,7 @@ class MemoryReport:
         the input's batch and ``saved_ratio`` (saved bytes / the as-given variant's)."""
         out = asdict(self)
         out["input_shape"] = list(self.input_shape)
+        out["counted_at"] = list(self.counted_at)
         base = self.variants[0].saved_bytes
         for d, v in zip(out["variants"], self.variants):
             d["peak_bytes"] = v.peak_bytes(self.input_shape[0])
@@ -228,7 +232,7 @@ def format_report(report: MemoryReport, unconverted_listed: int = 8, stages_list
         lines.append(title.ljust(label) + "".join(cell(v).rjust(width) for v in report.variants))
     for v in report.variants:
         if v.top_modules:
-            lines.append(f"top {len(v.top_modules)} modules by saved bytes, {v.name}:")
+            lines.append(f"top {len(v.top_modules)} modules by saved bytes (batch {report.counted_at[0]}), {v.name}:")
             lines += [f"  {_fmt(m.bytes):>12}  {m.name or '(model forward)'} ({m.type})" for m in v.top_modules]
     abn = report.variants[1] if len(report.variants) > 1 else None
     if abn is not None:
@@ -452,9 +456,14 @@ def memory_report(
         converted, conversion = convert_model(given, return_report=True)
     converted.train()
 
+    # Counted at two batches (the slope is the per-sample part). At least 2: BatchNorm refuses to train on
+    # one value per channel (e.g. DeepLabV3's image-pooling branch at batch 1); counts are linear in B, so
+    # batch 1 is the line's value there.
+    counted = (max(n, 2), 2 * max(n, 2))
+
     def measure(m: nn.Module) -> Tuple[_Measurement, _Measurement]:
         return tuple(_Measurement(m, torch.randn((b, *shape[1:]), device=device, dtype=dtype))  # type: ignore
-                     for b in (n, 2 * n))
+                     for b in counted)
 
     base = measure(given)
     total = max(base[0].total, 1)
@@ -466,14 +475,14 @@ def memory_report(
     resident = sum(t.numel() * t.element_size() for t in parameters_of(given))
     variants = []
     for label, (m1, m2) in measured.items():
-        saved = _linear(m1.total, m2.total, n)
-        act = _linear(m1.largest, m2.largest, n)
+        saved = _linear(m1.total, m2.total, counted[0])
+        act = _linear(m1.largest, m2.largest, counted[0])
         recompute = (0.0, 0.0)
         if label == "checkpoint" and stages:
-            recompute = max((_linear(base[0].inclusive(s), base[1].inclusive(s), n) for s in stages),
+            recompute = max((_linear(base[0].inclusive(s), base[1].inclusive(s), counted[0]) for s in stages),
                             key=lambda r: r[0] * n + r[1])
         v = VariantReport(
-            name=label, saved_bytes=m1.total, saved_per_sample=saved[0], saved_fixed=saved[1],
+            name=label, saved_bytes=round(saved[1] + saved[0] * n), saved_per_sample=saved[0], saved_fixed=saved[1],
             param_bytes=resident, grad_bytes=trainable, optimizer_bytes=OPTIMIZERS[optimizer] * trainable,
             activation_per_sample=act[0], activation_fixed=act[1],
             recompute_per_sample=recompute[0], recompute_fixed=recompute[1], top_modules=m1.top(top),
@@ -490,4 +499,4 @@ def memory_report(
     dtype_name = next(k for k, d in DTYPES.items() if d == dtype)
     return MemoryReport(model=name or type(model).__name__, input_shape=shape, dtype=dtype_name,
                         optimizer=optimizer, budget_bytes=None if budget is None else int(budget),
-                        variants=variants, seconds=time.perf_counter() - start)
+                        variants=variants, counted_at=counted, seconds=time.perf_counter() - start)
