@@ -227,7 +227,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         model = factory()
     if not isinstance(model, nn.Module):
         parser.error(f"argument MODEL: {args.model!r} returned a {type(model).__name__}, not an nn.Module")
-    print(f"counting saved tensors of 3 variants at batch {shape[0]} and {2 * shape[0]} ...", file=sys.stderr)
+    print("counting saved tensors of 3 variants (as given, In-Place ABN, checkpoint) ...", file=sys.stderr)
     try:
         report = memory_report(model, shape, dtype=DTYPES[args.dtype], optimizer=args.optimizer, budget=budget,
                                top=args.top, name=args.model)
