@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -21,6 +23,7 @@ from densenet import densenet_bc
 from segmentation import build_model
 
 VARIANTS = ("as given", "In-Place ABN", "checkpoint")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def small_wrn38() -> nn.Module:
@@ -207,17 +210,32 @@ def test_cli_errors(argv, fragment, capsys):
     assert fragment in capsys.readouterr().err
 
 
-def test_cli_torchvision_or_timm_missing_is_a_clear_error(capsys):
-    pytest.importorskip("torch")
-    for kind, module in (("torchvision", "torchvision.models"), ("timm", "timm")):
-        try:
-            __import__(module)
-            continue  # usable here: covered by test_memory_report_torchvision.py
-        except Exception:  # noqa: BLE001 (a torchvision built for another torch raises other errors)
-            pass
-        with pytest.raises(SystemExit):
-            main([f"{kind}:resnet50", "--input", "1x3x8x8"])
-        assert f"argument MODEL: {kind} is not usable here" in capsys.readouterr().err
+def _usable(module: str) -> bool:
+    try:
+        __import__(module)
+        return True
+    except Exception:  # noqa: BLE001 (a torchvision built for another torch raises other errors)
+        return False
+
+
+@pytest.mark.parametrize("kind,module", [("torchvision", "torchvision.models"), ("timm", "timm")])
+def test_cli_missing_torchvision_or_timm_is_a_clear_error(kind, module, capsys):
+    if _usable(module):
+        pytest.skip(f"{module} is usable here (covered by test_memory_report_torchvision.py)")
+    with pytest.raises(SystemExit):
+        main([f"{kind}:resnet50", "--input", "1x3x8x8"])
+    assert f"argument MODEL: {kind} is not usable here" in capsys.readouterr().err
+
+
+def test_python_dash_m_runs_without_runpy_warning(tmp_path):
+    """The command form: the package attribute is the function, the submodule still runs as __main__."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.dirname(__file__)]))
+    out = subprocess.run([sys.executable, "-m", "inplace_abn.memory_report", TINY, "--input", "2x3x16x16",
+                          "--json", str(tmp_path / "r.json")], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "largest batch in 16.00 GiB" in out.stdout and "found in sys.modules" not in out.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["model"] == TINY
 
 
 @pytest.mark.parametrize("text,expected", [("16GiB", 16 * 2**30), ("512mib", 512 * 2**20), ("8GB", 8 * 10**9),

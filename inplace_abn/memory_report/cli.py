@@ -16,12 +16,13 @@ import inspect
 import json
 import re
 import sys
+import textwrap
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from .report import DTYPES, OPTIMIZERS, MemoryReport, memory_report
+from .report import DTYPES, OPTIMIZERS, PEAK_FORMULA, MemoryReport, memory_report
 
 __all__ = ["main", "build_parser", "resolve_model", "parse_shape", "parse_bytes", "save_plot"]
 
@@ -178,10 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the command."""
     parser = argparse.ArgumentParser(
         prog="python -m inplace_abn.memory_report",
-        description="What In-Place ABN (convert_model) would save on a model, and the largest batch that fits a "
-                    "memory budget, counted exactly on the meta device (no memory, no weights downloaded). "
-                    "Compares the model as given, convert_model's In-Place ABN version and, for reference, "
-                    "torch.utils.checkpoint per top-level stage.",
+        description=textwrap.fill(
+            "What In-Place ABN (convert_model) would save on a model, and the largest batch that fits a memory "
+            "budget, counted exactly on the meta device (no memory, no weights downloaded). Compares the model as "
+            "given, convert_model's In-Place ABN version and, for reference, torch.utils.checkpoint per top-level "
+            "stage.", 100) + "\n\n" + textwrap.fill("peak estimate: " + PEAK_FORMULA, 100),
         epilog="examples: python -m inplace_abn.memory_report torchvision:resnet50 --input 32x3x224x224 --budget 16GiB\n"
                "          python -m inplace_abn.memory_report segmentation:wrn38 --input 1x3x1024x2048 --plot wrn38.png",
         formatter_class=argparse.RawDescriptionHelpFormatter,
