@@ -51,8 +51,10 @@ def export_package(revision: str, dest: Path) -> None:
     """Writes ``inplace_abn/`` of ``revision`` (a git revision, or ``worktree``) into ``dest``."""
     dest.mkdir(parents=True)
     if revision == "worktree":
-        for path in (ROOT / "inplace_abn").glob("*.py"):
-            shutil.copy(path, dest / path.name)
+        for path in (ROOT / "inplace_abn").rglob("*.py"):  # subpackages too (inplace_abn.memory_report)
+            target = dest / path.relative_to(ROOT / "inplace_abn")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, target)
         return
     try:
         archive = subprocess.run(

@@ -6,7 +6,7 @@ Needs torchvision (and optionally timm) usable with the installed torch; no weig
     python benchmarks/convert_models.py [--size 224] [--batch 2] [--csv benchmarks/results/convert_models.csv]
 
 Per model: BatchNorm layers before; In-Place ABN layers after, by activation; BNs kept and why; bytes autograd
-keeps for one training forward (``saved_tensor_bytes``, parameters excluded) before / after; one SGD step
+keeps for one training forward (``inplace_abn.memory_report``, parameters excluded) before / after; one SGD step
 (loss finite, no autograd error); and the max |eval output difference| of an ``activation="relu"``
 conversion (exact semantics, so ~rounding) and of the default ``leaky_relu(0.01)`` one (the function changes).
 """
@@ -29,7 +29,7 @@ from inplace_abn import ABN, get_backend  # noqa: E402
 
 from _provenance import int_range  # noqa: E402  (benchmarks/, the script's folder)
 from inplace_abn.convert import convert_model  # noqa: E402
-from inplace_abn.memory import parameters_of, saved_tensor_bytes  # noqa: E402
+from inplace_abn.memory_report import memory_report  # noqa: E402
 
 
 def _models():
@@ -68,12 +68,6 @@ def _randomize(model):
     return model
 
 
-def _saved_bytes(model, x):
-    model.train()
-    total, _, _ = saved_tensor_bytes(lambda: _main_output(model(x.clone())).sum(), exclude=parameters_of(model))
-    return total
-
-
 def _train_step(model, x):
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -110,7 +104,9 @@ def main(argv=None):
             ref = _main_output(model.eval()(x.clone()))
             d_relu = float((_main_output(exact.eval()(x.clone())) - ref).abs().max())
             d_leaky = float((_main_output(conv.eval()(x.clone())) - ref).abs().max())
-        before, after = _saved_bytes(model, x), _saved_bytes(conv, x)
+        # the package's count (meta device; equal to a CPU forward's, tests/test_memory_report*.py)
+        counted = memory_report(model, tuple(x.shape), top=0)
+        before, after = counted.variant("as given").saved_bytes, counted.variant("In-Place ABN").saved_bytes
         loss = _train_step(conv, x)
         assert loss == loss and abs(loss) != float("inf"), f"{name}: loss {loss}"
         kept = "; ".join(f"{n}x {r}" for r, n in report.kept_reasons().items()) or "0"

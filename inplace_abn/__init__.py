@@ -23,6 +23,7 @@ from .convert import (
 )
 from .functions import inplace_abn, inplace_abn_sync, recover_normalized_input
 from .group import active_group, set_active_group
+from .memory_report import MemoryReport, memory_report  # the function; the CLI: python -m inplace_abn.memory_report
 
 __all__ = [
     "ABN",
@@ -40,6 +41,8 @@ __all__ = [
     "load_inplace_abn_v1_state_dict",
     "BatchNormNd",
     "ConversionReport",
+    "memory_report",
+    "MemoryReport",
     "get_backend",
     "set_backend",
     "use_backend",

@@ -623,7 +623,9 @@ def _convert_graph(gm: fx.GraphModule, prefix: str, activation: str, activation_
         # Weights: the layer scales by |w| + eps, so w_bn must be >= eps (a negative one is folded or kept).
         eps = float(bn.eps)
         fold_mask = None
-        if bn.affine:
+        # Meta weights (memory_report's models) have no values: treated as >= eps (as at initialisation),
+        # so no fold and no clamp; the layer structure, and so the memory, is that of an untrained model.
+        if bn.affine and not bn.weight.is_meta:
             w_bn = bn.weight.detach()
             negative = w_bn < 0
             n_neg = int(negative.sum())
@@ -652,7 +654,7 @@ def _convert_graph(gm: fx.GraphModule, prefix: str, activation: str, activation_
                 state["running_mean"] = torch.where(fold_mask, -state["running_mean"], state["running_mean"])
             state["weight"] = torch.where(fold_mask, -state["weight"], state["weight"])
             entry.folded = int(fold_mask.sum())
-        if bn.affine:
+        if bn.affine and not bn.weight.is_meta:
             w_bn = state["weight"]
             new_w = (w_bn - eps).clamp_min(0)
             below = w_bn < eps

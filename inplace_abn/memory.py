@@ -7,7 +7,7 @@ so the saving of a large model can be counted without allocating it.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterable, Tuple
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
 import torch
 from torch import nn
@@ -23,13 +23,17 @@ def _storage_key(t: torch.Tensor) -> Any:
 
 
 def saved_tensor_bytes(
-    fn: Callable[[], Any], exclude: Iterable[torch.Tensor] = ()
+    fn: Callable[[], Any],
+    exclude: Iterable[torch.Tensor] = (),
+    on_save: Optional[Callable[[Any, torch.Tensor], None]] = None,
 ) -> Tuple[int, Any, Dict[Any, int]]:
     """Runs ``fn()`` and returns (bytes saved for backward, fn's result, bytes per storage).
 
     Args:
         fn: Runs the forward pass (and returns whatever should stay alive, e.g. the loss).
         exclude: Tensors whose storages are not counted (typically ``model.parameters()``).
+        on_save: Called as ``on_save(storage_key, tensor)`` the first time a counted storage is saved
+            (e.g. to attribute it to the module running at that moment; saved-tensor hooks do not nest).
 
     Returns:
         The total, the result of ``fn`` (keep it alive until you are done: the saved tensors die with it),
@@ -42,6 +46,8 @@ def saved_tensor_bytes(
     def pack(t: torch.Tensor) -> torch.Tensor:
         key = _storage_key(t)
         if key not in excluded:
+            if on_save is not None and key not in storages:
+                on_save(key, t)
             storages[key] = t.untyped_storage().nbytes()
             keep.append(t)  # keeps storages alive so ids/pointers are not reused during fn
         return t

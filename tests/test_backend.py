@@ -33,8 +33,10 @@ def _source_tree_without_extension(root: Path) -> Path:
     """A copy of the package's Python files (no _C) in ``root``/src, as a fresh checkout has."""
     package = root / "src" / "inplace_abn"
     package.mkdir(parents=True)
-    for path in (REPO / "inplace_abn").glob("*.py"):
-        shutil.copy(path, package / path.name)
+    for path in (REPO / "inplace_abn").rglob("*.py"):  # subpackages too (inplace_abn.memory_report)
+        target = package / path.relative_to(REPO / "inplace_abn")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, target)
     return package.parent
 
 
