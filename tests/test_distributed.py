@@ -730,7 +730,7 @@ def test_ddp_training_steps(tmp_path, backend):
                 worst = max(worst, (got[k] - want[k]).abs().max().item())
             torch.testing.assert_close(got[k], want[k], **TOL, msg=lambda m: f"rank {r} {k}: {m}")
         assert results[r]["losses"] == pytest.approx(losses, abs=1e-12)
-    print(f"\n[ddp {backend}] losses {['%.6f' % v for v in losses]}, max |param/buffer diff| {worst:.1e}")
+    print(f"\n[ddp {backend}] losses {[f'{v:.6f}' for v in losses]}, max |param/buffer diff| {worst:.1e}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
