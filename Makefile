@@ -61,7 +61,7 @@ $(EXT): $(REQ_STAMP) $(EXT_SOURCES)
 	@INPLACE_ABN_REQUIRE_EXTENSION=1 $(BIN)/python -m pip install --disable-pip-version-check --no-build-isolation \
 		--no-deps -v -e . > $(VENV)/build.log 2>&1 || { tail -60 $(VENV)/build.log; \
 		echo "make: building the C++ extension failed; the full log is $(VENV)/build.log"; exit 1; }
-	@sed -n '/inplace_abn build configuration/,/cxx flags/p' $(VENV)/build.log
+	@sed -n '/inplace_abn build configuration/,/cxx flags/p' $(VENV)/build.log | tail -10  # pip runs setup.py twice
 	@touch $@
 
 check-backend: $(EXT)
