@@ -47,9 +47,12 @@ PY
 # torchvision's resnet50 / deeplabv3_resnet50 and a timm model run here.
 "$work/venv/bin/pip" install --quiet "torchvision==0.29.1" timm
 # Run from $work (not the source tree) so that `import inplace_abn` is the installed, compiled package.
+# README "Supported versions": the op contract, equivalence (gradcheck included), residual, compile and
+# module tests on this torch too, on the CPU kernels of this build.
 INPLACE_ABN_BACKEND=cpp "$work/venv/bin/python" -m pytest -q -p no:cacheprovider -rs \
     tree/tests/test_ops.py tree/tests/test_cuda.py tree/tests/test_convert.py tree/tests/test_convert_residual.py \
-    tree/tests/test_memory_report_torchvision.py
+    tree/tests/test_memory_report_torchvision.py \
+    tree/tests/test_equivalence.py tree/tests/test_residual.py tree/tests/test_compile.py tree/tests/test_modules.py
 # The residual-fusion comparison on torchvision's resnet50 at reduced size (64x64, eager variants and
 # checkpointing; the compiled variants take minutes per model on CI's CPUs): memory per sample, time,
 # gradients against float64.

@@ -303,7 +303,8 @@ def saved_bytes(variant: Variant, layer: nn.Module, x_leaf: torch.Tensor) -> int
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         y = layer(x_leaf.clone(memory_format=variant.memory_format))
-    del y, keep
+    del y
+    keep.clear()
     return sum(seen.values())
 
 
@@ -356,7 +357,7 @@ def run_block(
     stepper = Stepper(device)
     samples: Dict[Tuple[str, str], List[float]] = {(v.name, m): [] for v in variants for m in modes}
 
-    for r in range(warmup):
+    for _ in range(warmup):
         for v in variants:
             for m in modes:
                 stepper.step(m, v, layers[v.name], x_leaf, dy)

@@ -194,7 +194,7 @@ def _torchvision_models() -> Dict[str, Callable[[], nn.Module]]:
         from torchvision.models import resnet50
         from torchvision.models.segmentation import deeplabv3_resnet50
     except Exception as exc:  # noqa: BLE001 - any import failure means: no torchvision here
-        raise SystemExit(f"bench_residual.py models needs torchvision usable with this torch ({exc})")
+        raise SystemExit(f"bench_residual.py models needs torchvision usable with this torch ({exc})") from exc
     return {
         "resnet50": lambda: resnet50(weights=None),
         "deeplabv3_resnet50": lambda: deeplabv3_resnet50(weights=None, weights_backbone=None, aux_loss=False),
@@ -374,7 +374,7 @@ def bench_models(args: argparse.Namespace) -> None:
                 times[name].append(_step(run, module, x, target))
         base_time = statistics.median(times["bn eager"]) if "bn eager" in times else None
         base_mem = results.get("bn eager", {}).get("saved_per_sample")
-        for name, (run, module, kind) in variants.items():
+        for name, (_run, _module, kind) in variants.items():
             median = statistics.median(times[name])
             diff = grad_diff[name]
             ok = diff <= GRAD_FLOOR_FACTOR * floor[kind]

@@ -5,7 +5,7 @@ concatenation and its normalisation in backward.
 """
 
 from . import model
-from .model import (
+from .model import (  # noqa: F401 - re-exported: __all__ is model.__all__
     MEMORY_MODES,
     NORMS,
     DenseNet,

@@ -14,10 +14,18 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 # Imports the package from the current directory. An editable install's import hook would resolve
-# inplace_abn._C to the developer's build whatever the package's folder, so it is taken out first.
+# inplace_abn._C to the developer's build whatever the package's folder, so it is taken out first. A real
+# built copy on sys.path (an install in site-packages) is hidden too: its folder is replaced by a mirror
+# of its other entries (torch among them), so that the only copies left are the ones the test lays out.
 _IMPORT = """
-import sys, warnings
+import glob, os, sys, tempfile, warnings
 sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in str(getattr(f, "__module__", ""))]
+for i, entry in enumerate(sys.path):
+    if entry not in ("", os.getcwd(), os.environ.get("PYTHONPATH")) and glob.glob(os.path.join(entry, "inplace_abn", "_C*")):
+        sys.path[i] = tempfile.mkdtemp(dir=os.path.dirname(os.getcwd()))
+        for name in os.listdir(entry):
+            if name != "inplace_abn":
+                os.symlink(os.path.join(entry, name), os.path.join(sys.path[i], name))
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     import inplace_abn

@@ -241,15 +241,26 @@ def test_efficient_matches_naive_training(drop_rate):
         res_n, res_e = _step(naive, x, step), _step(eff, x, step)
         assert set(res_e[2]) == names, "every parameter must get a gradient"
         _assert_same(res_n, res_e)
+        sd_n, sd_e = naive.state_dict(), eff.state_dict()
+        running = [key for key in sd_n if "running" in key or "num_batches_tracked" in key]
+        for key in running:
+            if step == 0:
+                # Identical parameters and input: the same op on the same values, one update per step, so
+                # identical statistics, not just close.
+                assert torch.equal(sd_e[key], sd_n[key]), key
+            else:
+                # After an SGD step the parameters are only as equal as the gradients (relative 1e-10,
+                # _assert_same): the two models reach them through different backward code (autograd's sums
+                # over the concatenation vs the bottleneck's own convolution_backward), whose float64
+                # rounding may differ in the last bit with the torch release and the CPU's kernels
+                # (running_mean was seen to differ under torch 2.14.1 on the pure path).
+                assert _close(sd_e[key].double(), sd_n[key].double()), key
         with torch.no_grad():  # a plain SGD step on both
             for p_n, p_e in zip(naive.parameters(), eff.parameters()):
                 p_n -= 0.1 * p_n.grad
                 p_e -= 0.1 * p_e.grad
-    sd_n, sd_e = naive.state_dict(), eff.state_dict()
-    for key in sd_n:
-        if "running" in key or "num_batches_tracked" in key:
-            assert torch.equal(sd_e[key], sd_n[key]), key  # identical, not just close: one update per step
     assert int(_first_norm1(eff).num_batches_tracked) == 3
+    assert all(torch.equal(sd_e[k], sd_n[k]) for k in sd_n if "num_batches_tracked" in k)
 
 
 def test_efficient_running_stats_updated_once():
