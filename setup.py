@@ -39,7 +39,7 @@ def _version() -> str:
         return namespace["__version__"]
 
 
-def _toolkit_root_from_nvcc() -> "str | None":
+def _toolkit_root_from_nvcc() -> str | None:
     """The CUDA toolkit root as nvcc itself reports it (``TOP=`` of ``nvcc --dryrun``).
 
     An ``nvcc`` on PATH may be a wrapper script outside the toolkit (e.g. /usr/local/bin/nvcc), which makes
@@ -49,7 +49,9 @@ def _toolkit_root_from_nvcc() -> "str | None":
     if nvcc is None:
         return None
     try:
-        out = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull], capture_output=True, text=True, timeout=60)
+        out = subprocess.run(
+            [nvcc, "--dryrun", "-x", "cu", "-c", os.devnull], capture_output=True, text=True, timeout=60
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     for line in (out.stdout + out.stderr).splitlines():

@@ -12,8 +12,8 @@ import datetime as _dt
 import platform
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -50,7 +50,7 @@ def git_rev() -> str:
     return rev + ("-dirty" if dirty.returncode != 0 else "")
 
 
-def provenance() -> Dict[str, str]:
+def provenance() -> dict[str, str]:
     """run_id (UTC time + revision), machine, torch_version, git_rev and ISO date of this run."""
     now = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0)
     rev = git_rev()
@@ -63,7 +63,7 @@ def provenance() -> Dict[str, str]:
     }
 
 
-def append_csv(path: Path, rows: List[Dict[str, object]], columns: Optional[Sequence[str]] = None) -> None:
+def append_csv(path: Path, rows: list[dict[str, object]], columns: Sequence[str] | None = None) -> None:
     """Appends ``rows`` to ``path``, writing the header when the file is new.
 
     Raises:

@@ -35,12 +35,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
-
 from _provenance import ROOT, int_range, provenance
 
 SLOPE = 0.01
@@ -65,12 +64,12 @@ def export_package(revision: str, dest: Path) -> None:
     subprocess.run(["tar", "-x", "--strip-components=1", "-C", str(dest)], input=archive, check=True)
 
 
-def load_layers(revisions: Sequence[str], tmp: Path, channels: int) -> Dict[str, nn.Module]:
+def load_layers(revisions: Sequence[str], tmp: Path, channels: int) -> dict[str, nn.Module]:
     """One InPlaceABN per revision, each from its own copy of the package, on the pure-PyTorch path."""
     sys.path.insert(0, str(tmp))
     # The copies have no compiled extension: make that their choice, not an error (CI exports =cpp).
     os.environ["INPLACE_ABN_BACKEND"] = "python"
-    layers: Dict[str, nn.Module] = {}
+    layers: dict[str, nn.Module] = {}
     for i, revision in enumerate(revisions):
         name = f"inplace_abn_ab{i}"
         export_package(revision, tmp / name)
@@ -92,13 +91,13 @@ def step(layer: nn.Module, x_leaf: torch.Tensor, dy: torch.Tensor) -> float:
     return time.perf_counter() - t0
 
 
-def run(layers: Dict[str, nn.Module], shape: Sequence[int], rounds: int, seed: int) -> Dict[str, List[float]]:
+def run(layers: dict[str, nn.Module], shape: Sequence[int], rounds: int, seed: int) -> dict[str, list[float]]:
     torch.manual_seed(seed)
     x_leaf = torch.randn(*shape).requires_grad_()
     dy = torch.randn(*shape)
     rng = random.Random(seed)
     names = list(layers)
-    samples: Dict[str, List[float]] = {name: [] for name in names}
+    samples: dict[str, list[float]] = {name: [] for name in names}
     warmup = max(rounds // 10, 3)
     for r in range(warmup + rounds):
         rng.shuffle(names)
@@ -111,7 +110,7 @@ def run(layers: Dict[str, nn.Module], shape: Sequence[int], rounds: int, seed: i
     return samples
 
 
-def parse_shape(text: str) -> List[int]:
+def parse_shape(text: str) -> list[int]:
     try:
         shape = [int(s) for s in text.lower().split("x")]
     except ValueError:
@@ -121,7 +120,7 @@ def parse_shape(text: str) -> List[int]:
     return shape
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("revisions", nargs="+", help="git revisions, or 'worktree' for the working tree")
     parser.add_argument("--shape", type=parse_shape, default=[8, 32, 28, 28], help="NxCxHxW (default 8x32x28x28)")

@@ -19,20 +19,19 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from _provenance import append_csv, int_range, provenance  # noqa: E402  (benchmarks/, on sys.path as the script's folder)
 
 from densenet import densenet121, densenet169, densenet201, densenet264, densenet_bc  # noqa: E402
 from inplace_abn.memory import parameters_of, saved_tensor_bytes  # noqa: E402
 
-from _provenance import append_csv, int_range, provenance  # noqa: E402  (benchmarks/, on sys.path as the script's folder)
-
-CONFIGS: Tuple[Tuple[str, str], ...] = (
+CONFIGS: tuple[tuple[str, str], ...] = (
     ("naive", "bn"),
     ("checkpoint", "bn"),
     ("naive", "iabn"),
@@ -50,15 +49,15 @@ def saved_mib(model: torch.nn.Module, batch: int, size: int) -> float:
     return total / MIB
 
 
-def memory_sweep(depths: Sequence[int], batch: int = 8, size: int = 32) -> Dict[Tuple[str, str], List[float]]:
+def memory_sweep(depths: Sequence[int], batch: int = 8, size: int = 32) -> dict[tuple[str, str], list[float]]:
     """Saved MiB of DenseNet-BC (k=12) per (memory, norm) config and depth."""
-    out: Dict[Tuple[str, str], List[float]] = {}
+    out: dict[tuple[str, str], list[float]] = {}
     for memory, norm in CONFIGS:
         out[(memory, norm)] = [saved_mib(densenet_bc(d, memory=memory, norm=norm), batch, size) for d in depths]
     return out
 
 
-def fit(depths: Sequence[int], mib: Sequence[float]) -> Tuple[float, float, float]:
+def fit(depths: Sequence[int], mib: Sequence[float]) -> tuple[float, float, float]:
     """Least-squares fit mib = a*L^2 + b*L + c over the number of dense layers L = depth - 4."""
     import numpy as np
 
@@ -73,13 +72,13 @@ def time_step(model: torch.nn.Module, x: torch.Tensor) -> float:
     return time.perf_counter() - start
 
 
-def time_compare(depth: int, batch: int, rounds: int, threads: int) -> Dict[str, float]:
+def time_compare(depth: int, batch: int, rounds: int, threads: int) -> dict[str, float]:
     """Median seconds of a training step per config, interleaved in one process (order flipped per round)."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     models = {f"{m}/{n}": densenet_bc(depth, memory=m, norm=n).train() for m, n in CONFIGS}
     x = torch.randn(batch, 3, 32, 32)
-    samples: Dict[str, List[float]] = {k: [] for k in models}
+    samples: dict[str, list[float]] = {k: [] for k in models}
     names = list(models)
     for _ in range(2):  # warm-up
         for k in names:
@@ -90,13 +89,13 @@ def time_compare(depth: int, batch: int, rounds: int, threads: int) -> Dict[str,
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
-def _provenance() -> Dict[str, str]:
+def _provenance() -> dict[str, str]:
     """This file's CSV columns (machine, torch, git_rev, date) from the shared provenance."""
     p = provenance()
     return {"machine": p["machine"], "torch": p["torch_version"], "git_rev": p["git_rev"], "date": p["date"]}
 
 
-def _plot(depths: Sequence[int], sweep: Dict[Tuple[str, str], List[float]], path: Path) -> bool:
+def _plot(depths: Sequence[int], sweep: dict[tuple[str, str], list[float]], path: Path) -> bool:
     try:
         import matplotlib
 
@@ -132,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     prov = _provenance()
     print(f"[densenet] memory sweep over depths {depths} (meta device, exact saved bytes)")
     sweep = memory_sweep(depths)
-    rows: List[Dict[str, object]] = []
+    rows: list[dict[str, object]] = []
     print(f"{'depth':>6} " + " ".join(f"{m + '/' + n:>16}" for m, n in CONFIGS))
     for i, d in enumerate(depths):
         print(f"{d:>6} " + " ".join(f"{sweep[c][i]:>16.1f}" for c in CONFIGS))
@@ -163,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if not args.no_time:
         rounds = args.rounds or (4 if args.quick else 10)
-        time_rows: List[Dict[str, object]] = []
+        time_rows: list[dict[str, object]] = []
         for threads in (1, 2):
             med = time_compare(args.time_depth, 16, rounds, threads)
             eff = med["efficient/iabn"]

@@ -61,16 +61,21 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+from _provenance import (  # benchmarks/, on sys.path as the script's folder
+    append_csv,
+    git_rev,
+    int_list,
+    int_range,
+    machine_name,
+)
 
 import inplace_abn
-
-from _provenance import append_csv, git_rev, int_list, int_range, machine_name  # benchmarks/, on sys.path as the script's folder
 
 try:  # progress bar is optional
     from tqdm import tqdm as _tqdm  # type: ignore
@@ -110,7 +115,7 @@ CSV_COLUMNS = [
     "date",
 ]
 
-DTYPES: Dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
 
 # --------------------------------------------------------------------------------------------- variants
@@ -120,7 +125,7 @@ class Variant:
 
     name: str
     make: Callable[[int], nn.Module]
-    backend: Optional[str] = None  # inplace_abn backend selected (untimed) before every step
+    backend: str | None = None  # inplace_abn backend selected (untimed) before every step
     memory_format: torch.memory_format = torch.contiguous_format  # of the input and dy
 
     def prepare(self) -> None:
@@ -131,7 +136,7 @@ class Variant:
 CHANNELS_LAST = " channels_last"
 
 
-def build_variants(device: torch.device, channels_last: bool = True) -> List[Variant]:
+def build_variants(device: torch.device, channels_last: bool = True) -> list[Variant]:
     variants = [
         Variant("BatchNorm2d+LeakyReLU", lambda c: nn.Sequential(nn.BatchNorm2d(c), nn.LeakyReLU(SLOPE))),
         Variant(BASELINE, lambda c: nn.Sequential(nn.BatchNorm2d(c), nn.LeakyReLU(SLOPE, inplace=True))),
@@ -166,18 +171,18 @@ def _dy_for(variant: Variant, dy: torch.Tensor) -> torch.Tensor:
     return cache[1]
 
 
-_DY_CACHE: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
+_DY_CACHE: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def parse_shape(text: str) -> Tuple[int, ...]:
+def parse_shape(text: str) -> tuple[int, ...]:
     dims = tuple(int(d) for d in text.lower().split("x"))
     if len(dims) < 2 or any(d <= 0 for d in dims):
         raise argparse.ArgumentTypeError(f"bad shape {text!r}; expected e.g. 16x64x56x56")
     return dims
 
 
-def parse_shapes(text: str) -> List[Tuple[int, ...]]:
+def parse_shapes(text: str) -> list[tuple[int, ...]]:
     """``--shapes``: comma-separated shapes, each as :func:`parse_shape`."""
     shapes = [parse_shape(s) for s in text.split(",") if s]
     if not shapes:
@@ -189,7 +194,7 @@ def shape_str(shape: Sequence[int]) -> str:
     return "x".join(str(d) for d in shape)
 
 
-def quantiles(samples: List[float]) -> Tuple[float, float, float]:
+def quantiles(samples: list[float]) -> tuple[float, float, float]:
     """(p25, median, p75) in the same unit as ``samples``."""
     if len(samples) == 1:
         return samples[0], samples[0], samples[0]
@@ -270,7 +275,7 @@ class Stepper:
             y.backward(dy)
         return time.perf_counter() - t0
 
-    def peak_bytes(self, variant: Variant, layer: nn.Module, x_leaf: torch.Tensor, dy: torch.Tensor) -> Optional[int]:
+    def peak_bytes(self, variant: Variant, layer: nn.Module, x_leaf: torch.Tensor, dy: torch.Tensor) -> int | None:
         """CUDA only: allocator peak of one full step above what was allocated before it (input included)."""
         if not self.cuda:
             return None
@@ -290,8 +295,8 @@ def saved_bytes(variant: Variant, layer: nn.Module, x_leaf: torch.Tensor) -> int
     """Bytes autograd keeps for backward after one forward (storages de-duplicated, parameters excluded)."""
     variant.prepare()
     param_ptrs = {p.untyped_storage().data_ptr() for p in layer.parameters()}
-    seen: Dict[int, int] = {}
-    keep: List[torch.Tensor] = []  # keeps storages alive so data pointers cannot be reused mid-forward
+    seen: dict[int, int] = {}
+    keep: list[torch.Tensor] = []  # keeps storages alive so data pointers cannot be reused mid-forward
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
@@ -308,10 +313,10 @@ def saved_bytes(variant: Variant, layer: nn.Module, x_leaf: torch.Tensor) -> int
     return sum(seen.values())
 
 
-def check_agreement(variants: List[Variant], layers: Dict[str, nn.Module], x_leaf: torch.Tensor,
+def check_agreement(variants: list[Variant], layers: dict[str, nn.Module], x_leaf: torch.Tensor,
                     dy: torch.Tensor) -> None:  # fmt: skip
     """Sanity: every variant gives the same y and dx as the baseline (InPlaceABN scales by |w|+eps)."""
-    ref: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+    ref: tuple[torch.Tensor, torch.Tensor] | None = None
     results = {}
     for v in variants:
         v.prepare()
@@ -334,8 +339,8 @@ def check_agreement(variants: List[Variant], layers: Dict[str, nn.Module], x_lea
 
 # ------------------------------------------------------------------------------------------------ main
 def run_block(
-    variants: List[Variant],
-    shape: Tuple[int, ...],
+    variants: list[Variant],
+    shape: tuple[int, ...],
     dtype: torch.dtype,
     device: torch.device,
     threads: int,
@@ -343,7 +348,7 @@ def run_block(
     rounds: int,
     warmup: int,
     order: str = "shuffle",
-) -> Dict[Tuple[str, str], List[float]]:
+) -> dict[tuple[str, str], list[float]]:
     """All samples of one (shape, threads) block: {(variant, mode): [seconds, ...]}.
 
     ``order``: "shuffle" (a seeded random permutation of the variants per round) or "flip"
@@ -355,7 +360,7 @@ def run_block(
     x_leaf = torch.randn(shape, device=device, dtype=dtype).requires_grad_()
     dy = torch.randn(shape, device=device, dtype=dtype)
     stepper = Stepper(device)
-    samples: Dict[Tuple[str, str], List[float]] = {(v.name, m): [] for v in variants for m in modes}
+    samples: dict[tuple[str, str], list[float]] = {(v.name, m): [] for v in variants for m in modes}
 
     for _ in range(warmup):
         for v in variants:
@@ -385,28 +390,43 @@ def run_block(
     return samples
 
 
-def write_rows(out: Path, rows: List[Dict[str, object]]) -> None:
+def write_rows(out: Path, rows: list[dict[str, object]]) -> None:
     append_csv(out, rows, CSV_COLUMNS)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--shapes", type=parse_shapes, default=DEFAULT_SHAPES, help="comma-separated NxCxHxW (default %(default)s)")
-    parser.add_argument("--threads", type=int_list(1), default="1,2", help="comma-separated torch.set_num_threads values (CPU)")
+    parser.add_argument(
+        "--shapes", type=parse_shapes, default=DEFAULT_SHAPES, help="comma-separated NxCxHxW (default %(default)s)"
+    )
+    parser.add_argument(
+        "--threads", type=int_list(1), default="1,2", help="comma-separated torch.set_num_threads values (CPU)"
+    )
     parser.add_argument("--modes", default=",".join(MODES), help="subset of full,fwd,bwd")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--rounds", type=int_range(1), default=None,
-                        help="timed rounds per block (default: 60 for >=1M elements, 300 for small shapes)")
-    parser.add_argument("--warmup", type=int_range(0), default=None, help="untimed warm-up rounds (default: rounds/10, >=3)")
+    parser.add_argument(
+        "--rounds",
+        type=int_range(1),
+        default=None,
+        help="timed rounds per block (default: 60 for >=1M elements, 300 for small shapes)",
+    )
+    parser.add_argument(
+        "--warmup", type=int_range(0), default=None, help="untimed warm-up rounds (default: rounds/10, >=3)"
+    )
     parser.add_argument("--quick", action="store_true", help="short smoke run (few rounds)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="CSV to append to (default %(default)s)")
     parser.add_argument("--no-csv", action="store_true", help="print only, write nothing")
-    parser.add_argument("--order", default="shuffle", choices=("shuffle", "flip"),
-                        help="order of the variants within a round (default %(default)s; see the module docstring)")
-    parser.add_argument("--no-channels-last", action="store_true",
-                        help="skip the channels_last variants (contiguous inputs only)")
+    parser.add_argument(
+        "--order",
+        default="shuffle",
+        choices=("shuffle", "flip"),
+        help="order of the variants within a round (default %(default)s; see the module docstring)",
+    )
+    parser.add_argument(
+        "--no-channels-last", action="store_true", help="skip the channels_last variants (contiguous inputs only)"
+    )
     args = parser.parse_args(argv)
 
     shapes = args.shapes
@@ -435,7 +455,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"[bench] run {run_id}  device={device} ({machine})  torch {torch.__version__}  "
           f"variants={[v.name for v in variants]}  modes={modes}  order={args.order}", flush=True)  # fmt: skip
 
-    rows: List[Dict[str, object]] = []
+    rows: list[dict[str, object]] = []
     previous_threads = torch.get_num_threads()
     previous_backend = inplace_abn.get_backend()
     try:
@@ -522,8 +542,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             base = index.get((str(r["variant"])[: -len(CHANNELS_LAST)], r["mode"], r["shape"], r["threads"]))
             if base is not None:
                 ratio = float(r["median_ms"]) / float(base["median_ms"])
-                print(f"  {r['shape']:>14s} t={r['threads']} {r['mode']:4s} {r['variant']:46s} "
-                      f"{float(r['median_ms']):9.3f} ms vs {float(base['median_ms']):9.3f} ms  x{ratio:.3f}")
+                print(
+                    f"  {r['shape']:>14s} t={r['threads']} {r['mode']:4s} {r['variant']:46s} "
+                    f"{float(r['median_ms']):9.3f} ms vs {float(base['median_ms']):9.3f} ms  x{ratio:.3f}"
+                )
 
     if not args.no_csv:
         write_rows(args.out, rows)

@@ -53,8 +53,8 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch._dynamo.config  # the compiled variants' cache settings (bench_models)
@@ -66,11 +66,11 @@ try:  # the installed package (CI installs a built copy next to an unbuilt sourc
     import inplace_abn  # noqa: F401
 except ImportError:  # a bare checkout: the source tree (pure-PyTorch backend unless built in place)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from _provenance import append_csv, float_range, int_range, provenance  # noqa: E402  (benchmarks/, the script's folder)
+
 from inplace_abn import InPlaceABN  # noqa: E402
 from inplace_abn.convert import convert_model, to_batchnorm  # noqa: E402
 from inplace_abn.memory import parameters_of, saved_tensor_bytes  # noqa: E402
-
-from _provenance import append_csv, float_range, int_range, provenance  # noqa: E402  (benchmarks/, the script's folder)
 
 try:
     from tqdm import tqdm
@@ -81,7 +81,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 GRAD_FLOOR_FACTOR = 2.0
 
 
-def _shape(text: str) -> Tuple[int, ...]:
+def _shape(text: str) -> tuple[int, ...]:
     """``--shapes`` entry ``NxCxHxW`` (positive sizes)."""
     try:
         shape = tuple(int(v) for v in text.lower().split("x"))
@@ -130,7 +130,7 @@ class _Fused(nn.Module):
         return self.bn(x, residual=r)
 
 
-LAYERS: Dict[str, Callable[[int], nn.Module]] = {
+LAYERS: dict[str, Callable[[int], nn.Module]] = {
     "BatchNorm2d+add+ReLU(inplace)": _BNAddReLU,
     "InPlaceABN(identity)+add+LeakyReLU(inplace)": _IdentityAddLeaky,
     "InPlaceABN(x, residual)": _Fused,
@@ -150,11 +150,13 @@ def bench_layer(args: argparse.Namespace) -> None:
         saved = {}
         for name, layer in layers.items():
             r = r_leaf * 1.0  # the block input: a non-leaf, kept by the block's first convolution anyway
-            total, _, _ = saved_tensor_bytes(lambda layer=layer, r=r: layer(x_leaf * 1.0, r), exclude=parameters_of(layer) + [r])
+            total, _, _ = saved_tensor_bytes(
+                lambda layer=layer, r=r: layer(x_leaf * 1.0, r), exclude=parameters_of(layer) + [r]
+            )
             saved[name] = total / (x_leaf.numel() * x_leaf.element_size())
         for threads in args.threads:
             torch.set_num_threads(threads)
-            times: Dict[str, List[float]] = {name: [] for name in layers}
+            times: dict[str, list[float]] = {name: [] for name in layers}
 
             def step(layer: nn.Module) -> float:
                 x, r = x_leaf.detach().clone(), r_leaf.detach().clone().requires_grad_()
@@ -189,7 +191,7 @@ def bench_layer(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _torchvision_models() -> Dict[str, Callable[[], nn.Module]]:
+def _torchvision_models() -> dict[str, Callable[[], nn.Module]]:
     try:
         from torchvision.models import resnet50
         from torchvision.models.segmentation import deeplabv3_resnet50
@@ -226,7 +228,7 @@ def _checkpoint_stages(model: nn.Module) -> nn.Module:
     return model
 
 
-def _compiled(model: nn.Module, budget: Optional[float]) -> Callable:
+def _compiled(model: nn.Module, budget: float | None) -> Callable:
     """``model`` under torch.compile (inductor, fullgraph=True), partitioned with
     ``activation_memory_budget = budget``.
 
@@ -238,7 +240,7 @@ def _compiled(model: nn.Module, budget: Optional[float]) -> Callable:
     """
     import torch._functorch.config as functorch_config  # the documented knob of the activation-memory budget
 
-    namespace: Dict[str, Callable] = {}
+    namespace: dict[str, Callable] = {}
     exec("def step(model, x):\n    return model(x)\n", namespace)  # a new code object per variant
     compiled = torch.compile(namespace["step"], fullgraph=True)
 
@@ -254,8 +256,8 @@ def _logits_of(out) -> torch.Tensor:
 
 
 def _variants(
-    factory: Callable[[], nn.Module], budgets: List[float]
-) -> Tuple[Dict[str, Tuple[Callable, nn.Module, str]], Dict[str, nn.Module]]:
+    factory: Callable[[], nn.Module], budgets: list[float]
+) -> tuple[dict[str, tuple[Callable, nn.Module, str]], dict[str, nn.Module]]:
     """(name -> (forward function, module owning the parameters, kind), kind -> float64 eager reference)."""
     torch.manual_seed(0)
     bn = factory()
@@ -271,7 +273,7 @@ def _variants(
     # of the float64 converted model, so that |w| + eps is formed in float64).
     references = {"bn": copy.deepcopy(bn).double(), "iabn": to_batchnorm(copy.deepcopy(iabn).double())}
     ckpt = _checkpoint_stages(copy.deepcopy(bn))
-    out: Dict[str, Tuple[Callable, nn.Module, str]] = {
+    out: dict[str, tuple[Callable, nn.Module, str]] = {
         "bn eager": (lambda x, m=bn: _logits(m, x), bn, "bn"),
         "bn checkpoint": (lambda x, m=ckpt: _logits(m, x), ckpt, "bn"),
         "iabn eager": (lambda x, m=iabn: _logits(m, x), iabn, "iabn"),
@@ -289,7 +291,7 @@ def _rss_bytes() -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _kept(run: Callable, module: nn.Module, batch: int, size: int, classes: int) -> Tuple[int, int]:
+def _kept(run: Callable, module: nn.Module, batch: int, size: int, classes: int) -> tuple[int, int]:
     """(resident bytes a forward adds and keeps until backward, exact saved-for-backward bytes)."""
     torch.manual_seed(1)
     x = torch.randn(batch, 3, size, size)
@@ -311,7 +313,7 @@ def _step(run: Callable, module: nn.Module, x: torch.Tensor, target: torch.Tenso
     return time.perf_counter() - start
 
 
-def _grads(module: nn.Module) -> List[torch.Tensor]:
+def _grads(module: nn.Module) -> list[torch.Tensor]:
     return [p.grad.detach().clone() for p in module.parameters() if p.grad is not None]
 
 
@@ -335,7 +337,7 @@ def bench_models(args: argparse.Namespace) -> None:
         variants, references = _variants(factory, args.budgets)
         if args.variants:
             variants = {k: v for k, v in variants.items() if any(k.startswith(p) for p in args.variants)}
-        results: Dict[str, Dict[str, float]] = {}
+        results: dict[str, dict[str, float]] = {}
         for name, (run, module, _) in _progress(list(variants.items()), f"{model_name}: memory"):
             module.train()
             _kept(run, module, small, args.size, classes)  # compiles (per batch size) outside the measurement
@@ -362,11 +364,12 @@ def bench_models(args: argparse.Namespace) -> None:
             name: (
                 sum(float((g.double() - r).square().sum()) for g, r in zip(grads[name], reference_grads[kind]))
                 / sum(float(r.square().sum()) for r in reference_grads[kind])
-            ) ** 0.5
+            )
+            ** 0.5
             for name, (_, _, kind) in variants.items()
         }
         floor = {kind: grad_diff.get(f"{kind} eager", float("nan")) for kind in references}
-        times: Dict[str, List[float]] = {name: [] for name in variants}
+        times: dict[str, list[float]] = {name: [] for name in variants}
         names = list(variants)
         for i in _progress(range(args.rounds), f"{model_name}: time"):
             for name in names if i % 2 == 0 else names[::-1]:
@@ -398,7 +401,7 @@ def bench_models(args: argparse.Namespace) -> None:
     _plot(rows, Path(out).with_suffix(".png"))
 
 
-def _plot(rows: List[dict], path: Path) -> None:
+def _plot(rows: list[dict], path: Path) -> None:
     try:
         import matplotlib
 
@@ -425,7 +428,7 @@ def _plot(rows: List[dict], path: Path) -> None:
     print(f"wrote {path}")
 
 
-def main(argv: Optional[List[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="part", required=True)
     layer = sub.add_parser("layer", help="one fused layer against BatchNorm + add + ReLU")

@@ -30,24 +30,23 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from _provenance import append_csv, float_range, int_list, int_range, provenance  # noqa: E402  (benchmarks/, on sys.path as the script's folder)
 
 import inplace_abn  # noqa: E402
 from inplace_abn.memory import parameters_of, saved_tensor_bytes  # noqa: E402
 from segmentation import build_model  # noqa: E402
 from segmentation.models import MaxPool2d  # noqa: E402
 
-from _provenance import append_csv, float_range, int_list, int_range, provenance  # noqa: E402  (benchmarks/, on sys.path as the script's folder)
-
-ARCHS: Tuple[str, ...] = ("wrn38", "resnet50")
-NORMS: Tuple[str, ...] = ("bn", "iabn")
-CROPS: Tuple[Tuple[int, int], ...] = ((2, 512), (1, 1024))  # (batch, square crop size)
+ARCHS: tuple[str, ...] = ("wrn38", "resnet50")
+NORMS: tuple[str, ...] = ("bn", "iabn")
+CROPS: tuple[tuple[int, int], ...] = ((2, 512), (1, 1024))  # (batch, square crop size)
 NUM_CLASSES = 19
 GIB = 2.0**30
 RESULTS = ROOT / "benchmarks" / "results"
@@ -83,7 +82,7 @@ def saved_bytes(model: torch.nn.Module, batch: int, size: int) -> int:
     return total
 
 
-def largest_batch(model: torch.nn.Module, size: int, budget: int) -> Tuple[int, int, int, int]:
+def largest_batch(model: torch.nn.Module, size: int, budget: int) -> tuple[int, int, int, int]:
     """Largest batch whose saved bytes fit ``budget``: (batch, its bytes, per-image bytes, fixed bytes).
 
     Bytes are linear in the batch (every saved tensor has the batch dimension, up to a few
@@ -111,7 +110,7 @@ def _step(model: torch.nn.Module, x: torch.Tensor) -> float:
 
 def time_pair(
     arch: str, output_stride: int, width: float, size: int, threads: int, rounds: int, warmup: int = 2
-) -> Dict[str, List[float]]:
+) -> dict[str, list[float]]:
     """Seconds per training step of norm=bn and norm=iabn (same seed), interleaved, per round."""
     torch.set_num_threads(threads)
     models = {}
@@ -122,14 +121,14 @@ def time_pair(
     for _ in range(warmup):
         for norm in NORMS:
             _step(models[norm], x)
-    samples: Dict[str, List[float]] = {n: [] for n in NORMS}
+    samples: dict[str, list[float]] = {n: [] for n in NORMS}
     for r in range(rounds):
         for norm in NORMS if r % 2 == 0 else tuple(reversed(NORMS)):
             samples[norm].append(_step(models[norm], x))
     return samples
 
 
-def quantiles(samples: Sequence[float]) -> Tuple[float, float, float]:
+def quantiles(samples: Sequence[float]) -> tuple[float, float, float]:
     if len(samples) == 1:
         return samples[0], samples[0], samples[0]
     q = statistics.quantiles(samples, n=4, method="inclusive")
@@ -139,7 +138,7 @@ def quantiles(samples: Sequence[float]) -> Tuple[float, float, float]:
 # ------------------------------------------------------------------------------------------------ plot
 
 
-def plot(mem: Dict[Tuple[str, int, int, int, str], int], strides: Sequence[int], path: Path) -> bool:
+def plot(mem: dict[tuple[str, int, int, int, str], int], strides: Sequence[int], path: Path) -> bool:
     try:
         import matplotlib
 
@@ -175,15 +174,24 @@ def plot(mem: Dict[Tuple[str, int, int, int, str], int], strides: Sequence[int],
 # ------------------------------------------------------------------------------------------------ main
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="CI: output stride 16 only, tiny timing run")
-    parser.add_argument("--budget-gib", type=float_range(0, low_open=True), default=16.0, help="activation budget for the batch fit")
+    parser.add_argument(
+        "--budget-gib", type=float_range(0, low_open=True), default=16.0, help="activation budget for the batch fit"
+    )
     parser.add_argument("--budget-size", type=int_range(16), default=512, help="crop size of the batch fit")
-    parser.add_argument("--time-width", type=float_range(0, low_open=True), default=None, help="width of the timed models (0.5; quick 0.125)")
+    parser.add_argument(
+        "--time-width",
+        type=float_range(0, low_open=True),
+        default=None,
+        help="width of the timed models (0.5; quick 0.125)",
+    )
     parser.add_argument("--time-size", type=int_range(16), default=None, help="timed input 1x3xSxS (256; quick 64)")
     parser.add_argument("--rounds", type=int_range(1), default=None, help="timing rounds (default 12, quick 3)")
-    parser.add_argument("--threads", type=int_list(1), default=None, help="comma-separated thread counts (default 1,2; quick 2)")
+    parser.add_argument(
+        "--threads", type=int_list(1), default=None, help="comma-separated thread counts (default 1,2; quick 2)"
+    )
     parser.add_argument("--no-time", action="store_true", help="skip the CPU timing")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     args = parser.parse_args(argv)
@@ -200,9 +208,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"inplace_abn backend {inplace_abn.get_backend()}")  # fmt: skip
 
     # ---- memory (pool "lean": the models as built; "stock": the same with nn.MaxPool2d, for reference)
-    mem: Dict[Tuple[str, int, int, int, str], int] = {}
-    stock: Dict[Tuple[str, int, int, int, str], int] = {}
-    mem_rows: List[Dict[str, object]] = []
+    mem: dict[tuple[str, int, int, int, str], int] = {}
+    stock: dict[tuple[str, int, int, int, str], int] = {}
+    mem_rows: list[dict[str, object]] = []
     for s in strides:
         for arch in ARCHS:
             for pool, table in (("lean", mem), ("stock", stock)):
@@ -224,8 +232,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     # ---- batch that fits the budget
     budget = int(args.budget_gib * GIB)
-    fit_rows: List[Dict[str, object]] = []
-    fits: Dict[Tuple[str, int, str], int] = {}
+    fit_rows: list[dict[str, object]] = []
+    fits: dict[tuple[str, int, str], int] = {}
     for s in strides:
         for arch in ARCHS:
             for norm in NORMS:
@@ -268,7 +276,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     # ---- time
     if not args.no_time:
-        time_rows: List[Dict[str, object]] = []
+        time_rows: list[dict[str, object]] = []
         print(f"\n### CPU training step (forward + backward), width {width:g}, 1x3x{size}x{size}, OS 16, "
               f"median of {rounds} interleaved rounds\n")  # fmt: skip
         print("| model | threads | bn (ms) | iabn (ms) | iabn / bn |")

@@ -25,9 +25,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from inplace_abn import ABN, get_backend  # noqa: E402
-
 from _provenance import int_range  # noqa: E402  (benchmarks/, the script's folder)
+
+from inplace_abn import ABN, get_backend  # noqa: E402
 from inplace_abn.convert import convert_model  # noqa: E402
 from inplace_abn.memory_report import memory_report  # noqa: E402
 
@@ -39,8 +39,12 @@ def _models():
         from torchvision.models.segmentation import deeplabv3_resnet50
 
         out.append(("torchvision resnet50", lambda: resnet50(weights=None)))
-        out.append(("torchvision deeplabv3_resnet50",
-                    lambda: deeplabv3_resnet50(weights=None, weights_backbone=None, aux_loss=False)))
+        out.append(
+            (
+                "torchvision deeplabv3_resnet50",
+                lambda: deeplabv3_resnet50(weights=None, weights_backbone=None, aux_loss=False),
+            )
+        )
     except Exception as exc:  # noqa: BLE001
         print(f"# torchvision unusable: {type(exc).__name__}: {exc}")
     try:
@@ -82,14 +86,25 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int_range(32), default=224)
     parser.add_argument("--batch", type=int_range(2), default=2)
-    parser.add_argument("--csv", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                                      "convert_models.csv"))
+    parser.add_argument(
+        "--csv", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "convert_models.csv")
+    )
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, args.size, args.size)
     rows = []
-    header = ("model", "BN before", "IABN after (by activation)", "BN kept", "saved MB before", "after", "ratio",
-              "train loss", "max|d| relu", "max|d| leaky")
+    header = (
+        "model",
+        "BN before",
+        "IABN after (by activation)",
+        "BN kept",
+        "saved MB before",
+        "after",
+        "ratio",
+        "train loss",
+        "max|d| relu",
+        "max|d| leaky",
+    )
     print(f"# torch {torch.__version__}, backend {get_backend()}, input {tuple(x.shape)}")
     print(" | ".join(header))
     for name, make in _models():
@@ -110,9 +125,18 @@ def main(argv=None):
         loss = _train_step(conv, x)
         assert loss == loss and abs(loss) != float("inf"), f"{name}: loss {loss}"
         kept = "; ".join(f"{n}x {r}" for r, n in report.kept_reasons().items()) or "0"
-        row = (name, n_bn, f"{len(report.converted)} {report.counts()}", f"{len(report.kept)}",
-               f"{before / 2**20:.1f}", f"{after / 2**20:.1f}", f"{after / before:.3f}", f"{loss:.4g}",
-               f"{d_relu:.2e}", f"{d_leaky:.2e}")
+        row = (
+            name,
+            n_bn,
+            f"{len(report.converted)} {report.counts()}",
+            f"{len(report.kept)}",
+            f"{before / 2**20:.1f}",
+            f"{after / 2**20:.1f}",
+            f"{after / before:.3f}",
+            f"{loss:.4g}",
+            f"{d_relu:.2e}",
+            f"{d_leaky:.2e}",
+        )
         print(" | ".join(str(v) for v in row))
         if report.kept:
             print(f"#   kept: {kept}")
@@ -120,15 +144,33 @@ def main(argv=None):
     os.makedirs(os.path.dirname(args.csv), exist_ok=True)
     new = not os.path.exists(args.csv)
     with open(args.csv, "a", newline="") as f:
-        fields = ["date", "torch", "backend", "machine", "batch", "size", *header, "kept_reasons",
-                  "before_bytes", "after_bytes"]
+        fields = [
+            "date",
+            "torch",
+            "backend",
+            "machine",
+            "batch",
+            "size",
+            *header,
+            "kept_reasons",
+            "before_bytes",
+            "after_bytes",
+        ]
         writer = csv.DictWriter(f, fieldnames=fields)
         if new:
             writer.writeheader()
         for r in rows:
-            writer.writerow({"date": datetime.datetime.now().isoformat(timespec="seconds"),
-                             "torch": torch.__version__, "backend": get_backend(), "machine": platform.machine(),
-                             "batch": args.batch, "size": args.size, **r})
+            writer.writerow(
+                {
+                    "date": datetime.datetime.now().isoformat(timespec="seconds"),
+                    "torch": torch.__version__,
+                    "backend": get_backend(),
+                    "machine": platform.machine(),
+                    "batch": args.batch,
+                    "size": args.size,
+                    **r,
+                }
+            )
     print(f"# appended {len(rows)} rows to {args.csv}")
 
 

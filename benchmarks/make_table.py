@@ -18,51 +18,51 @@ import argparse
 import csv
 import sys
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CSV = REPO_ROOT / "benchmarks" / "results" / "bench_inplace_abn.csv"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 BASELINE = "BatchNorm2d+LeakyReLU(inplace)"
 
-Row = Dict[str, str]
+Row = dict[str, str]
 
 
-def read_rows(path: Path) -> List[Row]:
+def read_rows(path: Path) -> list[Row]:
     with path.open(newline="") as fh:
         return list(csv.DictReader(fh))
 
 
-def runs(rows: List[Row]) -> "OrderedDict[str, str]":
+def runs(rows: list[Row]) -> OrderedDict[str, str]:
     """run_id -> date, oldest first."""
-    seen: Dict[str, str] = {}
+    seen: dict[str, str] = {}
     for r in rows:
         seen.setdefault(r["run_id"], r["date"])
     return OrderedDict(sorted(seen.items(), key=lambda kv: (kv[1], kv[0])))
 
 
-def _f(x: str) -> Optional[float]:
+def _f(x: str) -> float | None:
     try:
         return float(x)
     except (TypeError, ValueError):
         return None
 
 
-def _ms(r: Optional[Row]) -> str:
+def _ms(r: Row | None) -> str:
     if r is None:
         return "-"
     return f"{float(r['median_ms']):.3f} (x{float(r['ratio_vs_bn_inplace']):.2f})"
 
 
-def render(rows: List[Row]) -> str:
+def render(rows: list[Row]) -> str:
     """Markdown for the rows of ONE run: a table per (shape, dtype, device), variant x threads."""
     first = rows[0]
-    groups: "OrderedDict[Tuple[str, str, str], List[Row]]" = OrderedDict()
+    groups: OrderedDict[tuple[str, str, str], list[Row]] = OrderedDict()
     for r in rows:
         groups.setdefault((r["shape"], r["dtype"], r["device"]), []).append(r)
     has_peak = any(r.get("peak_bytes") for r in rows)
-    out: List[str] = []
+    out: list[str] = []
     for (shape, dtype, device), grp in groups.items():
         index = {(r["variant"], r["threads"], r["mode"]): r for r in grp}
         variants = list(OrderedDict.fromkeys(r["variant"] for r in grp))
@@ -126,7 +126,7 @@ def update_readme(readme: Path, table: str) -> bool:
     return True
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--csv", type=Path, default=DEFAULT_CSV, help="results CSV (default %(default)s)")
     parser.add_argument("--run-id", default=None, help="run to show (default: the latest by date)")

@@ -23,21 +23,20 @@ import contextlib
 import sys
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from _provenance import append_csv, float_range, int_range, provenance  # noqa: E402  (benchmarks/, the script's folder)
+
 import inplace_abn.functions as functions  # noqa: E402
 from inplace_abn.memory import parameters_of, saved_tensor_bytes  # noqa: E402
 from segmentation import build_model  # noqa: E402
 from segmentation.data import CityscapesSegmentation  # noqa: E402
 from segmentation.models import Bottleneck  # noqa: E402
 from segmentation.synthetic import generate  # noqa: E402
-
-from _provenance import append_csv, float_range, int_range, provenance  # noqa: E402  (benchmarks/, the script's folder)
 
 try:
     from tqdm import tqdm
@@ -76,7 +75,7 @@ class _KeepCounter:
             functions.residual_lossy_channels = self._rule
 
 
-def main(argv: Optional[List[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="activation dtype (CPU autocast)")
     parser.add_argument("--steps", type=int_range(1), default=300)
@@ -107,7 +106,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     )
     counter = _KeepCounter()
     meta = provenance()
-    rows: List[Dict[str, object]] = []
+    rows: list[dict[str, object]] = []
     steps = range(args.steps + 1)
     with counter.installed():
         for step in tqdm(steps, desc=f"zero-init resnet50 ({args.dtype})") if tqdm else steps:

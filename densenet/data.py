@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import pickle
-from typing import Callable, List, Optional, Tuple, Union
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -38,9 +38,9 @@ __all__ = [
 ]
 
 #: Values of ``--data``.
-DATASETS: Tuple[str, ...] = ("digits", "cifar10")
+DATASETS: tuple[str, ...] = ("digits", "cifar10")
 
-Tensors = Tuple[Tensor, Tensor, Tensor, Tensor]
+Tensors = tuple[Tensor, Tensor, Tensor, Tensor]
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -57,11 +57,11 @@ class DataError(RuntimeError):
     """A dataset is missing, incomplete or corrupt; the message names the file and the fix."""
 
 
-def _stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:
+def _stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Deterministic stratified split: per class, a seeded permutation; the first round(frac*n) go to test."""
     rng = np.random.RandomState(seed)
-    train_idx: List[np.ndarray] = []
-    test_idx: List[np.ndarray] = []
+    train_idx: list[np.ndarray] = []
+    test_idx: list[np.ndarray] = []
     for c in np.unique(y):
         idx = np.flatnonzero(y == c)
         idx = idx[rng.permutation(len(idx))]
@@ -112,7 +112,7 @@ def _resolve_cifar_dir(data_dir: str) -> str:
     return nested if os.path.isdir(nested) else data_dir
 
 
-def _load_cifar_file(path: str) -> Tuple[np.ndarray, np.ndarray]:
+def _load_cifar_file(path: str) -> tuple[np.ndarray, np.ndarray]:
     """One pickled CIFAR-10 batch -> (N, 3, 32, 32) uint8, (N,) int64."""
     if not os.path.isfile(path):
         raise DataError(f"CIFAR-10 file missing: {path!r}. {_CIFAR_FIX}")
@@ -125,23 +125,31 @@ def _load_cifar_file(path: str) -> Tuple[np.ndarray, np.ndarray]:
             f"Delete it and re-extract the archive. {_CIFAR_FIX}"
         ) from e
     if not isinstance(d, dict):
-        raise DataError(f"CIFAR-10 file {path!r} is corrupt: expected a pickled dict, got {type(d).__name__}. "
-                        f"Re-extract the archive. {_CIFAR_FIX}")
+        raise DataError(
+            f"CIFAR-10 file {path!r} is corrupt: expected a pickled dict, got {type(d).__name__}. "
+            f"Re-extract the archive. {_CIFAR_FIX}"
+        )
     # Accept both bytes keys (python 2 pickles, the official files) and str keys.
     data = d.get(b"data", d.get("data"))
     labels = d.get(b"labels", d.get("labels"))
     if data is None or labels is None:
         keys = sorted(repr(k) for k in d)
-        raise DataError(f"CIFAR-10 file {path!r} is corrupt: missing b'data' or b'labels' (keys: {', '.join(keys)}). "
-                        f"Re-extract the archive. {_CIFAR_FIX}")
+        raise DataError(
+            f"CIFAR-10 file {path!r} is corrupt: missing b'data' or b'labels' (keys: {', '.join(keys)}). "
+            f"Re-extract the archive. {_CIFAR_FIX}"
+        )
     data = np.asarray(data)
     labels = np.asarray(labels)
     if data.ndim != 2 or data.shape[1] != 3072 or data.dtype != np.uint8:
-        raise DataError(f"CIFAR-10 file {path!r} is corrupt: b'data' must be (N, 3072) uint8, got "
-                        f"{data.shape} {data.dtype}. Re-extract the archive. {_CIFAR_FIX}")
+        raise DataError(
+            f"CIFAR-10 file {path!r} is corrupt: b'data' must be (N, 3072) uint8, got "
+            f"{data.shape} {data.dtype}. Re-extract the archive. {_CIFAR_FIX}"
+        )
     if labels.shape != (data.shape[0],):
-        raise DataError(f"CIFAR-10 file {path!r} is corrupt: {data.shape[0]} images but labels of shape "
-                        f"{labels.shape}. Re-extract the archive. {_CIFAR_FIX}")
+        raise DataError(
+            f"CIFAR-10 file {path!r} is corrupt: {data.shape[0]} images but labels of shape "
+            f"{labels.shape}. Re-extract the archive. {_CIFAR_FIX}"
+        )
     if labels.size and (labels.min() < 0 or labels.max() > 9):
         raise DataError(f"CIFAR-10 file {path!r} is corrupt: labels outside 0..9. Re-extract the archive. {_CIFAR_FIX}")
     return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
@@ -196,7 +204,7 @@ class RandomCropFlip:
         p = self.padding
         i, j = torch.randint(0, 2 * p + 1, (2,)).tolist()
         flip = bool(torch.rand(()) < self.flip_p)
-        crop = F.pad(image, (p, p, p, p))[:, i:i + h, j:j + w]
+        crop = F.pad(image, (p, p, p, p))[:, i : i + h, j : j + w]
         return crop.flip(-1) if flip else crop.contiguous()
 
     def __repr__(self) -> str:
@@ -212,7 +220,7 @@ class ImageTensorDataset(Dataset):
         transform: Maps one (C, H, W) image to another (e.g. :class:`RandomCropFlip`); None: as stored.
     """
 
-    def __init__(self, images: Tensor, labels: Tensor, transform: Optional[Callable[[Tensor], Tensor]] = None) -> None:
+    def __init__(self, images: Tensor, labels: Tensor, transform: Callable[[Tensor], Tensor] | None = None) -> None:
         if images.shape[0] != labels.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
         self.images, self.labels, self.transform = images, labels, transform
@@ -220,7 +228,7 @@ class ImageTensorDataset(Dataset):
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
-    def __getitem__(self, index: int) -> Tuple[Tensor, Tensor]:
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         image = self.images[index]
         if self.transform is not None:
             image = self.transform(image)
@@ -229,14 +237,14 @@ class ImageTensorDataset(Dataset):
 
 def load_datasets(
     name: str,
-    data_dir: Optional[str] = None,
+    data_dir: str | None = None,
     image_size: int = 16,
     seed: int = 0,
-    limit_train: Optional[int] = None,
-    limit_test: Optional[int] = None,
+    limit_train: int | None = None,
+    limit_test: int | None = None,
     dtype: torch.dtype = torch.float32,
-    augment: Union[bool, Callable[[Tensor], Tensor], None] = False,
-) -> Tuple[ImageTensorDataset, ImageTensorDataset]:
+    augment: bool | Callable[[Tensor], Tensor] | None = False,
+) -> tuple[ImageTensorDataset, ImageTensorDataset]:
     """The (train, test) datasets of ``python -m densenet.train``.
 
     Args:

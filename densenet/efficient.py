@@ -18,7 +18,8 @@ strategies 1, 2 and 4; one shared buffer suffices since In-Place ABN writes over
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -41,7 +42,7 @@ class SharedBuffer:
     """
 
     def __init__(self) -> None:
-        self._storage: Dict[Tuple[torch.device, torch.dtype], Tensor] = {}
+        self._storage: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 
     def view(self, shape: Sequence[int], like: Tensor) -> Tensor:
         """A contiguous tensor of ``shape`` on ``like``'s device and dtype, in the shared storage."""
@@ -53,10 +54,10 @@ class SharedBuffer:
             flat = self._storage[key] = torch.empty(numel, device=like.device, dtype=like.dtype)
         return flat[:numel].view(shape)
 
-    def __deepcopy__(self, memo: Dict[int, Any]) -> "SharedBuffer":
+    def __deepcopy__(self, memo: dict[int, Any]) -> SharedBuffer:
         return SharedBuffer()  # copies of a model must not share (or copy) scratch memory
 
-    def __getstate__(self) -> Dict[str, Any]:
+    def __getstate__(self) -> dict[str, Any]:
         return {"_storage": {}}  # pickling a model saves no scratch memory
 
 
@@ -71,10 +72,10 @@ class EfficientBottleneckFunction(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any,
-        weight: Optional[Tensor],
-        bias: Optional[Tensor],
-        running_mean: Optional[Tensor],
-        running_var: Optional[Tensor],
+        weight: Tensor | None,
+        bias: Tensor | None,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
         conv_weight: Tensor,
         config: LayerConfig,
         shared: SharedBuffer,
@@ -136,14 +137,14 @@ class EfficientBottleneckFunction(torch.autograd.Function):
         return (dweight, dbias, None, None, dconv_w if need_cw else None, None, None) + dfeats
 
 
-def _concat(shared: SharedBuffer, features: Tuple[Tensor, ...]) -> Tensor:
+def _concat(shared: SharedBuffer, features: tuple[Tensor, ...]) -> Tensor:
     first = features[0]
     shape = (first.size(0), sum(f.size(1) for f in features)) + tuple(first.shape[2:])
     return torch.cat(features, 1, out=shared.view(shape, first))
 
 
 def efficient_bottleneck(
-    norm: InPlaceABN, conv: torch.nn.Conv2d, *features: Tensor, shared: Optional[SharedBuffer] = None
+    norm: InPlaceABN, conv: torch.nn.Conv2d, *features: Tensor, shared: SharedBuffer | None = None
 ) -> Tensor:
     """``conv(norm(torch.cat(features, 1)))`` with O(1) saved activations per layer beyond the features.
 

@@ -19,7 +19,7 @@ In-place safety with ``norm="iabn"``: every In-Place ABN input is a tensor that 
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -42,8 +42,8 @@ __all__ = [
     "MEMORY_MODES",
 ]
 
-NORMS: Tuple[str, ...] = ("bn", "iabn")
-MEMORY_MODES: Tuple[str, ...] = ("naive", "checkpoint", "efficient")
+NORMS: tuple[str, ...] = ("bn", "iabn")
+MEMORY_MODES: tuple[str, ...] = ("naive", "checkpoint", "efficient")
 
 
 def _check_options(norm: str, memory: str) -> None:
@@ -108,7 +108,7 @@ class _DenseLayer(nn.Module):
         """(N, C_in, H, W) as a list of parts -> (N, bn_size*k, H, W). The cat is fresh, so norm1 may overwrite it."""
         return self.conv1(self.norm1(torch.cat(features, 1)))
 
-    def forward(self, features: List[Tensor]) -> Tensor:
+    def forward(self, features: list[Tensor]) -> Tensor:
         if self.memory == "efficient":
             # One autograd Function: saves the features and per-channel statistics, recomputes the rest.
             out = efficient_bottleneck(self.norm1, self.conv1, *features, shared=self.shared)
@@ -147,7 +147,7 @@ class _DenseBlock(nn.ModuleDict):
             layer.shared = shared
             self[f"denselayer{i + 1}"] = layer
 
-    def forward(self, x: Tensor) -> List[Tensor]:  # type: ignore[override]
+    def forward(self, x: Tensor) -> list[Tensor]:  # type: ignore[override]
         features = [x]
         for layer in self.values():
             features.append(layer(features))
@@ -167,7 +167,7 @@ class _Transition(nn.Module):
         self.conv = nn.Conv2d(num_input_features, num_output_features, kernel_size=1, bias=False)
         self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
 
-    def forward(self, features: List[Tensor]) -> Tensor:
+    def forward(self, features: list[Tensor]) -> Tensor:
         return self.pool(self.conv(self.norm(torch.cat(features, 1))))
 
 
@@ -210,7 +210,7 @@ class DenseNet(nn.Module):
             raise ValueError(f"compression must be in (0, 1], got {compression!r}")
         self.norm_type = norm
         self.memory = memory
-        stem: Dict[str, nn.Module] = {}
+        stem: dict[str, nn.Module] = {}
         if small_inputs:
             stem["conv0"] = nn.Conv2d(3, num_init_features, kernel_size=3, padding=1, bias=False)
         else:
@@ -223,9 +223,7 @@ class DenseNet(nn.Module):
         self.transitions = nn.ModuleList()
         num_features = num_init_features
         for i, num_layers in enumerate(block_config):
-            self.blocks.append(
-                _DenseBlock(num_layers, num_features, growth_rate, bn_size, drop_rate, norm, memory)
-            )
+            self.blocks.append(_DenseBlock(num_layers, num_features, growth_rate, bn_size, drop_rate, norm, memory))
             num_features += num_layers * growth_rate
             if i != len(block_config) - 1:
                 out_features = int(num_features * compression)
@@ -279,7 +277,7 @@ def densenet_bc(depth: int, growth_rate: int = 12, **kw) -> DenseNet:
     return DenseNet(growth_rate=growth_rate, block_config=(n, n, n), **kw)
 
 
-def _imagenet(block_config: Tuple[int, ...], growth_rate: int, num_init_features: int, kw: dict) -> DenseNet:
+def _imagenet(block_config: tuple[int, ...], growth_rate: int, num_init_features: int, kw: dict) -> DenseNet:
     kw.setdefault("growth_rate", growth_rate)
     kw.setdefault("num_init_features", num_init_features)
     kw.setdefault("small_inputs", False)

@@ -22,7 +22,8 @@ import json
 import os
 import sys
 import time
-from typing import Any, Dict, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -76,8 +77,23 @@ EVAL_BATCH_SIZE = 500
 NUM_CLASSES = 10
 # Arguments that must match between the run that wrote a checkpoint and the run resuming it.
 _RESUME_MUST_MATCH = (
-    "data", "image_size", "depth", "growth_rate", "norm", "memory", "drop_rate", "dtype", "batch_size",
-    "epochs", "schedule", "lr", "weight_decay", "limit_train", "limit_test", "augment", "seed",
+    "data",
+    "image_size",
+    "depth",
+    "growth_rate",
+    "norm",
+    "memory",
+    "drop_rate",
+    "dtype",
+    "batch_size",
+    "epochs",
+    "schedule",
+    "lr",
+    "weight_decay",
+    "limit_train",
+    "limit_test",
+    "augment",
+    "seed",
 )
 
 
@@ -92,34 +108,54 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data", choices=DATASETS, default="digits")
     g.add_argument("--data-dir", default=None, help="cifar10: folder holding cifar-10-batches-py/ (never downloaded)")
     g.add_argument("--image-size", type=int_range(4), default=16, help="digits: 8x8 images are upsampled to this side")
-    g.add_argument("--augment", choices=("auto", "on", "off"), default="auto",
-                   help="random crop (pad 4) + horizontal flip; auto = on for cifar10, off for digits")
+    g.add_argument(
+        "--augment",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="random crop (pad 4) + horizontal flip; auto = on for cifar10, off for digits",
+    )
     g.add_argument("--limit-train", type=int_range(2), default=None, help="use only the first N training images")
     g.add_argument("--limit-test", type=int_range(1), default=None, help="use only the first N test images")
     g = p.add_argument_group("model")
     g.add_argument("--depth", type=int_range(10), default=40, help="DenseNet-BC depth, 6n+4")
     g.add_argument("--growth-rate", type=int_range(1), default=12)
     g.add_argument("--norm", choices=NORMS, default="iabn", help="bn: BatchNorm2d + ReLU; iabn: In-Place ABN")
-    g.add_argument("--memory", choices=MEMORY_MODES, default="naive",
-                   help="memory strategy of the dense layers (efficient needs --norm iabn)")
+    g.add_argument(
+        "--memory",
+        choices=MEMORY_MODES,
+        default="naive",
+        help="memory strategy of the dense layers (efficient needs --norm iabn)",
+    )
     g.add_argument("--drop-rate", type=float_range(0, 1, high_open=True), default=0.0)
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int_range(1), default=15)
     g.add_argument("--batch-size", type=int_range(2), default=64)
     g.add_argument("--lr", type=float_range(0, low_open=True), default=0.1)
     g.add_argument("--weight-decay", type=float_range(0), default=1e-4)
-    g.add_argument("--schedule", choices=("cosine", "step"), default="cosine",
-                   help="cosine annealing to 0, or x0.1 at 50%% and 75%% of the epochs")
+    g.add_argument(
+        "--schedule",
+        choices=("cosine", "step"),
+        default="cosine",
+        help="cosine annealing to 0, or x0.1 at 50%% and 75%% of the epochs",
+    )
     g.add_argument("--seed", type=int_range(0, 2**63 - 1), default=0)
     g.add_argument("--threads", type=int_range(1), default=None, help="torch.set_num_threads (default: torch's choice)")
     g.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     g = p.add_argument_group("output")
     g.add_argument("--out", default=os.path.join("runs", "densenet-digits"))
     g.add_argument("--resume", default=None, metavar="PATH", help="checkpoint.pt to continue from")
-    g.add_argument("--overwrite", action="store_true",
-                   help="replace the earlier run in --out (without it, or --resume, such an --out is refused)")
-    g.add_argument("--stop-after", type=int_range(1), default=None, metavar="N",
-                   help="stop after N epochs of this process (as if interrupted); continue later with --resume")
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the earlier run in --out (without it, or --resume, such an --out is refused)",
+    )
+    g.add_argument(
+        "--stop-after",
+        type=int_range(1),
+        default=None,
+        metavar="N",
+        help="stop after N epochs of this process (as if interrupted); continue later with --resume",
+    )
     g.add_argument("--no-progress", action="store_true", help="no progress bar (one line per epoch only)")
     return p
 
@@ -135,7 +171,7 @@ def train_one_epoch(
     device: torch.device,
     epoch: int,
     args: argparse.Namespace,
-) -> Tuple[float, float]:
+) -> tuple[float, float]:
     """One pass over ``data_loader`` in training mode: forward, loss, backward, optimizer step per batch.
 
     Args:
@@ -175,7 +211,7 @@ def train_one_epoch(
 @torch.no_grad()
 def evaluate(
     model: nn.Module, criterion: nn.Module, data_loader: DataLoader, device: torch.device
-) -> Tuple[float, float]:
+) -> tuple[float, float]:
     """(mean loss, accuracy) of ``model`` in eval mode over ``data_loader``.
 
     Args:
@@ -226,8 +262,14 @@ def saved_memory(args: argparse.Namespace, batch: int, image_shape: Sequence[int
         memory = args.memory if norm == args.norm else bn_memory
 
         def build() -> nn.Module:
-            return densenet_bc(args.depth, growth_rate=args.growth_rate, norm=norm, memory=memory,
-                               drop_rate=args.drop_rate, num_classes=NUM_CLASSES).to(dtype)
+            return densenet_bc(
+                args.depth,
+                growth_rate=args.growth_rate,
+                norm=norm,
+                memory=memory,
+                drop_rate=args.drop_rate,
+                num_classes=NUM_CLASSES,
+            ).to(dtype)
 
         def step(model: nn.Module) -> Tensor:
             x = torch.empty(batch, *image_shape, dtype=dtype)
@@ -235,22 +277,40 @@ def saved_memory(args: argparse.Namespace, batch: int, image_shape: Sequence[int
 
         return saved_bytes_on_meta(build, step)
 
-    return compare_saved_memory(count, args.norm, baseline=f"norm=bn memory={bn_memory}",
-                                current=f"norm={args.norm} memory={args.memory}")
+    return compare_saved_memory(
+        count, args.norm, baseline=f"norm=bn memory={bn_memory}", current=f"norm={args.norm} memory={args.memory}"
+    )
 
 
-def _log_epoch(rows: list, csv_path: str, epoch: int, train: Tuple[float, float], test: Tuple[float, float],
-               lr: float, seconds: float, saved_mib: float) -> None:
-    rows.append({"epoch": epoch, "train_loss": f"{train[0]:.6f}", "train_acc": f"{train[1]:.6f}",
-                 "test_loss": f"{test[0]:.6f}", "test_acc": f"{test[1]:.6f}", "lr": f"{lr:.6g}",
-                 "seconds": f"{seconds:.3f}", "saved_mib": f"{saved_mib:.4f}"})
+def _log_epoch(
+    rows: list,
+    csv_path: str,
+    epoch: int,
+    train: tuple[float, float],
+    test: tuple[float, float],
+    lr: float,
+    seconds: float,
+    saved_mib: float,
+) -> None:
+    rows.append(
+        {
+            "epoch": epoch,
+            "train_loss": f"{train[0]:.6f}",
+            "train_acc": f"{train[1]:.6f}",
+            "test_loss": f"{test[0]:.6f}",
+            "test_acc": f"{test[1]:.6f}",
+            "lr": f"{lr:.6g}",
+            "seconds": f"{seconds:.3f}",
+            "saved_mib": f"{saved_mib:.4f}",
+        }
+    )
     write_csv(csv_path, rows, CSV_FIELDS)
 
 
 # ------------------------------------------------------------------------------------------------ main
 
 
-def run(args: argparse.Namespace) -> Dict[str, Any]:
+def run(args: argparse.Namespace) -> dict[str, Any]:
     """Builds data, model, optimizer, scheduler, log and checkpointing, then loops over the epochs.
 
     Returns:
@@ -258,34 +318,59 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     """
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    ckpt = (load_resume_checkpoint(args.resume, vars(args), _RESUME_MUST_MATCH, kind="densenet.train",
-                                   checkpoint_name=CHECKPOINT_NAME) if args.resume else None)
+    ckpt = (
+        load_resume_checkpoint(
+            args.resume, vars(args), _RESUME_MUST_MATCH, kind="densenet.train", checkpoint_name=CHECKPOINT_NAME
+        )
+        if args.resume
+        else None
+    )
     prepare_out_dir(args.out, RUN_FILES, resume=args.resume, overwrite=args.overwrite)
     device = torch.device("cpu")
     dtype = getattr(torch, args.dtype)
 
     seed_everything(args.seed)
     augment = args.augment == "on" or (args.augment == "auto" and args.data == "cifar10")
-    train_set, test_set = load_datasets(args.data, args.data_dir, image_size=args.image_size, seed=args.seed,
-                                        limit_train=args.limit_train, limit_test=args.limit_test, dtype=dtype,
-                                        augment=augment)
+    train_set, test_set = load_datasets(
+        args.data,
+        args.data_dir,
+        image_size=args.image_size,
+        seed=args.seed,
+        limit_train=args.limit_train,
+        limit_test=args.limit_test,
+        dtype=dtype,
+        augment=augment,
+    )
     if len(train_set) < 2 or len(test_set) < 1:
         raise DataError(f"too little data: {len(train_set)} training / {len(test_set)} test images")
     # Shuffled by a generator reseeded every epoch (set_epoch_seed): the order of epoch e depends on
     # (seed, e) only. A trailing single-image batch is dropped (batch norm needs two).
     shuffle = torch.Generator()
-    train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, generator=shuffle,
-                              drop_last=len(train_set) % args.batch_size == 1)
+    train_loader = DataLoader(
+        train_set,
+        batch_size=args.batch_size,
+        shuffle=True,
+        generator=shuffle,
+        drop_last=len(train_set) % args.batch_size == 1,
+    )
     test_loader = DataLoader(test_set, batch_size=EVAL_BATCH_SIZE, shuffle=False)
 
-    model = densenet_bc(args.depth, growth_rate=args.growth_rate, norm=args.norm, memory=args.memory,
-                        drop_rate=args.drop_rate, num_classes=NUM_CLASSES).to(device, dtype)
+    model = densenet_bc(
+        args.depth,
+        growth_rate=args.growth_rate,
+        norm=args.norm,
+        memory=args.memory,
+        drop_rate=args.drop_rate,
+        num_classes=NUM_CLASSES,
+    ).to(device, dtype)
     criterion = nn.CrossEntropyLoss()
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
-                                weight_decay=args.weight_decay)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=args.weight_decay
+    )
     scheduler = make_scheduler(optimizer, args.schedule, args.epochs)
-    start = (restore_training_state(ckpt, args.resume, model, optimizer, scheduler) if ckpt is not None
-             else ResumePoint())
+    start = (
+        restore_training_state(ckpt, args.resume, model, optimizer, scheduler) if ckpt is not None else ResumePoint()
+    )
 
     csv_path = os.path.join(args.out, "log.csv")
     ckpt_path = os.path.join(args.out, CHECKPOINT_NAME)
@@ -295,10 +380,13 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     image_shape = tuple(train_set.images.shape[1:])
     mb = min(args.batch_size, len(train_set))
     mem = saved_memory(args, mb, image_shape)
-    print(f"DenseNet-BC-{args.depth} k={args.growth_rate} norm={args.norm} memory={args.memory}: "
-          f"{n_params:,} params, {mem.norm_mib:.2f} MiB saved for backward per batch of {mb}; "
-          f"{args.data}: {len(train_set)} train / {len(test_set)} test images of {image_shape}"
-          + (f"; resuming after epoch {start.epoch}" if start.resumed else ""), flush=True)
+    print(
+        f"DenseNet-BC-{args.depth} k={args.growth_rate} norm={args.norm} memory={args.memory}: "
+        f"{n_params:,} params, {mem.norm_mib:.2f} MiB saved for backward per batch of {mb}; "
+        f"{args.data}: {len(train_set)} train / {len(test_set)} test images of {image_shape}"
+        + (f"; resuming after epoch {start.epoch}" if start.resumed else ""),
+        flush=True,
+    )
     print(mem.line(f"{args.dtype} training step, batch {mb} x {' x '.join(map(str, image_shape))}"), flush=True)
 
     elapsed, epoch = start.elapsed, start.epoch
@@ -315,25 +403,38 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         seconds = time.perf_counter() - t0
         elapsed += seconds
         _log_epoch(rows, csv_path, epoch, (train_loss, train_acc), (test_loss, test_acc), lr, seconds, mem.norm_mib)
-        save_training_checkpoint(ckpt_path, model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch,
-                                 args=args, elapsed=elapsed)
-        print(f"epoch {epoch}/{args.epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
-              f"test loss {test_loss:.4f} acc {test_acc:.4f}  lr {lr:.4g}  {seconds:.1f}s", flush=True)
+        save_training_checkpoint(
+            ckpt_path, model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch, args=args, elapsed=elapsed
+        )
+        print(
+            f"epoch {epoch}/{args.epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
+            f"test loss {test_loss:.4f} acc {test_acc:.4f}  lr {lr:.4g}  {seconds:.1f}s",
+            flush=True,
+        )
         if stop_after_reached(args.stop_after, epoch - start.epoch, epoch, args.epochs):
             print(f"stopped after epoch {epoch}; continue with --resume {ckpt_path}", flush=True)
             return {"stopped_after": epoch, "test_acc": test_acc, "test_loss": test_loss}
 
-    summary = {"test_acc": test_acc, "test_loss": test_loss, "epochs": epoch, "train_seconds": elapsed,
-               "params": n_params, "saved_mib_per_batch": mem.norm_mib, "memory": mem.as_dict(),
-               "args": vars(args).copy()}
+    summary = {
+        "test_acc": test_acc,
+        "test_loss": test_loss,
+        "epochs": epoch,
+        "train_seconds": elapsed,
+        "params": n_params,
+        "saved_mib_per_batch": mem.norm_mib,
+        "memory": mem.as_dict(),
+        "args": vars(args).copy(),
+    }
     with open(os.path.join(args.out, "final.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    print(f"final test accuracy: {test_acc:.4f} ({test_acc * 100:.2f}%) after {epoch} epochs, "
-          f"{elapsed:.1f}s of training", flush=True)
+    print(
+        f"final test accuracy: {test_acc:.4f} ({test_acc * 100:.2f}%) after {epoch} epochs, {elapsed:.1f}s of training",
+        flush=True,
+    )
     return summary
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status (0 ok, 2 bad data/checkpoint/option)."""
     return run_cli(build_parser(), run, argv, (DataError, ResumeError, ValueError, DivergenceError))
 

@@ -23,7 +23,7 @@ import datetime
 import os
 import socket
 import time
-from typing import Callable, Tuple
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -52,7 +52,7 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def setup(backend: str, timeout_s: float) -> Tuple[int, int, torch.device]:
+def setup(backend: str, timeout_s: float) -> tuple[int, int, torch.device]:
     """Joins the process group of torchrun, or makes a 1-process one; returns (rank, world, device)."""
     timeout = datetime.timedelta(seconds=timeout_s)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # started by torchrun
@@ -98,7 +98,7 @@ class SyntheticImages:
         self.gen = torch.Generator().manual_seed(seed + 1000 * (rank + 1))
         self.classes, self.device = classes, device
 
-    def batch(self, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         labels = torch.randint(0, self.classes, (n,), generator=self.gen)
         noise = 1.5 * torch.randn((n,) + tuple(self.templates.shape[1:]), generator=self.gen)
         labels = labels.to(self.device)

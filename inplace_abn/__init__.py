@@ -7,9 +7,12 @@ A drop-in replacement for inplace-abn 1.1.0: ``ABN``, ``InPlaceABN``, ``InPlaceA
 
 from __future__ import annotations
 
-from . import _backend  # noqa: F401 - first: loads the extension so the ops exist before anything registers on them
-from . import _ops  # noqa: F401 - registers the fake kernels of the ops
-from . import activations, reference
+from . import (
+    _backend,  # noqa: F401 - first: loads the extension so the ops exist before anything registers on them
+    _ops,  # noqa: F401 - registers the fake kernels of the ops
+    activations,
+    reference,
+)
 from ._backend import extension_loaded, get_backend, set_backend, use_backend
 from ._version import __version__
 from .abn import ABN, InPlaceABN, InPlaceABNSync

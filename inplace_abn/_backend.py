@@ -11,15 +11,15 @@ import importlib
 import os
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
 
 import torch
 
 __all__ = ["get_backend", "set_backend", "extension_loaded", "extension_error", "has_kernel", "shadowed_build"]
 
 _BACKENDS = ("cpp", "python")
-_extension_error: Optional[BaseException] = None
+_extension_error: BaseException | None = None
 
 try:
     # Loading the shared object runs its TORCH_LIBRARY registrations; nothing else is used from it.
@@ -33,12 +33,12 @@ def extension_loaded() -> bool:
     return _extension_error is None
 
 
-def extension_error() -> Optional[BaseException]:
+def extension_error() -> BaseException | None:
     """The exception raised while importing the extension, or None if it loaded."""
     return _extension_error
 
 
-def shadowed_build() -> Optional[str]:
+def shadowed_build() -> str | None:
     """The folder of another copy of this package, with a compiled ``_C``, that this import shadows.
 
     The usual case: ``pip install --no-build-isolation .`` put a built copy into site-packages, and Python

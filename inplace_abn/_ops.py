@@ -7,8 +7,6 @@ twin of the same name in ``pure_backend`` runs (same contract).
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 from torch import Tensor
 
@@ -40,7 +38,7 @@ def _compiled(t: Tensor) -> bool:
     return _backend.get_backend() == "cpp" and t.device.type in _COMPILED_DEVICES
 
 
-def statistics(x: Tensor) -> Tuple[Tensor, Tensor]:
+def statistics(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel mean and biased variance of ``x`` (N, C, *), in the opmath dtype (C,)."""
     if _compiled(x):
         return torch.ops.inplace_abn.statistics(x)
@@ -58,12 +56,12 @@ def forward_(
     x: Tensor,
     mean: Tensor,
     var: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
+    weight: Tensor | None,
+    bias: Tensor | None,
     eps: float,
     activation: str,
     activation_param: float,
-    residual: Optional[Tensor] = None,
+    residual: Tensor | None = None,
 ) -> None:
     """Overwrites ``x`` (N, C, *) with ``act((|w| + eps) * (x - mean) / sqrt(var + eps) + b [+ residual])``."""
     args = (x, mean, var, weight, bias, eps, activation, activation_param, residual)
@@ -75,16 +73,16 @@ def forward_(
 
 def forward_train_(
     x: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    running_mean: Optional[Tensor],
-    running_var: Optional[Tensor],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
     momentum: float,
     eps: float,
     activation: str,
     activation_param: float,
-    residual: Optional[Tensor] = None,
-) -> Tuple[Tensor, Tensor]:
+    residual: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
     """Training forward on local statistics: ``statistics`` then ``forward_``, and the running statistics
     (C,) (when given) updated as nn.BatchNorm does; returns (mean, biased var) (C,)."""
     args = (x, weight, bias, running_mean, running_var, momentum, eps, activation, activation_param, residual)
@@ -96,13 +94,13 @@ def forward_train_(
 def backward_reduce(
     y: Tensor,
     dy: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
+    weight: Tensor | None,
+    bias: Tensor | None,
     eps: float,
     activation: str,
     activation_param: float,
-    residual: Optional[Tensor] = None,
-) -> Tuple[Tensor, Tensor]:
+    residual: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
     """Per-channel (C,) sums of dz and dz * x_hat, recovered from the output ``y`` (N, C, *) (and the
     ``residual`` the forward added, if any)."""
     args = (y, dy, weight, bias, eps, activation, activation_param, residual)
@@ -115,15 +113,15 @@ def backward(
     y: Tensor,
     dy: Tensor,
     var: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    mean_dz: Optional[Tensor],
-    mean_dz_xhat: Optional[Tensor],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mean_dz: Tensor | None,
+    mean_dz_xhat: Tensor | None,
     eps: float,
     activation: str,
     activation_param: float,
-    residual: Optional[Tensor] = None,
-) -> Tuple[Tensor, Tensor]:
+    residual: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
     """(dx (N, C, *) with ``y``'s strides, grad_residual); ``mean_dz``/``mean_dz_xhat`` None selects eval mode.
 
     grad_residual is dL/dresidual = dz (N, C, *) with a ``residual``, an empty (0,) tensor without.
@@ -138,13 +136,13 @@ def backward_train(
     y: Tensor,
     dy: Tensor,
     var: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
+    weight: Tensor | None,
+    bias: Tensor | None,
     eps: float,
     activation: str,
     activation_param: float,
-    residual: Optional[Tensor] = None,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    residual: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Training backward on local statistics; returns (dx (N, C, *), grad_weight (C,), grad_bias (C,),
     grad_residual).
 
@@ -160,12 +158,12 @@ def backward_train(
 
 def invert(
     y: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
+    weight: Tensor | None,
+    bias: Tensor | None,
     eps: float,
     activation: str,
     activation_param: float,
-    residual: Optional[Tensor] = None,
+    residual: Tensor | None = None,
 ) -> Tensor:
     """x_hat (N, C, *) recovered from the output ``y`` (and the ``residual`` the forward added), in ``y``'s
     dtype and strides."""
@@ -188,11 +186,11 @@ if _backend.extension_loaded():
         if y.shape != dy.shape:
             raise RuntimeError(f"dy must have the shape of y {tuple(y.shape)}, got {tuple(dy.shape)}")
 
-    def _check_residual(x: Tensor, residual: Optional[Tensor]) -> None:
+    def _check_residual(x: Tensor, residual: Tensor | None) -> None:
         if residual is not None and residual.shape != x.shape:
             raise RuntimeError(f"residual must have the shape of x {tuple(x.shape)}, got {tuple(residual.shape)}")
 
-    def _channel_vectors(t: Tensor, count: int) -> Tuple[Tensor, ...]:
+    def _channel_vectors(t: Tensor, count: int) -> tuple[Tensor, ...]:
         return tuple(t.new_empty((t.size(1),), dtype=opmath_dtype(t.dtype)) for _ in range(count))
 
     @torch.library.impl("inplace_abn::forward_", "Meta")
@@ -223,7 +221,7 @@ if _backend.extension_loaded():
         _check_residual(y, residual)
         return _channel_vectors(y, 2)
 
-    def _grad_residual_fake(y: Tensor, residual: Optional[Tensor]) -> Tensor:
+    def _grad_residual_fake(y: Tensor, residual: Tensor | None) -> Tensor:
         return torch.empty_like(y) if residual is not None else y.new_empty((0,))
 
     @torch.library.register_fake("inplace_abn::backward")

@@ -6,7 +6,7 @@ num_batches_tracked), so state dicts of inplace-abn 1.1.0 load unchanged. Module
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -45,7 +45,7 @@ class ABN(nn.Module):
         self,
         num_features: int,
         eps: float = 1e-5,
-        momentum: Optional[float] = 0.1,
+        momentum: float | None = 0.1,
         affine: bool = True,
         track_running_stats: bool = True,
         activation: str = "leaky_relu",
@@ -94,7 +94,7 @@ class ABN(nn.Module):
             nn.init.ones_(self.weight)
             nn.init.zeros_(self.bias)
 
-    def _batch_norm_args(self) -> Tuple[bool, float, Optional[Tensor], Optional[Tensor]]:
+    def _batch_norm_args(self) -> tuple[bool, float, Tensor | None, Tensor | None]:
         """Applies nn.BatchNorm's rules; returns (use batch statistics, momentum, running_mean, running_var)
         for the functional call. Changes no state: the caller advances ``num_batches_tracked`` with
         :meth:`_count_batch` once the call succeeded, so a refused call leaves it alone.
@@ -129,7 +129,7 @@ class ABN(nn.Module):
                 f"(shape {tuple(x.shape)}); num_features must equal the size of dimension 1"
             )
 
-    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         """``act(BN(x) [+ residual])``; ``residual`` (optional) has x's shape (N, C, *)."""
         self._check_input_dim(x)
         training, momentum, running_mean, running_var = self._batch_norm_args()
@@ -187,7 +187,7 @@ class InPlaceABN(ABN):
         self,
         num_features: int,
         eps: float = 1e-5,
-        momentum: Optional[float] = 0.1,
+        momentum: float | None = 0.1,
         affine: bool = True,
         track_running_stats: bool = True,
         activation: str = "leaky_relu",
@@ -197,7 +197,7 @@ class InPlaceABN(ABN):
         if not activations.is_invertible(activation, activation_param):
             activations.warn_non_invertible()
 
-    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         """Writes ``act(BN(x) [+ residual])`` over ``x`` (N, C, *) and returns it."""
         self._check_input_dim(x)
         training, momentum, running_mean, running_var = self._batch_norm_args()
@@ -220,21 +220,21 @@ class InPlaceABNSync(ABN):
         self,
         num_features: int,
         eps: float = 1e-5,
-        momentum: Optional[float] = 0.1,
+        momentum: float | None = 0.1,
         affine: bool = True,
         track_running_stats: bool = True,
         activation: str = "leaky_relu",
         activation_param: float = 0.01,
-        group: Optional[Any] = None,
+        group: Any | None = None,
     ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, activation, activation_param)
         self.group = group
 
-    def set_group(self, group: Optional[Any]) -> None:
+    def set_group(self, group: Any | None) -> None:
         """Sets the process group to synchronise with (None = default). Never call between forward and backward."""
         self.group = group
 
-    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         """Writes ``act(BN(x) [+ residual])`` over ``x`` (N, C, *) and returns it; statistics of x alone."""
         self._check_input_dim(x)
         training, momentum, running_mean, running_var = self._batch_norm_args()

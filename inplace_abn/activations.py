@@ -12,8 +12,9 @@ Only invertible activations keep the in-place saving: the backward recovers the 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Tuple, Type
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -59,11 +60,11 @@ class Activation:
     inverse: Callable[[Tensor, float], Tensor]
     grad: Callable[[Tensor, Tensor, float], Tensor]
     module: Callable[[float], nn.Module]
-    module_type: Type[nn.Module]
-    param_attr: Optional[str]
+    module_type: type[nn.Module]
+    param_attr: str | None
 
 
-ACTIVATIONS: Dict[str, Activation] = {
+ACTIVATIONS: dict[str, Activation] = {
     "leaky_relu": Activation(
         name="leaky_relu",
         apply=lambda z, slope: F.leaky_relu(z, slope),
@@ -99,11 +100,11 @@ ACTIVATIONS: Dict[str, Activation] = {
 }
 
 #: Accepted spellings: the table's names, ``relu`` (= leaky_relu, slope 0) and the legacy ``none``.
-_ALIASES: Dict[str, Tuple[str, float]] = {"relu": ("leaky_relu", 0.0), "none": ("identity", 0.0)}
+_ALIASES: dict[str, tuple[str, float]] = {"relu": ("leaky_relu", 0.0), "none": ("identity", 0.0)}
 NAMES = tuple(ACTIVATIONS) + tuple(_ALIASES)
 
 
-def resolve(activation: Any, activation_param: Any) -> Tuple[str, float]:
+def resolve(activation: Any, activation_param: Any) -> tuple[str, float]:
     """Validates an activation and returns its canonical ``(name, param)``.
 
     ``relu`` becomes ``("leaky_relu", 0.0)`` and ``none`` becomes ``("identity", 0.0)``.

@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 import pickle
 import zipfile
-from typing import Any, Dict, Mapping, Union
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,11 +22,11 @@ __all__ = ["load_inplace_abn_v1_state_dict"]
 _CONTAINER_KEYS = ("state_dict", "model_state_dict", "model")
 
 
-def _rename(state: Mapping[str, Any], old: str, new: str) -> Dict[str, Any]:
+def _rename(state: Mapping[str, Any], old: str, new: str) -> dict[str, Any]:
     """A copy of ``state`` with the key prefix ``old`` replaced by ``new``, ``_metadata`` versions included."""
     out = type(state)() if isinstance(state, dict) else {}
     for k, v in state.items():
-        out[new + k[len(old):] if k.startswith(old) else k] = v
+        out[new + k[len(old) :] if k.startswith(old) else k] = v
     metadata = getattr(state, "_metadata", None)
     if metadata is not None:
         renamed = type(metadata)()
@@ -33,7 +34,7 @@ def _rename(state: Mapping[str, Any], old: str, new: str) -> Dict[str, Any]:
             if k == old.rstrip("."):
                 renamed[new.rstrip(".")] = v
             elif k.startswith(old):
-                renamed[new + k[len(old):]] = v
+                renamed[new + k[len(old) :]] = v
             else:
                 renamed[k] = v
         out._metadata = renamed  # type: ignore[attr-defined]
@@ -44,18 +45,22 @@ def _rename(state: Mapping[str, Any], old: str, new: str) -> Dict[str, Any]:
 _LEGACY_HEAD = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)[:12]
 
 
-def _load_file(path: Union[str, os.PathLike], weights_only: bool) -> Any:
+def _load_file(path: str | os.PathLike, weights_only: bool) -> Any:
     """``torch.load`` of a checkpoint file, with errors that name the file and tell corrupt from untrusted."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"state_dict_or_path: checkpoint file {os.fspath(path)!r} not found")
     if os.path.getsize(path) == 0:
-        raise ValueError(f"state_dict_or_path: checkpoint file {os.fspath(path)!r} is empty (0 bytes): an "
-                         "interrupted write or copy; copy the checkpoint again")
+        raise ValueError(
+            f"state_dict_or_path: checkpoint file {os.fspath(path)!r} is empty (0 bytes): an "
+            "interrupted write or copy; copy the checkpoint again"
+        )
     with open(path, "rb") as f:
         head = f.read(len(_LEGACY_HEAD))
     if not (zipfile.is_zipfile(path) or head == _LEGACY_HEAD):
-        raise ValueError(f"state_dict_or_path: {os.fspath(path)!r} is not a PyTorch checkpoint (corrupt, truncated "
-                         "or another format); copy the checkpoint again")
+        raise ValueError(
+            f"state_dict_or_path: {os.fspath(path)!r} is not a PyTorch checkpoint (corrupt, truncated "
+            "or another format); copy the checkpoint again"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=weights_only)
     except pickle.UnpicklingError as e:
@@ -64,15 +69,18 @@ def _load_file(path: Union[str, os.PathLike], weights_only: bool) -> Any:
         raise ValueError(
             f"state_dict_or_path: checkpoint {os.fspath(path)!r} could not be loaded with weights_only=True: it is "
             "corrupt, or it pickles objects other than tensors and containers. Only if the file is intact and "
-            f"from a source you trust, pass weights_only=False. ({e})") from e
+            f"from a source you trust, pass weights_only=False. ({e})"
+        ) from e
     except Exception as e:  # noqa: BLE001 - a damaged archive or truncated pickle fails in many ways
-        raise ValueError(f"state_dict_or_path: checkpoint {os.fspath(path)!r} is corrupt or truncated "
-                         f"({type(e).__name__}: {e}); copy the checkpoint again") from e
+        raise ValueError(
+            f"state_dict_or_path: checkpoint {os.fspath(path)!r} is corrupt or truncated "
+            f"({type(e).__name__}: {e}); copy the checkpoint again"
+        ) from e
 
 
 def load_inplace_abn_v1_state_dict(
     model: nn.Module,
-    state_dict_or_path: Union[Mapping[str, Any], str, os.PathLike, Any],
+    state_dict_or_path: Mapping[str, Any] | str | os.PathLike | Any,
     strict: bool = True,
     *,
     weights_only: bool = True,
@@ -117,7 +125,12 @@ def load_inplace_abn_v1_state_dict(
     prefix = "module."
     while state and all(k.startswith(prefix) for k in state) and not all(k.startswith(prefix) for k in model_keys):
         state = _rename(state, prefix, "")
-    if state and model_keys and all(k.startswith(prefix) for k in model_keys) and not any(k.startswith(prefix) for k in state):
+    if (
+        state
+        and model_keys
+        and all(k.startswith(prefix) for k in model_keys)
+        and not any(k.startswith(prefix) for k in state)
+    ):
         state = _rename(state, "", prefix)
     if not isinstance(state, dict) or state is obj:
         state = _rename(state, "", "")  # a copy: loading backfills num_batches_tracked into it

@@ -15,7 +15,8 @@ and user code imports them from:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -36,7 +37,7 @@ __all__ = [
 ]
 
 
-def _copy_state(src: nn.Module, dst: nn.Module, state: Optional[Mapping[str, Any]] = None) -> nn.Module:
+def _copy_state(src: nn.Module, dst: nn.Module, state: Mapping[str, Any] | None = None) -> nn.Module:
     """Gives ``dst`` the device, dtypes, state and train/eval mode of ``src`` (bit-exact).
 
     Args:
@@ -58,7 +59,7 @@ def _copy_state(src: nn.Module, dst: nn.Module, state: Optional[Mapping[str, Any
     return dst.train(src.training)
 
 
-def _swap(module: nn.Module, make: Callable[[nn.Module], Optional[nn.Module]]) -> nn.Module:
+def _swap(module: nn.Module, make: Callable[[nn.Module], nn.Module | None]) -> nn.Module:
     """Replaces, depth first, every submodule for which ``make`` returns a module (``module`` itself too)."""
     replacement = make(module)
     if replacement is not None:
@@ -75,7 +76,7 @@ def _args(m: InPlaceABN) -> tuple:
     return (m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats, m.activation, m.activation_param)
 
 
-def convert_sync(module: nn.Module, group: Optional[Any] = None) -> nn.Module:
+def convert_sync(module: nn.Module, group: Any | None = None) -> nn.Module:
     """Replaces every :class:`InPlaceABN` in ``module`` by an :class:`InPlaceABNSync` (state kept).
 
     Like ``nn.SyncBatchNorm.convert_sync_batchnorm``: returns the converted module (the same object,
@@ -86,7 +87,7 @@ def convert_sync(module: nn.Module, group: Optional[Any] = None) -> nn.Module:
         group: Process group of the new layers (None = the default group).
     """
 
-    def make(m: nn.Module) -> Optional[nn.Module]:
+    def make(m: nn.Module) -> nn.Module | None:
         if type(m) is InPlaceABN:
             return _copy_state(m, InPlaceABNSync(*_args(m), group=group))
         return None
@@ -100,7 +101,7 @@ def convert_local(module: nn.Module) -> nn.Module:
     The reverse of :func:`convert_sync`, e.g. for single-process evaluation or export.
     """
 
-    def make(m: nn.Module) -> Optional[nn.Module]:
+    def make(m: nn.Module) -> nn.Module | None:
         if type(m) is InPlaceABNSync:
             return _copy_state(m, InPlaceABN(*_args(m)))
         return None
@@ -139,7 +140,7 @@ class BatchNormAct(nn.Sequential):
     out of place: neither ``x`` nor ``residual`` is modified.
     """
 
-    def forward(self, input: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``act(bn(input) [+ residual])``."""
         if residual is None:
             return super().forward(input)
@@ -147,7 +148,7 @@ class BatchNormAct(nn.Sequential):
         return act(bn(input) + residual)
 
 
-def to_batchnorm(module: nn.Module, dims: Optional[int] = 2) -> nn.Module:
+def to_batchnorm(module: nn.Module, dims: int | None = 2) -> nn.Module:
     """Replaces every ABN-family layer by a ``BatchNormAct(nn.BatchNorm*, activation)`` with equal outputs.
 
     :class:`InPlaceABN` and :class:`InPlaceABNSync` scale by ``|weight| + eps``, so the new BatchNorm gets
@@ -177,7 +178,7 @@ def to_batchnorm(module: nn.Module, dims: Optional[int] = 2) -> nn.Module:
         raise ValueError(f"dims must be 1, 2, 3 or None, got {dims!r}")
     bn_cls = _BN_BY_DIMS[dims]
 
-    def make(m: nn.Module) -> Optional[nn.Module]:
+    def make(m: nn.Module) -> nn.Module | None:
         if not isinstance(m, ABN):
             return None
         bn = bn_cls(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)

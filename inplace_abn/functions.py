@@ -17,7 +17,7 @@ block (docs/math.md, "Residual fusion"); ``residual_lossy_channels`` decides whi
 from __future__ import annotations
 
 import warnings
-from typing import Any, NamedTuple, Optional, Tuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -86,14 +86,14 @@ def residual_amplification_limit(dtype: torch.dtype) -> float:
 
 def residual_lossy_channels(
     residual: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
+    weight: Tensor | None,
+    bias: Tensor | None,
     eps: float,
     dtype: torch.dtype,
     activation: str = "leaky_relu",
     group: Any = None,
     sync_group: bool = False,
-) -> Optional[Tensor]:
+) -> Tensor | None:
     """The channels for which a fused residual layer must keep x_hat instead of recovering it from its output.
 
     The output y = act(gamma * x_hat + beta + r) is rounded to ``dtype`` relative to its own magnitude,
@@ -213,12 +213,12 @@ class InPlaceABNFunction(torch.autograd.Function):
     def forward(
         ctx: Any,
         x: Tensor,
-        weight: Optional[Tensor],
-        bias: Optional[Tensor],
-        running_mean: Optional[Tensor],
-        running_var: Optional[Tensor],
-        residual: Optional[Tensor],
-        lossy: Optional[Tensor],
+        weight: Tensor | None,
+        bias: Tensor | None,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        residual: Tensor | None,
+        lossy: Tensor | None,
         config: LayerConfig,
     ) -> Tensor:
         invertible = activations.invertible(config.activation, config.activation_param)
@@ -255,7 +255,7 @@ class InPlaceABNFunction(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, dy: Tensor) -> Tuple[Optional[Tensor], ...]:
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
         y, weight, bias, var, z, residual, xhat, lossy = ctx.saved_tensors
         config = needs_config = ctx.config
         needs = ctx.needs_input_grad[:3] + (residual is not None and ctx.needs_input_grad[5],)
@@ -277,14 +277,14 @@ def _normalize_(x: Tensor, mean: Tensor, var: Tensor, eps: float) -> Tensor:
 
 
 def _exact_lossy_channels(
-    dx: Optional[Tensor],
-    dweight: Optional[Tensor],
+    dx: Tensor | None,
+    dweight: Tensor | None,
     y: Tensor,
     dy: Tensor,
     xhat: Tensor,
     lossy: Tensor,
     var: Tensor,
-    weight: Optional[Tensor],
+    weight: Tensor | None,
     config: LayerConfig,
     count: int,
 ) -> None:
@@ -319,13 +319,13 @@ def layer_backward(
     y: Tensor,
     dy: Tensor,
     var: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
+    weight: Tensor | None,
+    bias: Tensor | None,
     config: LayerConfig,
     count: int,
-    needs: Tuple[bool, bool, bool, bool],
-    residual: Optional[Tensor] = None,
-) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    needs: tuple[bool, bool, bool, bool],
+    residual: Tensor | None = None,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
     """(dx, dweight, dbias, dresidual) of one layer from its output ``y`` (N, C, *) and ``var`` (C,); None
     where ``needs`` (for x, weight, bias, residual) is False. ``count``: values per channel of the (global)
     batch. A fused residual layer passes its ``residual`` (the one its forward added).
@@ -366,16 +366,16 @@ def _exporting() -> bool:
 
 def _standard_ops(
     x: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    running_mean: Optional[Tensor],
-    running_var: Optional[Tensor],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
     training: bool,
     momentum: float,
     eps: float,
     activation: str,
     activation_param: float,
-    residual: Optional[Tensor],
+    residual: Tensor | None,
 ) -> Tensor:
     """The layer as standard differentiable ops: batch_norm with weight |w| + eps (gradient sign(w), sign(0) =
     +1, as the layer's), the residual add, then the activation. Returns the result; ``x`` is not written.
@@ -409,12 +409,12 @@ def _compiler_recomputes() -> bool:
 
 def _apply(
     x: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    running_mean: Optional[Tensor],
-    running_var: Optional[Tensor],
-    residual: Optional[Tensor],
-    lossy: Optional[Tensor],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    residual: Tensor | None,
+    lossy: Tensor | None,
     config: LayerConfig,
 ) -> Tensor:
     """:class:`InPlaceABNFunction` on ``x``, which ends up holding the output, eager or compiled.
@@ -435,10 +435,10 @@ def _apply(
 
 def _layer(
     x: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    running_mean: Optional[Tensor],
-    running_var: Optional[Tensor],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
     training: bool,
     momentum: float,
     eps: float,
@@ -446,7 +446,7 @@ def _layer(
     activation_param: float,
     group: Any,
     sync_stats: bool,
-    residual: Optional[Tensor],
+    residual: Tensor | None,
 ) -> Tensor:
     """The body of :func:`inplace_abn` and :func:`inplace_abn_sync`: validate once, then the Function."""
     activation, activation_param = validation.check_layer_args(
@@ -488,10 +488,10 @@ def _layer(
 
 def _residual_layer(
     x: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    running_mean: Optional[Tensor],
-    running_var: Optional[Tensor],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
     residual: Tensor,
     config: LayerConfig,
 ) -> Tensor:
@@ -511,17 +511,17 @@ _sync_residual_layer = torch.compiler.disable(_residual_layer, recursive=True)
 
 def inplace_abn(
     x: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    running_mean: Optional[Tensor],
-    running_var: Optional[Tensor],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
     training: bool = True,
     momentum: float = 0.1,
     eps: float = 1e-05,
     activation: str = "leaky_relu",
     activation_param: float = 0.01,
     *,
-    residual: Optional[Tensor] = None,
+    residual: Tensor | None = None,
 ) -> Tensor:
     """In-Place Activated Batch Normalization.
 
@@ -568,18 +568,18 @@ def inplace_abn(
 
 def inplace_abn_sync(
     x: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    running_mean: Optional[Tensor],
-    running_var: Optional[Tensor],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
     training: bool = True,
     momentum: float = 0.1,
     eps: float = 1e-05,
     activation: str = "leaky_relu",
     activation_param: float = 0.01,
-    group: Optional[Any] = None,
+    group: Any | None = None,
     *,
-    residual: Optional[Tensor] = None,
+    residual: Tensor | None = None,
 ) -> Tensor:
     """In-Place Activated Batch Normalization with statistics synchronised over a process group.
 
@@ -605,13 +605,13 @@ def inplace_abn_sync(
 
 def recover_normalized_input(
     y: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
+    weight: Tensor | None,
+    bias: Tensor | None,
     eps: float = 1e-05,
     activation: str = "leaky_relu",
     activation_param: float = 0.01,
     *,
-    residual: Optional[Tensor] = None,
+    residual: Tensor | None = None,
 ) -> Tensor:
     """Recovers ``x_hat = (x - mean) / sqrt(var + eps)`` (N, C, *) from a layer output ``y`` (N, C, *)
     (and the ``residual`` a fused layer added).

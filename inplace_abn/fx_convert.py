@@ -14,8 +14,9 @@ import inspect
 import operator
 import warnings
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass, field
-from typing import Any, Collection, Dict, List, NamedTuple, Optional, Set, Tuple, Union
+from typing import Any, NamedTuple
 
 import torch
 import torch.fx as fx
@@ -52,14 +53,14 @@ class LayerConversion:
 
     name: str
     converted: bool = False
-    activation: Optional[str] = None
-    activation_param: Optional[float] = None
-    source: Optional[str] = None
+    activation: str | None = None
+    activation_param: float | None = None
+    source: str | None = None
     reason: str = ""
     folded: int = 0
     clamped: int = 0
     max_scale_change: float = 0.0
-    residual: Optional[str] = None
+    residual: str | None = None
     not_fused: str = ""
 
 
@@ -67,50 +68,55 @@ class LayerConversion:
 class ConversionReport:
     """The per-layer result of :func:`convert_model` (``return_report=True``)."""
 
-    layers: List[LayerConversion] = field(default_factory=list)
-    untraced: List[str] = field(default_factory=list)
+    layers: list[LayerConversion] = field(default_factory=list)
+    untraced: list[str] = field(default_factory=list)
 
     @property
-    def converted(self) -> List[LayerConversion]:
+    def converted(self) -> list[LayerConversion]:
         """The layers that became In-Place ABN layers."""
         return [layer for layer in self.layers if layer.converted]
 
     @property
-    def kept(self) -> List[LayerConversion]:
+    def kept(self) -> list[LayerConversion]:
         """The layers kept as BatchNorm (each with its ``reason``)."""
         return [layer for layer in self.layers if not layer.converted]
 
     @property
-    def fused(self) -> List[LayerConversion]:
+    def fused(self) -> list[LayerConversion]:
         """The converted layers that also took over a residual add and its activation."""
         return [layer for layer in self.converted if layer.residual is not None]
 
-    def not_fused_reasons(self) -> Dict[str, int]:
+    def not_fused_reasons(self) -> dict[str, int]:
         """BatchNorms followed by a residual add that were not fused with it, per reason."""
         return dict(Counter(layer.not_fused for layer in self.layers if layer.not_fused))
 
-    def counts(self) -> Dict[str, int]:
+    def counts(self) -> dict[str, int]:
         """Converted layers per activation (e.g. ``{"leaky_relu": 49, "identity": 4}``; fused layers included)."""
         return dict(Counter(layer.activation for layer in self.converted))
 
-    def kept_reasons(self) -> Dict[str, int]:
+    def kept_reasons(self) -> dict[str, int]:
         """Kept layers per reason."""
         return dict(Counter(layer.reason for layer in self.kept))
 
     def summary(self) -> str:
         """A few human-readable lines: counts, reasons for keeping, weight changes, untraced modules."""
-        lines = [f"{len(self.layers)} BatchNorm layers: {len(self.converted)} converted {self.counts()}, "
-                 f"{len(self.kept)} kept"]
+        lines = [
+            f"{len(self.layers)} BatchNorm layers: {len(self.converted)} converted {self.counts()}, "
+            f"{len(self.kept)} kept"
+        ]
         lines += [f"  kept x{n}: {reason}" for reason, n in self.kept_reasons().items()]
         if self.fused:
-            lines.append(f"  fused with their residual add and activation (act(BN(x) + residual), one layer): "
-                         f"{len(self.fused)}")
+            lines.append(
+                f"  fused with their residual add and activation (act(BN(x) + residual), one layer): {len(self.fused)}"
+            )
         lines += [f"  add not fused x{n}: {reason}" for reason, n in self.not_fused_reasons().items()]
         folded, clamped = sum(x.folded for x in self.layers), sum(x.clamped for x in self.layers)
         if folded or clamped:
-            lines.append(f"  weights: {folded} negative channels folded into the previous layer, {clamped} "
-                         f"channels below eps clamped (max scale change "
-                         f"{max(x.max_scale_change for x in self.layers):.3g})")
+            lines.append(
+                f"  weights: {folded} negative channels folded into the previous layer, {clamped} "
+                f"channels below eps clamped (max scale change "
+                f"{max(x.max_scale_change for x in self.layers):.3g})"
+            )
         if self.untraced:
             lines.append(f"  not traceable (only their traceable submodules were converted): {self.untraced}")
         return "\n".join(lines)
@@ -119,39 +125,122 @@ class ConversionReport:
         return self.summary()
 
 
-_BN_TYPES = {nn.BatchNorm1d: InPlaceABN, nn.BatchNorm2d: InPlaceABN, nn.BatchNorm3d: InPlaceABN,
-             nn.SyncBatchNorm: InPlaceABNSync}
+_BN_TYPES = {
+    nn.BatchNorm1d: InPlaceABN,
+    nn.BatchNorm2d: InPlaceABN,
+    nn.BatchNorm3d: InPlaceABN,
+    nn.SyncBatchNorm: InPlaceABNSync,
+}
 # Producers whose output is a fresh tensor that autograd does not keep: safe for an in-place layer to overwrite.
 _FRESH_MODULES = (
-    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear,
-    nn.Upsample, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-    nn.AdaptiveAvgPool3d, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+    nn.Linear,
+    nn.Upsample,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
 )
 _FRESH_FUNCTIONS = {
-    operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul, torch.div,
-    torch.cat, torch.concat, torch.matmul, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d,
-    F.conv_transpose3d, F.linear, F.interpolate, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
-    F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+    operator.add,
+    operator.sub,
+    operator.mul,
+    operator.truediv,
+    torch.add,
+    torch.sub,
+    torch.mul,
+    torch.div,
+    torch.cat,
+    torch.concat,
+    torch.matmul,
+    F.conv1d,
+    F.conv2d,
+    F.conv3d,
+    F.conv_transpose1d,
+    F.conv_transpose2d,
+    F.conv_transpose3d,
+    F.linear,
+    F.interpolate,
+    F.avg_pool1d,
+    F.avg_pool2d,
+    F.avg_pool3d,
+    F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_avg_pool3d,
 }
 _FRESH_METHODS = {"add", "sub", "mul", "div", "matmul"}
 _FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)  # weight (out, ...), bias (out,)
 # Ops whose result may share memory with their first argument (an in-place op on it reaches the layer's output).
 _VIEW_METHODS = {
-    "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "squeeze", "unsqueeze", "transpose", "t",
-    "permute", "narrow", "select", "expand", "expand_as", "chunk", "split", "unbind", "contiguous", "detach",
-    "movedim", "swapaxes", "as_strided", "unfold", "to", "type_as", "float", "type", "__getitem__",
+    "view",
+    "view_as",
+    "reshape",
+    "reshape_as",
+    "flatten",
+    "unflatten",
+    "squeeze",
+    "unsqueeze",
+    "transpose",
+    "t",
+    "permute",
+    "narrow",
+    "select",
+    "expand",
+    "expand_as",
+    "chunk",
+    "split",
+    "unbind",
+    "contiguous",
+    "detach",
+    "movedim",
+    "swapaxes",
+    "as_strided",
+    "unfold",
+    "to",
+    "type_as",
+    "float",
+    "type",
+    "__getitem__",
 }
 _VIEW_FUNCTIONS = {
-    operator.getitem, torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.transpose, torch.permute,
-    torch.narrow, torch.select, torch.chunk, torch.split, torch.unbind, torch.movedim, torch.swapaxes, torch.t,
-    torch.detach, torch.as_strided,
+    operator.getitem,
+    torch.flatten,
+    torch.reshape,
+    torch.squeeze,
+    torch.unsqueeze,
+    torch.transpose,
+    torch.permute,
+    torch.narrow,
+    torch.select,
+    torch.chunk,
+    torch.split,
+    torch.unbind,
+    torch.movedim,
+    torch.swapaxes,
+    torch.t,
+    torch.detach,
+    torch.as_strided,
 }
 #: Tensor attributes that alias the tensor: an in-place op through ``y.data`` (fx records ``getattr(y, "data")``)
 #: writes into ``y`` without autograd seeing it.
 _VIEW_ATTRIBUTES = {"data", "T", "mT", "H", "mH", "real", "imag"}
 _VIEW_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
-_INPLACE_OPERATORS = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
-                      operator.itruediv: operator.truediv}
+_INPLACE_OPERATORS = {
+    operator.iadd: operator.add,
+    operator.isub: operator.sub,
+    operator.imul: operator.mul,
+    operator.itruediv: operator.truediv,
+}
 
 #: The residual adds ``convert_model`` fuses: ``a + b`` (fx records ``a += b`` on a traced tensor as
 #: ``operator.add`` too), ``operator.iadd``, ``torch.add`` and the ``add`` / ``add_`` methods, alpha 1 only.
@@ -166,21 +255,83 @@ _DROP_PROB_MODULES = ("DropPath", "DropBlock2d")
 # broadcasts, which the fused layer refuses (its residual must have the input's exact shape) and which
 # fx cannot rule out (a symbolic trace has no shapes), so such an add is not fused.
 _BROADCAST_METHODS = {
-    "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "squeeze", "unsqueeze", "transpose", "t",
-    "permute", "narrow", "select", "expand", "expand_as", "__getitem__", "repeat", "mean", "sum", "prod", "amax",
-    "amin", "max", "min", "std", "var", "norm", "logsumexp", "new_zeros", "new_ones", "new_full", "new_empty",
+    "view",
+    "view_as",
+    "reshape",
+    "reshape_as",
+    "flatten",
+    "unflatten",
+    "squeeze",
+    "unsqueeze",
+    "transpose",
+    "t",
+    "permute",
+    "narrow",
+    "select",
+    "expand",
+    "expand_as",
+    "__getitem__",
+    "repeat",
+    "mean",
+    "sum",
+    "prod",
+    "amax",
+    "amin",
+    "max",
+    "min",
+    "std",
+    "var",
+    "norm",
+    "logsumexp",
+    "new_zeros",
+    "new_ones",
+    "new_full",
+    "new_empty",
     "new_tensor",
 }
 _BROADCAST_FUNCTIONS = {
-    operator.getitem, torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze, torch.transpose, torch.permute,
-    torch.narrow, torch.select, torch.t, torch.mean, torch.sum, torch.prod, torch.amax, torch.amin, torch.max,
-    torch.min, torch.std, torch.var, torch.norm, torch.logsumexp, torch.zeros, torch.ones, torch.full, torch.tensor,
-    torch.as_tensor, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
-    F.adaptive_max_pool2d, F.adaptive_max_pool3d,
+    operator.getitem,
+    torch.reshape,
+    torch.flatten,
+    torch.squeeze,
+    torch.unsqueeze,
+    torch.transpose,
+    torch.permute,
+    torch.narrow,
+    torch.select,
+    torch.t,
+    torch.mean,
+    torch.sum,
+    torch.prod,
+    torch.amax,
+    torch.amin,
+    torch.max,
+    torch.min,
+    torch.std,
+    torch.var,
+    torch.norm,
+    torch.logsumexp,
+    torch.zeros,
+    torch.ones,
+    torch.full,
+    torch.tensor,
+    torch.as_tensor,
+    F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_avg_pool3d,
+    F.adaptive_max_pool1d,
+    F.adaptive_max_pool2d,
+    F.adaptive_max_pool3d,
 }
 _BROADCAST_MODULES = (
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
-    nn.AdaptiveMaxPool3d, nn.Flatten, nn.Unflatten,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+    nn.Flatten,
+    nn.Unflatten,
 )
 
 
@@ -189,7 +340,7 @@ _BROADCAST_MODULES = (
 _FUNCTIONAL_ACTIVATIONS = {F.leaky_relu: "leaky_relu", F.elu: "elu"}
 
 
-def _fusable(name: str, value: Any) -> Optional[Tuple[str, Optional[float]]]:
+def _fusable(name: str, value: Any) -> tuple[str, float | None] | None:
     """``(name, param)`` of an activation found in the model, ``("relu", None)`` for slope 0, None if invalid."""
     try:
         name, param = resolve(name, value)
@@ -221,13 +372,18 @@ def _stochastic(m: nn.Module) -> bool:
     return type(m).__name__ in _DROP_PROB_MODULES and getattr(m, "drop_prob", 0) != 0
 
 
-def _passthrough_chain(start: fx.Node, modules: Dict[str, nn.Module]) -> Tuple[List[fx.Node], fx.Node]:
+def _passthrough_chain(start: fx.Node, modules: dict[str, nn.Module]) -> tuple[list[fx.Node], fx.Node]:
     """(the pass-through module calls following ``start`` one after another as sole users, the last value)."""
     chain, out = [], start
     while len(out.users) == 1:
         user = next(iter(out.users))
-        if (user.op == "call_module" and _passthrough(modules[user.target]) and len(user.args) == 1
-                and user.args[0] is out and not user.kwargs):
+        if (
+            user.op == "call_module"
+            and _passthrough(modules[user.target])
+            and len(user.args) == 1
+            and user.args[0] is out
+            and not user.kwargs
+        ):
             chain.append(user)
             out = user
         else:
@@ -235,7 +391,7 @@ def _passthrough_chain(start: fx.Node, modules: Dict[str, nn.Module]) -> Tuple[L
     return chain, out
 
 
-def _add_operands(node: fx.Node) -> Optional[Tuple[Any, Any, bool]]:
+def _add_operands(node: fx.Node) -> tuple[Any, Any, bool] | None:
     """``(a, b, in_place)`` when ``node`` computes ``a + b`` (``in_place``: written into ``a``), else None."""
     if node.op == "call_function" and node.target in _ADD_FUNCTIONS:
         in_place = node.target is operator.iadd
@@ -250,7 +406,7 @@ def _add_operands(node: fx.Node) -> Optional[Tuple[Any, Any, bool]]:
     return node.args[0], node.args[1], in_place
 
 
-def _relu_like(node: fx.Node, modules: Dict[str, nn.Module]) -> Optional[Tuple[str, Optional[float]]]:
+def _relu_like(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[str, float | None] | None:
     """(name, param) of ``node`` if it is a ReLU / LeakyReLU / ELU applied to its first argument, else None.
 
     ``("relu", None)`` means the activation to substitute is the caller's choice."""
@@ -284,7 +440,7 @@ def _relu_like(node: fx.Node, modules: Dict[str, nn.Module]) -> Optional[Tuple[s
     return None
 
 
-def _inplace_kwarg(node: fx.Node) -> Optional[inspect.BoundArguments]:
+def _inplace_kwarg(node: fx.Node) -> inspect.BoundArguments | None:
     """The bound arguments of a call_function with ``inplace=True``, else None."""
     try:
         sig = inspect.signature(node.target)
@@ -299,7 +455,7 @@ def _inplace_kwarg(node: fx.Node) -> Optional[inspect.BoundArguments]:
     return bound if bound.arguments.get("inplace", False) is True else None
 
 
-def _mutation(user: fx.Node, value: fx.Node, modules: Dict[str, nn.Module]) -> Optional[str]:
+def _mutation(user: fx.Node, value: fx.Node, modules: dict[str, nn.Module]) -> str | None:
     """Whether ``user`` writes into ``value``: None (no), "rewritable" (has an out-of-place twin) or "yes"."""
     first = user.args[0] if user.args else None
     if user.op == "call_function":
@@ -333,10 +489,10 @@ def _mutation(user: fx.Node, value: fx.Node, modules: Dict[str, nn.Module]) -> O
 
 def _calls_one_of(
     node: fx.Node,
-    modules: Dict[str, nn.Module],
+    modules: dict[str, nn.Module],
     methods: Collection[str],
     functions: Collection[Any],
-    module_types: Tuple[type, ...],
+    module_types: tuple[type, ...],
 ) -> bool:
     """Whether ``node`` calls one of ``methods`` (names), ``functions`` or modules of ``module_types``."""
     if node.op == "call_method":
@@ -348,7 +504,7 @@ def _calls_one_of(
     return False
 
 
-def _is_view(user: fx.Node, value: fx.Node, modules: Dict[str, nn.Module]) -> bool:
+def _is_view(user: fx.Node, value: fx.Node, modules: dict[str, nn.Module]) -> bool:
     """Whether ``user`` may return a tensor sharing memory with ``value`` (its first argument)."""
     if not user.args or user.args[0] is not value:
         return False
@@ -363,7 +519,7 @@ def _describe(node: fx.Node) -> str:
     return f"{node.op} {target}"
 
 
-def _rewrite_out_of_place(gm: fx.GraphModule, node: fx.Node, modules: Dict[str, nn.Module]) -> None:
+def _rewrite_out_of_place(gm: fx.GraphModule, node: fx.Node, modules: dict[str, nn.Module]) -> None:
     """Turns an in-place op that :func:`_mutation` found ``"rewritable"`` into its out-of-place twin."""
     if node.op == "call_function" and node.target in _INPLACE_OPERATORS:
         node.target = _INPLACE_OPERATORS[node.target]
@@ -396,11 +552,14 @@ class _Tracer(fx.Tracer):
     """
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return (isinstance(m, ABN) or type(m).__name__ in _DROP_PROB_MODULES
-                or super().is_leaf_module(m, module_qualified_name))
+        return (
+            isinstance(m, ABN)
+            or type(m).__name__ in _DROP_PROB_MODULES
+            or super().is_leaf_module(m, module_qualified_name)
+        )
 
 
-def _trace(module: nn.Module, concrete_args: Optional[Dict[str, Any]]) -> fx.GraphModule:
+def _trace(module: nn.Module, concrete_args: dict[str, Any] | None) -> fx.GraphModule:
     """``module`` as an ``fx.GraphModule`` (ABN-family layers stay leaves); raises when untraceable."""
     tracer = _Tracer()
     graph = tracer.trace(module, concrete_args=concrete_args)
@@ -408,7 +567,7 @@ def _trace(module: nn.Module, concrete_args: Optional[Dict[str, Any]]) -> fx.Gra
     return fx.GraphModule(tracer.root, graph, name)
 
 
-def _input_problem(inp: Any, modules: Dict[str, nn.Module]) -> Tuple[Optional[str], Optional[fx.Node]]:
+def _input_problem(inp: Any, modules: dict[str, nn.Module]) -> tuple[str | None, fx.Node | None]:
     """(reason the BN input must not be overwritten or None, the producing node through nn.Identity)."""
     cur = inp
     while True:
@@ -431,9 +590,9 @@ def _input_problem(inp: Any, modules: Dict[str, nn.Module]) -> Tuple[Optional[st
         return None, cur
 
 
-def _output_problem(final: fx.Node, modules: Dict[str, nn.Module]) -> Tuple[Optional[str], List[fx.Node]]:
+def _output_problem(final: fx.Node, modules: dict[str, nn.Module]) -> tuple[str | None, list[fx.Node]]:
     """(reason the layer's output would be modified in place or None, the in-place users to rewrite)."""
-    rewrites: List[fx.Node] = []
+    rewrites: list[fx.Node] = []
     stack, seen = [final], set()
     while stack:
         value = stack.pop()
@@ -451,21 +610,21 @@ def _output_problem(final: fx.Node, modules: Dict[str, nn.Module]) -> Tuple[Opti
     return None, rewrites
 
 
-def _aliases_first_arg(user: fx.Node, value: fx.Node, modules: Dict[str, nn.Module]) -> bool:
+def _aliases_first_arg(user: fx.Node, value: fx.Node, modules: dict[str, nn.Module]) -> bool:
     """Whether ``user``'s result may share memory with ``value``: a view of it, or an in-place op on it."""
     return _is_view(user, value, modules) or (
         bool(user.args) and user.args[0] is value and _mutation(user, value, modules) is not None
     )
 
 
-def _alias_family(value: fx.Node, modules: Dict[str, nn.Module], skip: fx.Node) -> Set[fx.Node]:
+def _alias_family(value: fx.Node, modules: dict[str, nn.Module], skip: fx.Node) -> set[fx.Node]:
     """``value``, the tensor it is a view of (through views / in-place ops) and every alias of that: the
     nodes an in-place op on which would also change ``value``. ``skip`` (the add being fused, which may
     write into ``value``) and what follows it are left out."""
     root = value
     while root.args and isinstance(root.args[0], fx.Node) and _aliases_first_arg(root, root.args[0], modules):
         root = root.args[0]
-    family: Set[fx.Node] = set()
+    family: set[fx.Node] = set()
     stack = [root]
     while stack:
         v = stack.pop()
@@ -475,7 +634,7 @@ def _alias_family(value: fx.Node, modules: Dict[str, nn.Module], skip: fx.Node) 
     return family
 
 
-def _may_broadcast(node: fx.Node, modules: Dict[str, nn.Module]) -> bool:
+def _may_broadcast(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     """Whether ``node`` is a producer whose output likely has another shape than what it is added to."""
     if node.op == "get_attr":
         return True
@@ -496,12 +655,12 @@ class _Fusion(NamedTuple):
 
     add: fx.Node
     residual: fx.Node
-    chain: List[fx.Node]  # pass-through module calls between the add and the activation (removed too)
+    chain: list[fx.Node]  # pass-through module calls between the add and the activation (removed too)
     act: fx.Node
-    found: Tuple[str, Optional[float]]  # the activation, as _relu_like returns it
+    found: tuple[str, float | None]  # the activation, as _relu_like returns it
 
 
-def _plan_fusion(bn: fx.Node, out: fx.Node, modules: Dict[str, nn.Module]) -> Tuple[Optional[_Fusion], str]:
+def _plan_fusion(bn: fx.Node, out: fx.Node, modules: dict[str, nn.Module]) -> tuple[_Fusion | None, str]:
     """The residual add (and activation) after a BatchNorm's output ``out`` that can be fused into the layer.
 
     ``out`` is the BatchNorm's output past its pass-through modules. Returns ``(fusion, "")``; or
@@ -513,8 +672,9 @@ def _plan_fusion(bn: fx.Node, out: fx.Node, modules: Dict[str, nn.Module]) -> Tu
     add = next(iter(out.users))
     if add.op == "call_module" and _stochastic(modules[add.target]) and len(add.users) == 1:
         if _add_operands(next(iter(add.users))) is not None:
-            return None, (f"{type(modules[add.target]).__name__} between the BatchNorm and the add (not an identity "
-                          "in training)")
+            return None, (
+                f"{type(modules[add.target]).__name__} between the BatchNorm and the add (not an identity in training)"
+            )
         return None, ""
     operands = _add_operands(add)
     if operands is None:
@@ -528,12 +688,18 @@ def _plan_fusion(bn: fx.Node, out: fx.Node, modules: Dict[str, nn.Module]) -> Tu
     if not isinstance(residual, fx.Node):
         return None, "the other operand of the add is not a traced tensor"
     source = residual  # the producer past shape-keeping modules (identity, dropout, drop path)
-    while (source.op == "call_module" and len(source.args) == 1 and isinstance(source.args[0], fx.Node)
-           and (_passthrough(modules[source.target]) or _stochastic(modules[source.target]))):
+    while (
+        source.op == "call_module"
+        and len(source.args) == 1
+        and isinstance(source.args[0], fx.Node)
+        and (_passthrough(modules[source.target]) or _stochastic(modules[source.target]))
+    ):
         source = source.args[0]
     if _may_broadcast(source, modules):
-        return None, (f"the other operand of the add comes from {_describe(source)} and may broadcast (the fused "
-                      "layer needs a residual of its input's shape)")
+        return None, (
+            f"the other operand of the add comes from {_describe(source)} and may broadcast (the fused "
+            "layer needs a residual of its input's shape)"
+        )
     chain, end = _passthrough_chain(add, modules)
     if len(end.users) != 1:
         return None, f"the result of the add has {len(end.users)} users, not just an activation"
@@ -559,11 +725,15 @@ def _plan_fusion(bn: fx.Node, out: fx.Node, modules: Dict[str, nn.Module]) -> Tu
             if user is add or order[user] < order[add]:
                 continue
             if in_place and a is residual:
-                return None, (f"the add writes into the residual, which {_describe(user)} reads afterwards "
-                              "(fused, it would see the value before the add)")
+                return None, (
+                    f"the add writes into the residual, which {_describe(user)} reads afterwards "
+                    "(fused, it would see the value before the add)"
+                )
             if _mutation(user, member, modules) is not None:
-                return None, (f"the residual is modified in place by {_describe(user)} after the add (the fused "
-                              "layer keeps it for backward)")
+                return None, (
+                    f"the residual is modified in place by {_describe(user)} after the add (the fused "
+                    "layer keeps it for backward)"
+                )
     return _Fusion(add, residual, chain, act, found), ""
 
 
@@ -573,9 +743,16 @@ def _set_module(root: nn.Module, target: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, name, new)
 
 
-def _convert_graph(gm: fx.GraphModule, prefix: str, activation: str, activation_param: float,
-                   negative_weights: str, convert_identity: bool, fuse_residual: bool,
-                   report: ConversionReport) -> None:
+def _convert_graph(
+    gm: fx.GraphModule,
+    prefix: str,
+    activation: str,
+    activation_param: float,
+    negative_weights: str,
+    convert_identity: bool,
+    fuse_residual: bool,
+    report: ConversionReport,
+) -> None:
     """Converts the BatchNorm modules of one traced graph in place, one :class:`LayerConversion` each."""
     modules = dict(gm.named_modules())
     graph = gm.graph
@@ -610,8 +787,9 @@ def _convert_graph(gm: fx.GraphModule, prefix: str, activation: str, activation_
                     act_node, found = fusion.act, fusion.found
             if act_node is not None:
                 act = (activation, activation_param) if found[1] is None else found
-                entry.source = (type(modules[act_node.target]).__name__ if act_node.op == "call_module"
-                                else _describe(act_node))
+                entry.source = (
+                    type(modules[act_node.target]).__name__ if act_node.op == "call_module" else _describe(act_node)
+                )
         if act is None:
             if not convert_identity:
                 entry.reason = "no activation follows (convert_identity=False)"
@@ -631,13 +809,18 @@ def _convert_graph(gm: fx.GraphModule, prefix: str, activation: str, activation_
             n_neg = int(negative.sum())
             if n_neg:
                 foldable = (
-                    producer is not None and producer.op == "call_module"
-                    and type(modules[producer.target]) in _FOLDABLE and calls[producer.target] == 1
+                    producer is not None
+                    and producer.op == "call_module"
+                    and type(modules[producer.target]) in _FOLDABLE
+                    and calls[producer.target] == 1
                     and all(param_uses[id(p)] == 1 for p in modules[producer.target].parameters())
                 )
                 if negative_weights == "keep" or (negative_weights == "fold" and not foldable):
-                    entry.reason = (f"{n_neg} negative weights" + ("" if negative_weights == "keep" else
-                                    f" and its producer ({_describe(producer)}) cannot absorb the sign"))
+                    entry.reason = f"{n_neg} negative weights" + (
+                        ""
+                        if negative_weights == "keep"
+                        else f" and its producer ({_describe(producer)}) cannot absorb the sign"
+                    )
                     continue
                 if foldable:
                     fold_mask = negative
@@ -662,9 +845,12 @@ def _convert_graph(gm: fx.GraphModule, prefix: str, activation: str, activation_
             if entry.clamped:
                 entry.max_scale_change = float(((new_w.abs() + eps) - w_bn).abs().max())
                 if bool((w_bn < 0).any()):
-                    warnings.warn(f"convert_model: {entry.name}: {int((w_bn < 0).sum())} negative BatchNorm weights "
-                                  f"clamped to |0| + eps (negative_weights='clamp'); the layer's output changes",
-                                  RuntimeWarning, stacklevel=3)
+                    warnings.warn(
+                        f"convert_model: {entry.name}: {int((w_bn < 0).sum())} negative BatchNorm weights "
+                        f"clamped to |0| + eps (negative_weights='clamp'); the layer's output changes",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
             state["weight"] = new_w
         cls = _BN_TYPES[type(bn)]
         extra = {"group": bn.process_group} if cls is InPlaceABNSync else {}
@@ -700,8 +886,13 @@ def _convert_graph(gm: fx.GraphModule, prefix: str, activation: str, activation_
     gm.delete_all_unused_submodules()
 
 
-def _convert_tree(module: nn.Module, prefix: str, concrete_args: Optional[Dict[str, Any]],
-                  options: Tuple[str, float, str, bool, bool], report: ConversionReport) -> nn.Module:
+def _convert_tree(
+    module: nn.Module,
+    prefix: str,
+    concrete_args: dict[str, Any] | None,
+    options: tuple[str, float, str, bool, bool],
+    report: ConversionReport,
+) -> nn.Module:
     """Converts ``module`` as a whole if it traces, else each of its children (recursively)."""
     try:
         gm = _trace(module, concrete_args)
@@ -726,9 +917,9 @@ def convert_model(
     negative_weights: str = "fold",
     convert_identity: bool = True,
     fuse_residual: bool = True,
-    concrete_args: Optional[Dict[str, Any]] = None,
+    concrete_args: dict[str, Any] | None = None,
     return_report: bool = False,
-) -> Union[nn.Module, Tuple[nn.Module, ConversionReport]]:
+) -> nn.Module | tuple[nn.Module, ConversionReport]:
     """Turns the BatchNorm (-> activation) pairs of an existing network into In-Place ABN layers.
 
     The model is traced with ``torch.fx`` so the real dataflow is analysed, not the module tree. A copy is
@@ -828,7 +1019,10 @@ def convert_model(
     options = (activation, activation_param, negative_weights, convert_identity, bool(fuse_residual))
     result = _convert_tree(copy.deepcopy(model), "", concrete_args, options, report)
     if report.untraced:
-        warnings.warn(f"convert_model: could not trace {report.untraced}; converted their traceable submodules "
-                      "only (see ConversionReport.untraced)", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"convert_model: could not trace {report.untraced}; converted their traceable submodules "
+            "only (see ConversionReport.untraced)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return (result, report) if return_report else result
-

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, FrozenSet, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -10,10 +10,10 @@ import torch.nn as nn
 
 __all__ = ["active_group", "set_active_group"]
 
-_GROUP_CACHE: Dict[FrozenSet[int], Any] = {}
+_GROUP_CACHE: dict[frozenset[int], Any] = {}
 
 
-def active_group(active: bool) -> Optional[Any]:
+def active_group(active: bool) -> Any | None:
     """Builds (and caches) the group of the processes that pass ``active=True``.
 
     Must be called by every process of the default group. Works with any backend (gloo on CPU, nccl
@@ -43,7 +43,7 @@ def active_group(active: bool) -> Optional[Any]:
     return _GROUP_CACHE[members]
 
 
-def set_active_group(module: nn.Module, group: Optional[Any]) -> None:
+def set_active_group(module: nn.Module, group: Any | None) -> None:
     """Passes ``group`` to every submodule of ``module`` that has ``set_group`` (e.g. InPlaceABNSync)."""
 
     def _set(m: nn.Module) -> None:

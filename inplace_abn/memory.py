@@ -7,7 +7,8 @@ so the saving of a large model can be counted without allocating it.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterable, Optional, Tuple
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,8 +26,8 @@ def _storage_key(t: torch.Tensor) -> Any:
 def saved_tensor_bytes(
     fn: Callable[[], Any],
     exclude: Iterable[torch.Tensor] = (),
-    on_save: Optional[Callable[[Any, torch.Tensor], None]] = None,
-) -> Tuple[int, Any, Dict[Any, int]]:
+    on_save: Callable[[Any, torch.Tensor], None] | None = None,
+) -> tuple[int, Any, dict[Any, int]]:
     """Runs ``fn()`` and returns (bytes saved for backward, fn's result, bytes per storage).
 
     Args:
@@ -40,7 +41,7 @@ def saved_tensor_bytes(
         and a dict storage-key -> nbytes.
     """
     excluded = {_storage_key(t) for t in exclude}
-    storages: Dict[Any, int] = {}
+    storages: dict[Any, int] = {}
     keep: list = []
 
     def pack(t: torch.Tensor) -> torch.Tensor:

@@ -13,8 +13,6 @@ graph still keeps only the layer's output.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 from torch import Tensor
 
@@ -44,18 +42,18 @@ def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def _channel_shape(x: Tensor) -> Tuple[int, ...]:
+def _channel_shape(x: Tensor) -> tuple[int, ...]:
     """The view shape that broadcasts a (C,) vector over an (N, C, *) tensor."""
     return (1, -1) + (1,) * (x.dim() - 2)
 
 
-def _reduce_dims(x: Tensor) -> Tuple[int, ...]:
+def _reduce_dims(x: Tensor) -> tuple[int, ...]:
     return (0,) + tuple(range(2, x.dim()))
 
 
 def _gamma_beta(
-    weight: Optional[Tensor], bias: Optional[Tensor], x: Tensor, eps: float, dtype: torch.dtype
-) -> Tuple[Tensor, Tensor]:
+    weight: Tensor | None, bias: Tensor | None, x: Tensor, eps: float, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
     """(C,) vectors ``gamma = |w| + eps`` and ``beta = b`` (ones / zeros without affine), in ``dtype``."""
     channels = x.size(1)
     gamma = torch.ones(channels, dtype=dtype, device=x.device) if weight is None else _gamma(weight, eps, dtype)
@@ -68,13 +66,13 @@ def _gamma(weight: Tensor, eps: float, dtype: torch.dtype) -> Tensor:
     return _cast(weight, dtype).abs().add_(eps)
 
 
-def _scale(var: Tensor, gamma: Optional[Tensor], eps: float, dtype: torch.dtype) -> Tensor:
+def _scale(var: Tensor, gamma: Tensor | None, eps: float, dtype: torch.dtype) -> Tensor:
     """The normalisation's per-channel factor ``gamma / sqrt(var + eps)`` (C,), in ``dtype`` (gamma None: 1)."""
     scale = _cast(var, dtype).add(eps).rsqrt_()
     return scale if gamma is None else scale.mul_(gamma)
 
 
-def _centre_(xs: Tensor) -> Tuple[Tensor, Tensor]:
+def _centre_(xs: Tensor) -> tuple[Tensor, Tensor]:
     """Subtracts the per-channel mean from ``xs`` (N, C, *) in place; returns (mean, biased var) (C,).
 
     Two passes over the data (the mean, then the norms of the centred values), so there is no
@@ -93,12 +91,12 @@ def _centre_(xs: Tensor) -> Tuple[Tensor, Tensor]:
 def _normalise_(
     xc: Tensor,
     var: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
+    weight: Tensor | None,
+    bias: Tensor | None,
     eps: float,
     activation: str,
     activation_param: float,
-    residual: Optional[Tensor],
+    residual: Tensor | None,
 ) -> None:
     """Turns centred values ``xc`` (N, C, *), in the opmath dtype, into ``act(gamma * xc * rstd + beta [+ r])``
     in place (docs/math.md, forward and "Residual fusion")."""
@@ -112,7 +110,7 @@ def _normalise_(
     activations.get(activation).apply_(xc, activation_param)
 
 
-def statistics(x: Tensor) -> Tuple[Tensor, Tensor]:
+def statistics(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel mean and biased variance of ``x`` (N, C, *), in the opmath dtype (C,)."""
     return _centre_(x.to(opmath_dtype(x.dtype), copy=True))  # a copy: statistics writes nothing
 
@@ -126,12 +124,12 @@ def forward_(
     x: Tensor,
     mean: Tensor,
     var: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
+    weight: Tensor | None,
+    bias: Tensor | None,
     eps: float,
     activation: str,
     activation_param: float,
-    residual: Optional[Tensor] = None,
+    residual: Tensor | None = None,
 ) -> None:
     """Writes ``act(gamma * (x - mean) / sqrt(var + eps) + beta [+ residual])`` over ``x`` (N, C, *)."""
     _check_residual(x, "x", residual)
@@ -152,16 +150,16 @@ def update_running_stats(
 
 def forward_train_(
     x: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    running_mean: Optional[Tensor],
-    running_var: Optional[Tensor],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
     momentum: float,
     eps: float,
     activation: str,
     activation_param: float,
-    residual: Optional[Tensor] = None,
-) -> Tuple[Tensor, Tensor]:
+    residual: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
     """``statistics`` then ``forward_`` in one pass structure (x is centred in place, so no full-size
     temporary for float32/float64), and the running statistics (when given) updated; returns
     (mean, biased var) (C,)."""
@@ -184,14 +182,14 @@ def forward_train_(
 
 def _invert(
     y: Tensor,
-    dy: Optional[Tensor],
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
+    dy: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
     eps: float,
     activation: str,
     activation_param: float,
-    residual: Optional[Tensor],
-) -> Tuple[Tensor, Optional[Tensor]]:
+    residual: Tensor | None,
+) -> tuple[Tensor, Tensor | None]:
     """Recovers (x_hat, dz) from the output (docs/math.md steps 1-2; the residual, if any, is removed first),
     in the opmath dtype."""
     _check_residual(y, "y", residual)
@@ -205,8 +203,8 @@ def _invert(
 
 
 def _invert_activation(
-    y: Tensor, dy: Optional[Tensor], activation: str, activation_param: float, dtype: torch.dtype
-) -> Tuple[Tensor, Optional[Tensor]]:
+    y: Tensor, dy: Tensor | None, activation: str, activation_param: float, dtype: torch.dtype
+) -> tuple[Tensor, Tensor | None]:
     """(z, dz) recovered from (y, dy) in ``dtype`` (docs/math.md step 1).
 
     In the opmath dtype, as the fused kernels do: rounding z to half would lose the recovered
@@ -221,13 +219,13 @@ def _invert_activation(
 def backward_reduce(
     y: Tensor,
     dy: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
+    weight: Tensor | None,
+    bias: Tensor | None,
     eps: float,
     activation: str,
     activation_param: float,
-    residual: Optional[Tensor] = None,
-) -> Tuple[Tensor, Tensor]:
+    residual: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
     """Per-channel sums (C,) of dz and dz * x_hat, recovered from the output ``y`` (N, C, *)."""
     xhat, dz = _invert(y, dy, weight, bias, eps, activation, activation_param, residual)
     dims = _reduce_dims(y)
@@ -238,15 +236,15 @@ def backward(
     y: Tensor,
     dy: Tensor,
     var: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    mean_dz: Optional[Tensor],
-    mean_dz_xhat: Optional[Tensor],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mean_dz: Tensor | None,
+    mean_dz_xhat: Tensor | None,
     eps: float,
     activation: str,
     activation_param: float,
-    residual: Optional[Tensor] = None,
-) -> Tuple[Tensor, Tensor]:
+    residual: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
     """(dx, grad_residual) of the layer (N, C, *) with ``y``'s dtype and strides; ``mean_dz``/``mean_dz_xhat``
     None: eval mode. grad_residual = dz with a residual, an empty (0,) tensor without."""
     dtype = opmath_dtype(y.dtype)
@@ -260,18 +258,16 @@ def backward(
     return torch.empty_like(y).copy_(dz * gamma_rstd), grad_residual
 
 
-def _check_residual(x: Tensor, name: str, residual: Optional[Tensor]) -> None:
+def _check_residual(x: Tensor, name: str, residual: Tensor | None) -> None:
     """The compiled ops' rule: the residual has x's shape, dtype and device (no broadcasting)."""
-    if residual is not None and (
-        residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device
-    ):
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device):
         raise RuntimeError(
             f"residual and {name} must have the same shape, dtype and device, got {list(residual.shape)} "
             f"{residual.dtype} {residual.device} and {list(x.shape)} {x.dtype} {x.device}"
         )
 
 
-def _grad_residual(y: Tensor, dz: Tensor, residual: Optional[Tensor]) -> Tensor:
+def _grad_residual(y: Tensor, dz: Tensor, residual: Tensor | None) -> Tensor:
     """dL/dresidual = dz in y's dtype and strides, or an empty (0,) tensor without a residual."""
     return y.new_empty((0,)) if residual is None else torch.empty_like(y).copy_(dz)
 
@@ -286,9 +282,7 @@ def _signed(values: Tensor, weight: Tensor) -> Tensor:
     return torch.addcmul(values, values, weight < 0, value=-2.0)
 
 
-def _batch_norm_backward_weights(
-    scale: Tensor, gamma: Optional[Tensor], weight: Optional[Tensor]
-) -> Tuple[Tensor, Tensor]:
+def _batch_norm_backward_weights(scale: Tensor, gamma: Tensor | None, weight: Tensor | None) -> tuple[Tensor, Tensor]:
     """The (weight, invstd) that make ATen's batch-norm backward compute this layer's backward from z,
     given ``scale`` = gamma * rstd (reused in place) and gamma = |w| + eps (None without affine).
 
@@ -307,13 +301,13 @@ def backward_train(
     y: Tensor,
     dy: Tensor,
     var: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
+    weight: Tensor | None,
+    bias: Tensor | None,
     eps: float,
     activation: str,
     activation_param: float,
-    residual: Optional[Tensor] = None,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    residual: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Training backward on local statistics; returns (dx (N, C, *), grad_weight (C,), grad_bias (C,),
     grad_residual).
 
@@ -344,12 +338,12 @@ def backward_train(
 
 def invert(
     y: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
+    weight: Tensor | None,
+    bias: Tensor | None,
     eps: float,
     activation: str,
     activation_param: float,
-    residual: Optional[Tensor] = None,
+    residual: Tensor | None = None,
 ) -> Tensor:
     """x_hat recovered from the output ``y`` (N, C, *) (and the ``residual`` the forward added), in ``y``'s
     dtype and strides."""

@@ -8,8 +8,6 @@ is ``pure_backend``, which this reference tests.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 from torch import Tensor
 
@@ -18,7 +16,7 @@ from . import activations
 __all__ = ["batch_norm_act", "normalized_input", "in_place_scale"]
 
 
-def _dims(x: Tensor) -> Tuple[int, ...]:
+def _dims(x: Tensor) -> tuple[int, ...]:
     return (0,) + tuple(range(2, x.dim()))
 
 
@@ -40,10 +38,10 @@ def normalized_input(x: Tensor, mean: Tensor, var: Tensor, eps: float) -> Tensor
 
 def batch_norm_act(
     x: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    running_mean: Optional[Tensor],
-    running_var: Optional[Tensor],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
     training: bool = True,
     momentum: float = 0.1,
     eps: float = 1e-5,

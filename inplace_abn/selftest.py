@@ -19,7 +19,7 @@ import platform
 import statistics as _stats
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -30,13 +30,13 @@ from .testing import TOLERANCES as TOL
 
 __all__ = ["main", "run_checks"]
 
-DTYPES: Tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-ACTIVATIONS: Tuple[Tuple[str, float], ...] = (("leaky_relu", 0.01), ("elu", 1.0), ("identity", 0.0))
+DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+ACTIVATIONS: tuple[tuple[str, float], ...] = (("leaky_relu", 0.01), ("elu", 1.0), ("identity", 0.0))
 EPS = 1e-5
 MOMENTUM = 0.1
 
 # (shape, channels_last, big): "big" cases are skipped by the quick CPU run.
-_SHAPES: Tuple[Tuple[Tuple[int, ...], bool, bool], ...] = (
+_SHAPES: tuple[tuple[tuple[int, ...], bool, bool], ...] = (
     ((16, 64, 56, 56), False, True),
     ((8, 32, 28, 28), False, False),
     ((8, 32, 28, 28), True, False),
@@ -47,7 +47,10 @@ _SHAPES: Tuple[Tuple[Tuple[int, ...], bool, bool], ...] = (
 )
 
 _DTYPE_NAMES = {
-    torch.float64: "float64", torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"
+    torch.float64: "float64",
+    torch.float32: "float32",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
 }
 _COMPARED = ("output", "dx", "dweight", "dbias", "running_mean", "running_var")
 
@@ -83,12 +86,12 @@ def _check_kernels(device: str) -> None:
         raise RuntimeError("inplace_abn._C is loaded but registered no CPU kernels")
 
 
-def _grid(device: str, quick: bool) -> List[Tuple[Tuple[int, ...], bool]]:
+def _grid(device: str, quick: bool) -> list[tuple[tuple[int, ...], bool]]:
     skip_big = device == "cpu" and quick
     return [(shape, cl) for shape, cl, big in _SHAPES if not (skip_big and big)]
 
 
-def _make_case(shape: Tuple[int, ...], dtype: torch.dtype, seed: int) -> Dict[str, torch.Tensor]:
+def _make_case(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> dict[str, torch.Tensor]:
     """Float64 inputs on the CPU (reproducible on every device), cast later."""
     gen = torch.Generator().manual_seed(seed)
     c = shape[1]
@@ -111,7 +114,7 @@ class _Step:
 
     def __init__(
         self,
-        case: Dict[str, torch.Tensor],
+        case: dict[str, torch.Tensor],
         dtype: torch.dtype,
         device: str,
         channels_last: bool,
@@ -131,7 +134,7 @@ class _Step:
         # scratch running statistics for the timed repetitions (updated every call; values irrelevant)
         self.rm_t, self.rv_t = self.rm0.clone(), self.rv0.clone()
 
-    def run(self, check_layout: bool = False) -> Dict[str, torch.Tensor]:
+    def run(self, check_layout: bool = False) -> dict[str, torch.Tensor]:
         """One step with fresh copies of the running statistics; returns every compared tensor."""
         rm, rv = self.rm0.clone(), self.rv0.clone()
         x = self.x0.clone(memory_format=torch.preserve_format)  # a non-leaf, as a conv output would be
@@ -164,12 +167,12 @@ def _with_backend(name: str, fn: Callable[[], object]) -> object:
 
 
 def _compare(
-    actual: Dict[str, torch.Tensor],
-    expected: Dict[str, torch.Tensor],
-    tol: Tuple[float, float],
+    actual: dict[str, torch.Tensor],
+    expected: dict[str, torch.Tensor],
+    tol: tuple[float, float],
     count: int,
-    skip_dx: Optional[torch.Tensor] = None,
-) -> Tuple[float, str, bool]:
+    skip_dx: torch.Tensor | None = None,
+) -> tuple[float, str, bool]:
     """Compares every tensor of one step with ``isclose(rtol, atol * scale)``.
 
     ``scale`` is max(1, max|finite expected|) (:func:`inplace_abn.testing.scaled_error`, tolerances of
@@ -219,10 +222,10 @@ def _timer(device: str) -> Callable[[Callable[[], None]], float]:
     return cpu_time
 
 
-def _time_both(step: _Step, device: str, warmup: int, reps: int) -> Tuple[float, float]:
+def _time_both(step: _Step, device: str, warmup: int, reps: int) -> tuple[float, float]:
     """Median milliseconds of the fused and the pure step, interleaved round by round."""
     timer = _timer(device)
-    samples: Dict[str, List[float]] = {"cpp": [], "python": []}
+    samples: dict[str, list[float]] = {"cpp": [], "python": []}
     for i in range(warmup + reps):
         for name in ("cpp", "python"):
             _backend.set_backend(name)
@@ -235,7 +238,7 @@ def _time_both(step: _Step, device: str, warmup: int, reps: int) -> Tuple[float,
     return _stats.median(samples["cpp"]), _stats.median(samples["python"])
 
 
-def run_checks(device: str = "auto", quick: bool = False) -> List[Dict[str, object]]:
+def run_checks(device: str = "auto", quick: bool = False) -> list[dict[str, object]]:
     """Compares the fused kernels with the pure-PyTorch path over the shape x dtype x activation grid.
 
     Args:
@@ -260,7 +263,7 @@ def run_checks(device: str = "auto", quick: bool = False) -> List[Dict[str, obje
     else:
         warmup, reps = (1, 5) if quick else (3, 20)
     previous = _backend.get_backend()
-    rows: List[Dict[str, object]] = []
+    rows: list[dict[str, object]] = []
     seed = 0
     try:
         for shape, channels_last in _grid(device, quick):
@@ -270,7 +273,7 @@ def run_checks(device: str = "auto", quick: bool = False) -> List[Dict[str, obje
                 for activation, param in ACTIVATIONS:
                     half = dtype in (torch.float16, torch.bfloat16)
                     tol = ELU_HALF_TOL if (activation == "elu" and half) else TOL[dtype]
-                    row: Dict[str, object] = {
+                    row: dict[str, object] = {
                         "shape": "x".join(map(str, shape)) + (" CL" if channels_last else ""),
                         "dims": tuple(shape),
                         "channels_last": channels_last,
@@ -311,7 +314,7 @@ def _fmt_ms(v: object) -> str:
     return "-" if not isinstance(v, float) or v != v else f"{v:.3f}"
 
 
-def format_table(rows: Sequence[Dict[str, object]]) -> str:
+def format_table(rows: Sequence[dict[str, object]]) -> str:
     """The rows of :func:`run_checks` as a fixed-width text table (errors listed below it)."""
     header = ("shape", "dtype", "activation", "max rel err", "worst", "result", "fused ms", "pure ms", "speed-up",
               "sat.")  # fmt: skip
@@ -336,7 +339,7 @@ def format_table(rows: Sequence[Dict[str, object]]) -> str:
     return "\n".join(out)
 
 
-def _describe(device: str) -> List[str]:
+def _describe(device: str) -> list[str]:
     cuda = torch.version.cuda or "none (CPU build of torch)"
     lines = [f"inplace_abn selftest: torch {torch.__version__}, CUDA {cuda}, Python {platform.python_version()}"]
     lines.append(f"extension loaded: {_backend.extension_loaded()}"
@@ -352,7 +355,7 @@ def _describe(device: str) -> List[str]:
     return lines
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point.
 
     Args:

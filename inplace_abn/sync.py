@@ -9,7 +9,7 @@ for dx. Parameter gradients stay local (DDP averages them). Derivation: docs/mat
 from __future__ import annotations
 
 import warnings
-from typing import Any, Tuple
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -36,7 +36,7 @@ def sync_enabled(group: Any) -> bool:
     return False
 
 
-def merge_statistics(mean: Tensor, var: Tensor, count: int, group: Any) -> Tuple[Tensor, Tensor, int]:
+def merge_statistics(mean: Tensor, var: Tensor, count: int, group: Any) -> tuple[Tensor, Tensor, int]:
     """Merges per-process (mean (C,), biased var (C,), count) over ``group``; returns the global triple."""
     world = dist.get_world_size(group)
     if world <= 0:
@@ -61,7 +61,7 @@ def merge_statistics(mean: Tensor, var: Tensor, count: int, group: Any) -> Tuple
     return global_mean, m2 / total, int(total.item())
 
 
-def all_reduce_sums(sum_dz: Tensor, sum_dz_xhat: Tensor, group: Any) -> Tuple[Tensor, Tensor]:
+def all_reduce_sums(sum_dz: Tensor, sum_dz_xhat: Tensor, group: Any) -> tuple[Tensor, Tensor]:
     """The global per-channel sums of dz and dz * x_hat (one all-reduce for both)."""
     sums = torch.stack([sum_dz, sum_dz_xhat])
     dist.all_reduce(sums, group=group)

@@ -18,8 +18,6 @@ Example:
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
-
 import torch
 
 __all__ = [
@@ -39,11 +37,11 @@ __all__ = [
     "check_close",
 ]
 
-Tolerance = Tuple[float, float]
+Tolerance = tuple[float, float]
 """``(atol, rtol)``; the atol is multiplied by :func:`magnitude_scale` of the expected tensor."""
 
 # dtype -> (atol, rtol): the layer (either backend, any device) vs float64 on the same inputs.
-TOLERANCES: Dict[torch.dtype, Tolerance] = {
+TOLERANCES: dict[torch.dtype, Tolerance] = {
     # Reason: float64 kernels vs the float64 reference differ only in summation order and in the inversion
     # of the activation (division by g = |w| + eps, log1p for ELU): a few ulp times small factors.
     torch.float64: (1e-10, 1e-10),
@@ -68,7 +66,7 @@ ZERO_WEIGHT_F64_TOL: Tolerance = (1e-9, 1e-9)
 ELU_HALF_TOL: Tolerance = (1.5e-1, 1e-1)
 
 # dtype -> (atol, rtol): a torch.compile'd model vs the same model run eagerly, over 3 SGD steps.
-COMPILED_TOLERANCES: Dict[torch.dtype, Tolerance] = {
+COMPILED_TOLERANCES: dict[torch.dtype, Tolerance] = {
     # Reason: compiled and eager run the same custom kernels (or, for "python", the same ATen ops);
     # inductor only regenerates the pointwise glue (running-stat lerp, sign(w) * sum, layout copies) and
     # may contract a*b+c into an FMA: a few ulp, amplified by the 3-step SGD loop. Tighter than
@@ -82,7 +80,7 @@ COMPILED_TOLERANCES: Dict[torch.dtype, Tolerance] = {
 
 # dtype -> (atol, rtol): a whole Conv2d -> InPlaceABN model in a half type (autocast, or converted with
 # .half() / .bfloat16()) vs the same model in float32.
-HALF_MODEL_TOLERANCES: Dict[torch.dtype, Tolerance] = {
+HALF_MODEL_TOLERANCES: dict[torch.dtype, Tolerance] = {
     # Reason: fp16 everywhere or under autocast: the conv and the layer each round to fp16 (u = 4.9e-4);
     # statistics and per-channel sums accumulate in float32. Same figure as TOLERANCES[float16].
     torch.float16: (1e-2, 1e-2),
@@ -94,7 +92,7 @@ HALF_MODEL_TOLERANCES: Dict[torch.dtype, Tolerance] = {
 
 # dtype -> (atol, rtol): the half layer vs the float32 layer on the same (half-valued) input, with the
 # |w| >= 0.3 weights of tests/test_mixed_precision.py.
-HALF_LAYER_TOLERANCES: Dict[torch.dtype, Tolerance] = {
+HALF_LAYER_TOLERANCES: dict[torch.dtype, Tolerance] = {
     # Reason: only the rounding of y and dx to fp16 differs (2 u, u = 4.9e-4), plus the inversion of the
     # rounded y in backward (x_hat = (z - b) / g amplifies by |b| / g, <= ~3 with these weights).
     torch.float16: (4e-3, 4e-3),
@@ -104,7 +102,7 @@ HALF_LAYER_TOLERANCES: Dict[torch.dtype, Tolerance] = {
 
 # dtype -> rtol of the relative L2 norm error of dx and of the parameter grads of a whole half model vs
 # float32.
-HALF_MODEL_GRAD_NORM_RTOL: Dict[torch.dtype, float] = {
+HALF_MODEL_GRAD_NORM_RTOL: dict[torch.dtype, float] = {
     # Reason: fp16 pre-activations within a rounding error of 0 rarely change leaky_relu branch; the
     # per-channel grads are sums with cancellation, so the error is judged on the norm over all channels.
     torch.float16: 1e-2,
@@ -120,7 +118,7 @@ HALF_MODEL_GRAD_NORM_RTOL: Dict[torch.dtype, float] = {
 STATS_RTOL: float = 1e-5
 
 # dtype -> (atol, rtol): the layer on a channels_last input vs the same layer on a contiguous copy.
-LAYOUT_TOLERANCES: Dict[torch.dtype, Tolerance] = {
+LAYOUT_TOLERANCES: dict[torch.dtype, Tolerance] = {
     # Reason: the same arithmetic in another element order: only the summation order of the statistics.
     torch.float32: (1e-6, 1e-6),
     # Reason: as float32, then y rounded to bf16 (u = 3.9e-3) after possibly different float32 statistics.
@@ -128,7 +126,7 @@ LAYOUT_TOLERANCES: Dict[torch.dtype, Tolerance] = {
 }
 
 
-def tolerance(dtype: torch.dtype, activation: Optional[str] = None, training: bool = True) -> Tolerance:
+def tolerance(dtype: torch.dtype, activation: str | None = None, training: bool = True) -> Tolerance:
     """The ``(atol, rtol)`` of a layer result in ``dtype`` against float64 (or the other backend).
 
     Args:
@@ -166,8 +164,8 @@ def magnitude_scale(expected: torch.Tensor, min_scale: float = 1.0) -> float:
 
 
 def _prepare(
-    actual: torch.Tensor, expected: torch.Tensor, mask: Optional[torch.Tensor]
-) -> Tuple[torch.Tensor, torch.Tensor]:
+    actual: torch.Tensor, expected: torch.Tensor, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     actual = actual.detach().to("cpu", torch.float64)
     expected = expected.detach().to("cpu", torch.float64)
     if mask is not None:
@@ -181,8 +179,8 @@ def scaled_error(
     expected: torch.Tensor,
     tol: Tolerance,
     min_scale: float = 1.0,
-    mask: Optional[torch.Tensor] = None,
-) -> Tuple[float, bool]:
+    mask: torch.Tensor | None = None,
+) -> tuple[float, bool]:
     """The comparison of :func:`check_close` as a measurement (never raises on a mismatch).
 
     Args:
@@ -213,12 +211,12 @@ def scaled_error(
 def check_close(
     actual: torch.Tensor,
     expected: torch.Tensor,
-    dtype: Optional[torch.dtype] = None,
+    dtype: torch.dtype | None = None,
     label: str = "",
     *,
-    tol: Optional[Tolerance] = None,
+    tol: Tolerance | None = None,
     min_scale: float = 1.0,
-    mask: Optional[torch.Tensor] = None,
+    mask: torch.Tensor | None = None,
 ) -> None:
     """:func:`torch.testing.assert_close` with a tolerance of this table, atol scaled by the magnitude.
 

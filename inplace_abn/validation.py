@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -25,16 +26,16 @@ FLOAT_TYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 def check_layer_args(
     x: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    running_mean: Optional[Tensor],
-    running_var: Optional[Tensor],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
     training: bool,
     momentum: Any,
     eps: Any,
     activation: Any,
     activation_param: Any,
-) -> Tuple[str, float]:
+) -> tuple[str, float]:
     """Validates every argument of one layer call; returns the canonical ``(activation, activation_param)``.
 
     Raises:
@@ -82,8 +83,11 @@ def check_layer_args(
                 f"{name} has internally overlapping memory (a view from expand, unfold or as_strided whose "
                 f"elements share storage, shape {tuple(v.shape)} strides {tuple(v.stride())}): the layer writes "
                 f"into {name}, so elements sharing a location would get several results; pass {name}.contiguous()"
-                + (" (and copy the result back into the original tensor if you need it there)" if name == "x" else
-                   " (a buffer of its own)")
+                + (
+                    " (and copy the result back into the original tensor if you need it there)"
+                    if name == "x"
+                    else " (a buffer of its own)"
+                )
             )
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be both tensors or both None")
@@ -92,8 +96,12 @@ def check_layer_args(
     if not (_is_number(momentum) and 0.0 <= momentum <= 1.0):
         raise ValueError(
             f"momentum must be a number in [0, 1], got {momentum!r}"
-            + ("; the cumulative average (momentum=None) is an option of the modules, e.g. InPlaceABN(C, "
-               "momentum=None)" if momentum is None else "")
+            + (
+                "; the cumulative average (momentum=None) is an option of the modules, e.g. InPlaceABN(C, "
+                "momentum=None)"
+                if momentum is None
+                else ""
+            )
         )
     resolved = activations.resolve(activation, activation_param)
     _check_invertible_in(resolved, opmath_dtype(x.dtype))
@@ -109,7 +117,7 @@ def check_layer_args(
     return resolved
 
 
-def check_residual(x: Tensor, residual: Optional[Tensor], name: str = "x") -> None:
+def check_residual(x: Tensor, residual: Tensor | None, name: str = "x") -> None:
     """The fused layer's residual: a tensor of x's shape, dtype and device that shares no memory with x.
 
     Raises:
@@ -126,7 +134,9 @@ def check_residual(x: Tensor, residual: Optional[Tensor], name: str = "x") -> No
             "a projected shortcut (downsample) must produce the block output's shape"
         )
     if residual.dtype != x.dtype:
-        raise TypeError(f"residual has dtype {residual.dtype} but {name} has dtype {x.dtype}; convert it with .to({x.dtype})")
+        raise TypeError(
+            f"residual has dtype {residual.dtype} but {name} has dtype {x.dtype}; convert it with .to({x.dtype})"
+        )
     if residual.device != x.device:
         raise ValueError(f"residual is on {residual.device} but {name} is on {x.device}; move it with .to({x.device})")
     if name == "x" and _shares_memory(x, residual):
@@ -173,12 +183,11 @@ def check_count(count: int, shape: Sequence[int]) -> None:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(shape)}")
 
 
-
 def _is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def _check_invertible_in(resolved: Tuple[str, float], dtype: torch.dtype) -> None:
+def _check_invertible_in(resolved: tuple[str, float], dtype: torch.dtype) -> None:
     """The backward divides by the leaky_relu slope / ELU alpha (docs/math.md, inverting the activations): a
     parameter whose reciprocal overflows in the compute dtype would give inf/NaN gradients."""
     name, param = resolved

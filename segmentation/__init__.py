@@ -7,9 +7,6 @@ every BatchNorm-activation pair of type ``norm`` ("bn", "iabn" or "iabn_sync").
 
 from __future__ import annotations
 
-from .models import ARCHS, OUTPUT_STRIDES, SegmentationModel, build_model
-from .norm import NORMS, norm_act
-
 # ---- data / metrics re-exports (segmentation/data.py, transforms.py, metrics.py) ---------------------
 # (synthetic, train, evaluate and demo are run with `python -m`: importing them here would make runpy warn)
 from .data import (
@@ -21,6 +18,8 @@ from .data import (
     DataError,
 )
 from .metrics import PALETTE, ConfusionMatrix, colorize
+from .models import ARCHS, OUTPUT_STRIDES, SegmentationModel, build_model
+from .norm import NORMS, norm_act
 from .transforms import eval_transform, train_transform
 
 # ---- end of data / metrics re-exports -----------------------------------------------------------------

@@ -12,7 +12,8 @@ every other id (unlabeled, ego vehicle, parking, caravan, ...) becomes :data:`IG
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, List, NamedTuple, Optional, Tuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -56,11 +57,11 @@ class CityscapesLabel(NamedTuple):
     name: str
     id: int
     train_id: int  # 255 = ignored in training and evaluation
-    color: Tuple[int, int, int]
+    color: tuple[int, int, int]
 
 
 # The official Cityscapes label definitions (name, labelId, trainId, colour).
-CITYSCAPES_LABELS: Tuple[CityscapesLabel, ...] = (
+CITYSCAPES_LABELS: tuple[CityscapesLabel, ...] = (
     CityscapesLabel("unlabeled", 0, 255, (0, 0, 0)),
     CityscapesLabel("ego vehicle", 1, 255, (0, 0, 0)),
     CityscapesLabel("rectification border", 2, 255, (0, 0, 0)),
@@ -113,14 +114,12 @@ def _build_lookup() -> np.ndarray:
 LABEL_ID_TO_TRAIN_ID: np.ndarray = _build_lookup()
 
 #: The 19 evaluation classes, indexed by trainId.
-CITYSCAPES_CLASSES: Tuple[str, ...] = tuple(
+CITYSCAPES_CLASSES: tuple[str, ...] = tuple(
     lab.name
     for lab in sorted((lb for lb in CITYSCAPES_LABELS if lb.train_id != IGNORE_INDEX), key=lambda lb: lb.train_id)
 )
 NUM_CLASSES = len(CITYSCAPES_CLASSES)
-assert NUM_CLASSES == 19 and all(
-    LABEL_ID_TO_TRAIN_ID[lb.id] == lb.train_id for lb in CITYSCAPES_LABELS if lb.id >= 0
-)
+assert NUM_CLASSES == 19 and all(LABEL_ID_TO_TRAIN_ID[lb.id] == lb.train_id for lb in CITYSCAPES_LABELS if lb.id >= 0)
 
 
 def label_ids_to_train_ids(label_ids: np.ndarray) -> np.ndarray:
@@ -187,7 +186,7 @@ def _open_image(path: str) -> Image.Image:
     return img
 
 
-def _load(path: str, mode: Optional[str]) -> Image.Image:
+def _load(path: str, mode: str | None) -> Image.Image:
     """Fully decodes a PNG (catches truncated/corrupt pixel data) and converts it to ``mode`` if given."""
     img = _open_image(path)
     try:
@@ -202,9 +201,9 @@ def _load(path: str, mode: Optional[str]) -> Image.Image:
     return out
 
 
-def _scan(folder: str, suffix: str) -> List[str]:
+def _scan(folder: str, suffix: str) -> list[str]:
     """Paths relative to ``folder`` of all files ending in ``suffix`` (recursive), sorted."""
-    found: List[str] = []
+    found: list[str] = []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames.sort()
         for fn in filenames:
@@ -234,7 +233,7 @@ class CityscapesSegmentation(Dataset):
         files: List of (image_path, label_path), in item order.
     """
 
-    def __init__(self, root: str, split: str = "train", transform: Optional[Callable[..., Any]] = None) -> None:
+    def __init__(self, root: str, split: str = "train", transform: Callable[..., Any] | None = None) -> None:
         root = os.fspath(root)
         if not isinstance(split, str) or not split or os.sep in split or split in (".", ".."):
             raise ValueError(f"split must be a folder name such as 'train' or 'val', got {split!r}")
@@ -266,7 +265,7 @@ class CityscapesSegmentation(Dataset):
                 f"label {os.path.join(label_dir, stem + LABEL_SUFFIX)!r} has no image: expected "
                 f"{os.path.join(image_dir, stem + IMAGE_SUFFIX)!r}. Add the image or remove the label."
             )
-        self.files: List[Tuple[str, str]] = [
+        self.files: list[tuple[str, str]] = [
             (os.path.join(image_dir, p), os.path.join(label_dir, p[: -len(IMAGE_SUFFIX)] + LABEL_SUFFIX))
             for p in images
         ]
@@ -300,7 +299,7 @@ class CityscapesSegmentation(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def load(self, index: int) -> Tuple[Image.Image, Image.Image]:
+    def load(self, index: int) -> tuple[Image.Image, Image.Image]:
         """The raw pair: (PIL RGB image, PIL mode "L" label in trainIds) before any transform."""
         img_path, lab_path = self.files[index]
         image = _load(img_path, "RGB")
@@ -317,7 +316,7 @@ class CityscapesSegmentation(Dataset):
         train_ids = label_ids_to_train_ids(label_ids)
         return image, Image.fromarray(train_ids)
 
-    def __getitem__(self, index: int) -> Tuple[Tensor, Tensor]:
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         image, label = self.load(index)
         if self.transform is not None:
             return self.transform(image, label)

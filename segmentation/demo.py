@@ -16,7 +16,7 @@ import argparse
 import os
 import sys
 import time
-from typing import List, Optional, Sequence
+from collections.abc import Sequence
 
 from . import synthetic
 from . import train as seg_train
@@ -24,23 +24,48 @@ from . import train as seg_train
 __all__ = ["main", "DEMO_ARGS"]
 
 #: segmentation.train options of the demo (any of them can be overridden on the command line).
-DEMO_ARGS: List[str] = [
-    "--arch", "wrn38", "--norm", "iabn", "--width", "0.125", "--output-stride", "8",
-    "--crop", "128", "--scale-min", "0.75", "--scale-max", "1.5", "--batch-size", "8",
-    "--iters", "800", "--lr", "0.1", "--eval-every", "20", "--save-predictions", "6", "--device", "cpu",
+DEMO_ARGS: list[str] = [
+    "--arch",
+    "wrn38",
+    "--norm",
+    "iabn",
+    "--width",
+    "0.125",
+    "--output-stride",
+    "8",
+    "--crop",
+    "128",
+    "--scale-min",
+    "0.75",
+    "--scale-max",
+    "1.5",
+    "--batch-size",
+    "8",
+    "--iters",
+    "800",
+    "--lr",
+    "0.1",
+    "--eval-every",
+    "20",
+    "--save-predictions",
+    "6",
+    "--device",
+    "cpu",
 ]
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Generates the data if needed, then runs ``segmentation.train``; returns its exit status."""
     p = argparse.ArgumentParser(
         prog="python -m segmentation.demo",
         description="Generate the synthetic Cityscapes-layout data set (if absent) and train a small model on CPU. "
-                    "Other options are passed to segmentation.train and override the demo's: "
-                    + " ".join(DEMO_ARGS),
+        "Other options are passed to segmentation.train and override the demo's: " + " ".join(DEMO_ARGS),
     )
-    p.add_argument("--data", default=os.path.join("data", "synthetic"),
-                   help="data folder; generated with segmentation.synthetic when it holds no data set")
+    p.add_argument(
+        "--data",
+        default=os.path.join("data", "synthetic"),
+        help="data folder; generated with segmentation.synthetic when it holds no data set",
+    )
     p.add_argument("--out", default=os.path.join("runs", "segmentation-demo"))
     ours, rest = p.parse_known_args(argv)
 
@@ -59,12 +84,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     defaults = list(DEMO_ARGS)
     if "--epochs" in rest:  # --epochs and --iters are exclusive: the user's choice wins
         i = defaults.index("--iters")
-        del defaults[i:i + 2]
+        del defaults[i : i + 2]
     t0 = time.perf_counter()
     rc = seg_train.main(["--data", ours.data, "--out", ours.out, *defaults, *rest])
     if rc == 0:
-        print(f"demo finished in {time.perf_counter() - t0:.0f}s; log, checkpoint and prediction PNGs in {ours.out}",
-              flush=True)
+        print(
+            f"demo finished in {time.perf_counter() - t0:.0f}s; log, checkpoint and prediction PNGs in {ours.out}",
+            flush=True,
+        )
     return rc
 
 

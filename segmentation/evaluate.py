@@ -15,7 +15,8 @@ import json
 import math
 import os
 import sys
-from typing import Any, Dict, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -49,13 +50,23 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--checkpoint", required=True, metavar="PATH", help=f"a {CHECKPOINT_NAME} of segmentation.train")
-    p.add_argument("--data", default=None, metavar="DIR",
-                   help="data folder (default: the one the model was trained on)")
+    p.add_argument(
+        "--data", default=None, metavar="DIR", help="data folder (default: the one the model was trained on)"
+    )
     p.add_argument("--split", default="val")
-    p.add_argument("--save-predictions", type=int_range(0), default=0, metavar="K",
-                   help="write colour PNGs of the first K predictions (and labels) to --out")
-    p.add_argument("--out", default=None, metavar="DIR",
-                   help="folder for the PNGs and results.json (default: predictions-SPLIT next to the checkpoint)")
+    p.add_argument(
+        "--save-predictions",
+        type=int_range(0),
+        default=0,
+        metavar="K",
+        help="write colour PNGs of the first K predictions (and labels) to --out",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="folder for the PNGs and results.json (default: predictions-SPLIT next to the checkpoint)",
+    )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--workers", type=int_range(0), default=0)
     p.add_argument("--threads", type=int_range(1), default=None)
@@ -63,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_model(path: str, device: torch.device = torch.device("cpu")) -> Tuple[nn.Module, Dict[str, Any]]:
+def load_model(path: str, device: torch.device = torch.device("cpu")) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuilds the model of a ``segmentation.train`` checkpoint and loads its weights (eval mode).
 
     Returns:
@@ -78,17 +89,20 @@ def load_model(path: str, device: torch.device = torch.device("cpu")) -> Tuple[n
     if missing:
         raise CheckpointError(f"--checkpoint {path!r} is not a segmentation.train checkpoint (its args lack {missing})")
     num_classes = int(ckpt.get("num_classes", NUM_CLASSES))
-    model = build_model(saved["arch"], num_classes, norm=saved["norm"], output_stride=saved["output_stride"],
-                        width=saved["width"])
+    model = build_model(
+        saved["arch"], num_classes, norm=saved["norm"], output_stride=saved["output_stride"], width=saved["width"]
+    )
     try:
         model.load_state_dict(ckpt["model"])
     except (RuntimeError, KeyError, ValueError, TypeError) as e:  # size/key mismatch, a malformed state dict
-        raise CheckpointError(f"--checkpoint {path!r}: the weights do not fit {saved['arch']} width={saved['width']} "
-                              f"({type(e).__name__}: {e})") from e
+        raise CheckpointError(
+            f"--checkpoint {path!r}: the weights do not fit {saved['arch']} width={saved['width']} "
+            f"({type(e).__name__}: {e})"
+        ) from e
     return model.to(device, getattr(torch, saved.get("dtype", "float32"))).eval(), ckpt
 
 
-def run(args: argparse.Namespace, info: Optional[DistInfo] = None) -> Dict[str, Any]:
+def run(args: argparse.Namespace, info: DistInfo | None = None) -> dict[str, Any]:
     """Evaluates ``args.checkpoint``; returns {"miou", "pixel_acc", "iou", "table", "images"}."""
     own_group = info is None
     if info is None:
@@ -103,21 +117,38 @@ def run(args: argparse.Namespace, info: Optional[DistInfo] = None) -> Dict[str, 
             raise DataError(f"--data folder {data!r} does not exist; pass --data DIR (a Cityscapes-layout folder)")
         dataset = CityscapesSegmentation(data, args.split, eval_transform())
         out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), f"predictions-{args.split}")
-        cm = evaluate(model, dataset, info.device, int(ckpt.get("num_classes", NUM_CLASSES)),
-                      amp=bool(saved.get("amp", False)),
-                      save_predictions=args.save_predictions, out_dir=out, info=info, workers=args.workers,
-                      show_progress=not args.no_progress)
+        cm = evaluate(
+            model,
+            dataset,
+            info.device,
+            int(ckpt.get("num_classes", NUM_CLASSES)),
+            amp=bool(saved.get("amp", False)),
+            save_predictions=args.save_predictions,
+            out_dir=out,
+            info=info,
+            workers=args.workers,
+            show_progress=not args.no_progress,
+        )
         iou = cm.iou().tolist()
-        result = {"miou": cm.miou(), "pixel_acc": cm.pixel_accuracy(),
-                  "iou": {n: (None if math.isnan(v) else v) for n, v in zip(CITYSCAPES_CLASSES, iou)},
-                  "table": cm.table(CITYSCAPES_CLASSES), "images": len(dataset)}
+        result = {
+            "miou": cm.miou(),
+            "pixel_acc": cm.pixel_accuracy(),
+            "iou": {n: (None if math.isnan(v) else v) for n, v in zip(CITYSCAPES_CLASSES, iou)},
+            "table": cm.table(CITYSCAPES_CLASSES),
+            "images": len(dataset),
+        }
         if info.is_main:
-            print(f"{saved['arch']} + DeepLabV3 (norm={saved['norm']}, width={saved['width']:g}) from "
-                  f"{args.checkpoint} (epoch {ckpt.get('epoch', '?')}, iteration {ckpt.get('iteration', '?')}); "
-                  f"{args.split} split of {data}: {len(dataset)} images\n", flush=True)
+            print(
+                f"{saved['arch']} + DeepLabV3 (norm={saved['norm']}, width={saved['width']:g}) from "
+                f"{args.checkpoint} (epoch {ckpt.get('epoch', '?')}, iteration {ckpt.get('iteration', '?')}); "
+                f"{args.split} split of {data}: {len(dataset)} images\n",
+                flush=True,
+            )
             print(result["table"] + "\n", flush=True)
-            print(f"mIoU: {result['miou']:.4f} ({100 * result['miou']:.2f}%), pixel accuracy "
-                  f"{result['pixel_acc']:.4f}", flush=True)
+            print(
+                f"mIoU: {result['miou']:.4f} ({100 * result['miou']:.2f}%), pixel accuracy {result['pixel_acc']:.4f}",
+                flush=True,
+            )
             if args.save_predictions > 0:
                 with open(os.path.join(out, "results.json"), "w") as f:
                     json.dump({k: v for k, v in result.items() if k != "table"}, f, indent=2)
@@ -128,7 +159,7 @@ def run(args: argparse.Namespace, info: Optional[DistInfo] = None) -> Dict[str, 
             cleanup_distributed()
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status (0 ok, 2 bad data/checkpoint/option/device)."""
     return run_cli(build_parser(), run, argv, (DataError, CheckpointError, ValueError, DeviceError))
 

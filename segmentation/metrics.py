@@ -1,15 +1,16 @@
 """Segmentation metrics (confusion matrix, IoU, mIoU, pixel accuracy) and the Cityscapes colour palette.
 
-    >>> cm = ConfusionMatrix(19)
-    >>> cm.update(logits.argmax(1), target)       # any shape, target 255 = ignored
-    >>> cm.all_reduce()                           # under DDP: sum over ranks
-    >>> print(cm.miou(), cm.table(CITYSCAPES_CLASSES))
+>>> cm = ConfusionMatrix(19)
+>>> cm.update(logits.argmax(1), target)       # any shape, target 255 = ignored
+>>> cm.all_reduce()                           # under DDP: sum over ranks
+>>> print(cm.miou(), cm.table(CITYSCAPES_CLASSES))
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,7 +46,7 @@ class ConfusionMatrix:
         matrix: int64 tensor (K, K) on the CPU; rows = target, columns = prediction.
     """
 
-    def __init__(self, num_classes: int, ignore_index: Optional[int] = IGNORE_INDEX) -> None:
+    def __init__(self, num_classes: int, ignore_index: int | None = IGNORE_INDEX) -> None:
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
         if ignore_index is not None and 0 <= ignore_index < num_classes:
@@ -124,7 +125,7 @@ class ConfusionMatrix:
         total = int(self.matrix.sum())
         return int(self.matrix.diagonal().sum()) / total if total else math.nan
 
-    def table(self, class_names: Optional[Sequence[str]] = None) -> str:
+    def table(self, class_names: Sequence[str] | None = None) -> str:
         """A markdown table of per-class IoU (in %; "n/a" where undefined), then mIoU and pixel accuracy.
 
         Args:
@@ -147,7 +148,7 @@ class ConfusionMatrix:
         lines += [f"| {n:<{w0}} | {v:>{w1}} |" for n, v in zip(names, values)]
         return "\n".join(lines)
 
-    def all_reduce(self) -> "ConfusionMatrix":
+    def all_reduce(self) -> ConfusionMatrix:
         """Sums the matrix over all ranks when ``torch.distributed`` is initialised (no-op otherwise).
 
         Every rank must call it (it is a collective). Returns ``self``.
@@ -164,8 +165,10 @@ class ConfusionMatrix:
         return self
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(num_classes={self.num_classes}, ignore_index={self.ignore_index}, "
-                f"pixels={int(self.matrix.sum())})")
+        return (
+            f"{type(self).__name__}(num_classes={self.num_classes}, ignore_index={self.ignore_index}, "
+            f"pixels={int(self.matrix.sum())})"
+        )
 
 
 def _build_palette() -> np.ndarray:

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -61,9 +61,9 @@ __all__ = [
 ]
 
 #: Values of the ``arch`` argument.
-ARCHS: Tuple[str, ...] = ("wrn38", "resnet50", "resnet101")
+ARCHS: tuple[str, ...] = ("wrn38", "resnet50", "resnet101")
 #: Values of the ``output_stride`` argument.
-OUTPUT_STRIDES: Tuple[int, ...] = (8, 16)
+OUTPUT_STRIDES: tuple[int, ...] = (8, 16)
 #: Negative slope of every leaky ReLU (the paper's setting; > 0 keeps In-Place ABN invertible).
 SLOPE = 0.01
 
@@ -168,7 +168,7 @@ class IdentityResidualBlock(nn.Module):
         if len(channels) not in (2, 3):
             raise ValueError(f"channels must have 2 or 3 entries, got {tuple(channels)!r}")
         self.bn1 = norm_act(norm, in_channels)
-        layers: List[Tuple[str, nn.Module]]
+        layers: list[tuple[str, nn.Module]]
         if len(channels) == 2:
             layers = [
                 ("conv1", _conv3x3(in_channels, channels[0], stride, dilation)),
@@ -187,7 +187,7 @@ class IdentityResidualBlock(nn.Module):
             layers.insert(len(layers) - 1, ("dropout", nn.Dropout2d(dropout)))
         self.convs = nn.Sequential(OrderedDict(layers))
         need_proj = stride != 1 or in_channels != channels[-1]
-        self.proj_conv: Optional[nn.Conv2d] = _conv1x1(in_channels, channels[-1], stride) if need_proj else None
+        self.proj_conv: nn.Conv2d | None = _conv1x1(in_channels, channels[-1], stride) if need_proj else None
         # bn1 overwrites x: an identity shortcut needs its own copy of x, taken before bn1 runs.
         self._copy_shortcut = overwrites_input(self.bn1)
 
@@ -222,11 +222,11 @@ class WiderResNetA2(nn.Module):
         (N, 3, H, W) -> (N, out_channels, ceil(H / os), ceil(W / os)).
     """
 
-    STRUCTURE: Tuple[int, ...] = (3, 3, 6, 3, 1, 1)
-    CHANNELS: Tuple[Tuple[int, ...], ...] = (
+    STRUCTURE: tuple[int, ...] = (3, 3, 6, 3, 1, 1)
+    CHANNELS: tuple[tuple[int, ...], ...] = (
         (128, 128), (256, 256), (512, 512), (512, 1024), (512, 1024, 2048), (1024, 2048, 4096),
     )  # fmt: skip
-    DROPOUT: Tuple[float, ...] = (0.0, 0.0, 0.0, 0.0, 0.3, 0.5)
+    DROPOUT: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0, 0.3, 0.5)
 
     def __init__(self, norm: str, output_stride: int = 16, width: float = 1.0) -> None:
         super().__init__()
@@ -297,7 +297,7 @@ class Bottleneck(nn.Module):
         self.conv2 = _conv3x3(planes, planes, stride, dilation)
         self.bn2 = norm_act(norm, planes)
         self.conv3 = _conv1x1(planes, out_channels)
-        self.downsample: Optional[nn.Sequential] = None
+        self.downsample: nn.Sequential | None = None
         if downsample:
             self.downsample = nn.Sequential(
                 _conv1x1(in_channels, out_channels, stride), norm_act(norm, out_channels, activation="identity")

@@ -18,8 +18,6 @@ Note the scale: the in-place layers multiply by ``|weight| + eps`` (to stay inve
 
 from __future__ import annotations
 
-from typing import Tuple
-
 import torch
 from torch import nn
 
@@ -28,9 +26,9 @@ from inplace_abn import InPlaceABN, InPlaceABNSync
 __all__ = ["NORMS", "ACTIVATIONS", "check_norm", "norm_act", "overwrites_input", "bn_weight_from_iabn"]
 
 #: Values of the ``norm`` argument.
-NORMS: Tuple[str, ...] = ("bn", "iabn", "iabn_sync")
+NORMS: tuple[str, ...] = ("bn", "iabn", "iabn_sync")
 #: Activations ``norm_act`` accepts.
-ACTIVATIONS: Tuple[str, ...] = ("leaky_relu", "identity")
+ACTIVATIONS: tuple[str, ...] = ("leaky_relu", "identity")
 
 
 def check_norm(norm: object) -> str:

@@ -23,7 +23,7 @@ import os
 import shutil
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -34,8 +34,8 @@ from .data import CITYSCAPES_CLASSES, CITYSCAPES_LABELS, IMAGE_SUFFIX, LABEL_ID_
 
 __all__ = ["generate", "main", "SYNTHETIC_LABEL_IDS", "SYNTHETIC_CITIES", "DEFAULT_SIZE"]
 
-DEFAULT_SIZE: Tuple[int, int] = (128, 256)
-SYNTHETIC_CITIES: Dict[str, Tuple[str, str]] = {
+DEFAULT_SIZE: tuple[int, int] = (128, 256)
+SYNTHETIC_CITIES: dict[str, tuple[str, str]] = {
     "train": ("alphaville", "brightwater"),
     "val": ("cedarfield", "dunmore"),
 }
@@ -44,10 +44,36 @@ COLOR_SUFFIX = "_gtFine_color.png"
 
 # Cityscapes label ids drawn by the generator.
 UNLABELED, EGO, ROAD, SIDEWALK, BUILDING, POLE, LIGHT, SIGN, VEGETATION, TERRAIN, SKY, PERSON, CAR = (
-    0, 1, 7, 8, 11, 17, 19, 20, 21, 22, 23, 24, 26)
+    0,
+    1,
+    7,
+    8,
+    11,
+    17,
+    19,
+    20,
+    21,
+    22,
+    23,
+    24,
+    26,
+)
 #: The label ids the generator draws (0 and 1 are ignored ids -> trainId 255).
-SYNTHETIC_LABEL_IDS: Tuple[int, ...] = (UNLABELED, EGO, ROAD, SIDEWALK, BUILDING, POLE, LIGHT, SIGN, VEGETATION,
-                                        TERRAIN, SKY, PERSON, CAR)
+SYNTHETIC_LABEL_IDS: tuple[int, ...] = (
+    UNLABELED,
+    EGO,
+    ROAD,
+    SIDEWALK,
+    BUILDING,
+    POLE,
+    LIGHT,
+    SIGN,
+    VEGETATION,
+    TERRAIN,
+    SKY,
+    PERSON,
+    CAR,
+)
 
 _ID_COLORS = np.zeros((256, 3), dtype=np.uint8)
 for _lab in CITYSCAPES_LABELS:
@@ -76,7 +102,7 @@ class _Scene:
         ``smooth_amp`` and blob size ``cell``, and per-pixel luminance noise N(0, pixel_amp)."""
         return (color, jitter, smooth_amp, cell, pixel_amp)
 
-    def paint(self, mask: np.ndarray, label_id: int, tex: tuple, shade: Optional[np.ndarray] = None) -> None:
+    def paint(self, mask: np.ndarray, label_id: int, tex: tuple, shade: np.ndarray | None = None) -> None:
         """Fills ``mask`` with the texture (plus the optional luminance ``shade``, broadcastable to (H, W))
         and the label id; the texture is only generated over the mask's bounding box."""
         mask = np.broadcast_to(mask, (self.h, self.w))
@@ -111,7 +137,7 @@ _BUILDING_COLORS = ((120, 112, 105), (150, 125, 100), (95, 95, 110), (160, 150, 
 _CLOTHES = ((40, 40, 60), (120, 30, 40), (60, 80, 40), (170, 150, 120), (30, 30, 30))
 
 
-def _render(rng: np.random.Generator, h: int, w: int) -> Tuple[np.ndarray, np.ndarray]:
+def _render(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
     s = _Scene(rng, h, w)
     yy = np.arange(h, dtype=np.float32)[:, None]
     xx = np.arange(w, dtype=np.float32)[None, :]
@@ -157,8 +183,9 @@ def _render(rng: np.random.Generator, h: int, w: int) -> Tuple[np.ndarray, np.nd
         else:
             cx, r = x + bw / 2, bw / 2 * _u(rng, 0.8, 1.2)
             cy = top + r
-            blobs = [(cx + _u(rng, -r / 2, r / 2), cy + _u(rng, -r / 3, r / 2), r * _u(rng, 0.5, 0.8))
-                     for _ in range(4)]
+            blobs = [
+                (cx + _u(rng, -r / 2, r / 2), cy + _u(rng, -r / 3, r / 2), r * _u(rng, 0.5, 0.8)) for _ in range(4)
+            ]
             trunk_w = max(2, bw // 10)
 
             def tree(d: ImageDraw.ImageDraw) -> None:
@@ -171,7 +198,7 @@ def _render(rng: np.random.Generator, h: int, w: int) -> Tuple[np.ndarray, np.nd
         x += bw + int(_u(rng, 0, 0.06) * w)
 
     # Objects, far (small, near the horizon) to near (large, low in the image).
-    objects: List[Tuple[float, str]] = []
+    objects: list[tuple[float, str]] = []
     for _ in range(int(rng.integers(1, 5))):
         objects.append((_u(rng, horizon + side_h + 4, h * 1.05), "car"))
     for _ in range(int(rng.integers(1, 5))):
@@ -193,16 +220,30 @@ def _render(rng: np.random.Generator, h: int, w: int) -> Tuple[np.ndarray, np.nd
 
             def body(d: ImageDraw.ImageDraw) -> None:
                 d.rounded_rectangle([x0, y0 + 0.4 * ch, x0 + cw, base - wheel * 0.6], radius=max(1, ch * 0.12), fill=1)
-                d.polygon([(x0 + 0.2 * cw, y0 + 0.4 * ch), (x0 + 0.3 * cw, y0), (x0 + 0.72 * cw, y0),
-                           (x0 + 0.85 * cw, y0 + 0.4 * ch)], fill=1)
+                d.polygon(
+                    [
+                        (x0 + 0.2 * cw, y0 + 0.4 * ch),
+                        (x0 + 0.3 * cw, y0),
+                        (x0 + 0.72 * cw, y0),
+                        (x0 + 0.85 * cw, y0 + 0.4 * ch),
+                    ],
+                    fill=1,
+                )
 
             def wheels(d: ImageDraw.ImageDraw) -> None:
                 for wx in (x0 + 0.2 * cw, x0 + 0.8 * cw):
                     d.ellipse([wx - wheel, base - 2 * wheel, wx + wheel, base], fill=1)
 
             def windows(d: ImageDraw.ImageDraw) -> None:
-                d.polygon([(x0 + 0.27 * cw, y0 + 0.38 * ch), (x0 + 0.34 * cw, y0 + 0.08 * ch),
-                           (x0 + 0.69 * cw, y0 + 0.08 * ch), (x0 + 0.79 * cw, y0 + 0.38 * ch)], fill=1)
+                d.polygon(
+                    [
+                        (x0 + 0.27 * cw, y0 + 0.38 * ch),
+                        (x0 + 0.34 * cw, y0 + 0.08 * ch),
+                        (x0 + 0.69 * cw, y0 + 0.08 * ch),
+                        (x0 + 0.79 * cw, y0 + 0.38 * ch),
+                    ],
+                    fill=1,
+                )
 
             s.paint(s.mask(body), CAR, s.texture(colour, 15, 8, 4, 5))
             s.paint(s.mask(windows), CAR, s.texture((45, 60, 75), 8, 10, 3, 4))
@@ -212,41 +253,65 @@ def _render(rng: np.random.Generator, h: int, w: int) -> Tuple[np.ndarray, np.nd
             pw = ph * _u(rng, 0.25, 0.35)
             head = pw * 0.45
             clothes = _CLOTHES[int(rng.integers(len(_CLOTHES)))]
-            s.paint(s.mask(lambda d: (d.ellipse([cx - pw / 2, base - ph + 2 * head, cx + pw / 2, base], fill=1))),
-                    PERSON, s.texture(clothes, 15, 10, 3, 6))
-            s.paint(s.mask(lambda d: d.ellipse([cx - head, base - ph, cx + head, base - ph + 2 * head], fill=1)),
-                    PERSON, s.texture((205, 160, 130), 15, 5, 3, 5))
+            s.paint(
+                s.mask(lambda d: d.ellipse([cx - pw / 2, base - ph + 2 * head, cx + pw / 2, base], fill=1)),
+                PERSON,
+                s.texture(clothes, 15, 10, 3, 6),
+            )
+            s.paint(
+                s.mask(lambda d: d.ellipse([cx - head, base - ph, cx + head, base - ph + 2 * head], fill=1)),
+                PERSON,
+                s.texture((205, 160, 130), 15, 5, 3, 5),
+            )
         elif kind == "pole":
             top = _u(rng, 0.05, 0.4) * horizon
             pw = max(1.0, w * _u(rng, 0.006, 0.012))
-            s.paint(s.mask(lambda d: d.rectangle([cx - pw / 2, top, cx + pw / 2, base], fill=1)),
-                    POLE, s.texture((125, 125, 128), 10, 4, 4, 6))
+            s.paint(
+                s.mask(lambda d: d.rectangle([cx - pw / 2, top, cx + pw / 2, base], fill=1)),
+                POLE,
+                s.texture((125, 125, 128), 10, 4, 4, 6),
+            )
             size = _u(rng, 0.05, 0.09) * h
             if rng.random() < 0.55:  # traffic sign: yellow/white warning triangle with a red rim
-                tri = [(cx, top - size * 0.2), (cx - size * 0.6, top + size * 0.85),
-                       (cx + size * 0.6, top + size * 0.85)]
+                tri = [
+                    (cx, top - size * 0.2),
+                    (cx - size * 0.6, top + size * 0.85),
+                    (cx + size * 0.6, top + size * 0.85),
+                ]
                 s.paint(s.mask(lambda d: d.polygon(tri, fill=1)), SIGN, s.texture((200, 40, 35), 10, 4, 3, 5))
                 inner = [((px - cx) * 0.6 + cx, (py - top - size * 0.45) * 0.6 + top + size * 0.45) for px, py in tri]
                 s.paint(s.mask(lambda d: d.polygon(inner, fill=1)), SIGN, s.texture((235, 215, 40), 10, 4, 3, 5))
             else:  # traffic light: dark box with one lit lamp
                 bw, bh = size * 0.45, size * 1.1
-                s.paint(s.mask(lambda d: d.rectangle([cx - bw / 2, top, cx + bw / 2, top + bh], fill=1)),
-                        LIGHT, s.texture((35, 35, 30), 5, 3, 3, 4))
+                s.paint(
+                    s.mask(lambda d: d.rectangle([cx - bw / 2, top, cx + bw / 2, top + bh], fill=1)),
+                    LIGHT,
+                    s.texture((35, 35, 30), 5, 3, 3, 4),
+                )
                 lamp = int(rng.integers(3))
                 lamp_col = ((230, 40, 30), (240, 180, 30), (60, 220, 90))[lamp]
                 ly, lr = top + bh * (lamp + 0.5) / 3, bw * 0.3
-                s.paint(s.mask(lambda d: d.ellipse([cx - lr, ly - lr, cx + lr, ly + lr], fill=1)),
-                        LIGHT, s.texture(lamp_col, 10, 3, 3, 5))
+                s.paint(
+                    s.mask(lambda d: d.ellipse([cx - lr, ly - lr, cx + lr, ly + lr], fill=1)),
+                    LIGHT,
+                    s.texture(lamp_col, 10, 3, 3, 5),
+                )
         else:  # clutter: an unlabeled patch of random colour (ignored in training and evaluation)
             cw_, ch_ = _u(rng, 0.03, 0.1) * w, _u(rng, 0.03, 0.1) * h
-            s.paint(s.mask(lambda d: d.rectangle([cx, base - ch_, cx + cw_, base], fill=1)),
-                    UNLABELED, s.texture(tuple(rng.uniform(30, 220, 3)), 0, 20, 2, 15))
+            s.paint(
+                s.mask(lambda d: d.rectangle([cx, base - ch_, cx + cw_, base], fill=1)),
+                UNLABELED,
+                s.texture(tuple(rng.uniform(30, 220, 3)), 0, 20, 2, 15),
+            )
 
     # Ego-vehicle bonnet at the bottom of some frames (ignored id 1).
     if rng.random() < 0.3:
         bh = h * _u(rng, 0.06, 0.12)
-        s.paint(s.mask(lambda d: d.ellipse([-0.2 * w, h - bh, 1.2 * w, h + 2.5 * bh], fill=1)),
-                EGO, s.texture((30, 35, 40), 6, 4, 8, 4))
+        s.paint(
+            s.mask(lambda d: d.ellipse([-0.2 * w, h - bh, 1.2 * w, h + 2.5 * bh], fill=1)),
+            EGO,
+            s.texture((30, 35, 40), 6, 4, 8, 4),
+        )
 
     # Global illumination and sensor noise.
     gain = _u(rng, 0.8, 1.15)
@@ -254,7 +319,7 @@ def _render(rng: np.random.Generator, h: int, w: int) -> Tuple[np.ndarray, np.nd
     return np.clip(np.rint(img), 0, 255).astype(np.uint8), s.lab
 
 
-def _check_args(num_train: int, num_val: int, size: Sequence[int], seed: int) -> Tuple[int, int]:
+def _check_args(num_train: int, num_val: int, size: Sequence[int], seed: int) -> tuple[int, int]:
     for name, v in (("num_train", num_train), ("num_val", num_val)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -269,8 +334,16 @@ def _check_args(num_train: int, num_val: int, size: Sequence[int], seed: int) ->
     return h, w
 
 
-def generate(out: str, num_train: int = 80, num_val: int = 20, size: Sequence[int] = DEFAULT_SIZE, seed: int = 0,
-             force: bool = False, color: bool = True, verbose: bool = False) -> None:
+def generate(
+    out: str,
+    num_train: int = 80,
+    num_val: int = 20,
+    size: Sequence[int] = DEFAULT_SIZE,
+    seed: int = 0,
+    force: bool = False,
+    color: bool = True,
+    verbose: bool = False,
+) -> None:
     """Writes the synthetic data set to ``out`` in the Cityscapes layout.
 
     Args:
@@ -324,8 +397,7 @@ def generate(out: str, num_train: int = 80, num_val: int = 20, size: Sequence[in
         written[split] = n
     if verbose:
         dt = time.perf_counter() - t0
-        print(f"wrote {written['train']} train + {written['val']} val images of {h}x{w} (HxW) to {out!r} "
-              f"in {dt:.1f}s:")
+        print(f"wrote {written['train']} train + {written['val']} val images of {h}x{w} (HxW) to {out!r} in {dt:.1f}s:")
         print(f"  {os.path.join(out, 'leftImg8bit', '{train,val}', 'CITY', 'NAME' + IMAGE_SUFFIX)}  (RGB)")
         extra = f" (+ *{COLOR_SUFFIX})" if color else ""
         print(f"  {os.path.join(out, 'gtFine', '{train,val}', 'CITY', 'NAME' + LABEL_SUFFIX)}  (label ids){extra}")
@@ -333,12 +405,15 @@ def generate(out: str, num_train: int = 80, num_val: int = 20, size: Sequence[in
         total = counts.sum()
         train_counts = np.zeros(256, dtype=np.int64)
         np.add.at(train_counts, LABEL_ID_TO_TRAIN_ID, counts)
-        shares = [f"{CITYSCAPES_CLASSES[t]} {100 * train_counts[t] / total:.1f}%"
-                  for t in range(len(CITYSCAPES_CLASSES)) if train_counts[t]]
+        shares = [
+            f"{CITYSCAPES_CLASSES[t]} {100 * train_counts[t] / total:.1f}%"
+            for t in range(len(CITYSCAPES_CLASSES))
+            if train_counts[t]
+        ]
         print(f"  train pixel shares: {', '.join(shares)}, ignored (255) {100 * train_counts[255] / total:.1f}%")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m segmentation.synthetic",
         description="Write a small generated street-scene data set in the Cityscapes layout.",
@@ -351,16 +426,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--width", type=int_range(32), default=DEFAULT_SIZE[1])
     p.add_argument("--seed", type=int_range(0, 2**63 - 1), default=0)
     p.add_argument("--no-color", action="store_true", help="skip the *_gtFine_color.png visualisations")
-    p.add_argument("--force", action="store_true",
-                   help="allow a non-empty --out: replace its leftImg8bit/ and gtFine/ folders")
+    p.add_argument(
+        "--force", action="store_true", help="allow a non-empty --out: replace its leftImg8bit/ and gtFine/ folders"
+    )
     try:
         args = p.parse_args(argv)
     except SystemExit as e:  # a value out of range (argparse printed it) or --help: hand the status back
         return e.code if isinstance(e.code, int) else 2
     try:
         _check_args(args.num_train, args.num_val, (args.height, args.width), args.seed)
-        generate(args.out, num_train=args.num_train, num_val=args.num_val, size=(args.height, args.width),
-                 seed=args.seed, force=args.force, color=not args.no_color, verbose=True)
+        generate(
+            args.out,
+            num_train=args.num_train,
+            num_val=args.num_val,
+            size=(args.height, args.width),
+            seed=args.seed,
+            force=args.force,
+            color=not args.no_color,
+            verbose=True,
+        )
     except (FileExistsError, ValueError) as e:  # bad arguments or a non-empty --out
         print(f"error: {e}", file=sys.stderr)
         return 2

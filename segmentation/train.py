@@ -42,8 +42,9 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -53,8 +54,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from trainkit import (
     CheckpointError,
     DeviceError,
-    DivergenceError,
     DistInfo,
+    DivergenceError,
     ResumeError,
     ResumePoint,
     SavedMemory,
@@ -110,8 +111,26 @@ RUN_FILES = (CHECKPOINT_NAME, "log.csv", "final.json")
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "iteration", "rng", "args")
 # Options that must match between the run that wrote a checkpoint and the run resuming it.
 _RESUME_MUST_MATCH = (
-    "arch", "norm", "width", "output_stride", "crop", "scale_min", "scale_max", "flip_p", "batch_size", "epochs",
-    "iters", "lr", "momentum", "weight_decay", "poly_power", "amp", "seed", "workers", "train_split", "dtype",
+    "arch",
+    "norm",
+    "width",
+    "output_stride",
+    "crop",
+    "scale_min",
+    "scale_max",
+    "flip_p",
+    "batch_size",
+    "epochs",
+    "iters",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "poly_power",
+    "amp",
+    "seed",
+    "workers",
+    "train_split",
+    "dtype",
 )
 # What checkpoints written before an option existed ran with.
 _RESUME_DEFAULTS = {"dtype": "float32"}
@@ -128,50 +147,103 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("data")
-    g.add_argument("--data", required=True, metavar="DIR",
-                   help="folder with leftImg8bit/ and gtFine/ (python -m segmentation.synthetic --out DIR makes one)")
+    g.add_argument(
+        "--data",
+        required=True,
+        metavar="DIR",
+        help="folder with leftImg8bit/ and gtFine/ (python -m segmentation.synthetic --out DIR makes one)",
+    )
     g.add_argument("--train-split", default="train")
     g.add_argument("--val-split", default="val")
     g.add_argument("--crop", type=int_range(16), default=512, help="side of the square training crops")
-    g.add_argument("--scale-min", type=float_range(0, low_open=True), default=0.5, help="random scale range of training images (low)")
-    g.add_argument("--scale-max", type=float_range(0, low_open=True), default=2.0, help="random scale range (high); 1 1 disables scaling")
+    g.add_argument(
+        "--scale-min",
+        type=float_range(0, low_open=True),
+        default=0.5,
+        help="random scale range of training images (low)",
+    )
+    g.add_argument(
+        "--scale-max",
+        type=float_range(0, low_open=True),
+        default=2.0,
+        help="random scale range (high); 1 1 disables scaling",
+    )
     g.add_argument("--flip-p", type=float_range(0, 1), default=0.5, help="probability of a horizontal flip")
-    g.add_argument("--workers", type=int_range(0), default=0,
-                   help="DataLoader worker processes per rank (0: load in the main process)")
+    g.add_argument(
+        "--workers",
+        type=int_range(0),
+        default=0,
+        help="DataLoader worker processes per rank (0: load in the main process)",
+    )
     g = p.add_argument_group("model")
     g.add_argument("--arch", choices=ARCHS, default="wrn38")
-    g.add_argument("--norm", choices=NORMS, default="iabn",
-                   help="bn: BatchNorm2d + LeakyReLU; iabn: In-Place ABN; iabn_sync: synchronised over DDP ranks")
-    g.add_argument("--width", type=float_range(0, low_open=True), default=1.0, help="channel multiplier (1.0 = the real network)")
+    g.add_argument(
+        "--norm",
+        choices=NORMS,
+        default="iabn",
+        help="bn: BatchNorm2d + LeakyReLU; iabn: In-Place ABN; iabn_sync: synchronised over DDP ranks",
+    )
+    g.add_argument(
+        "--width", type=float_range(0, low_open=True), default=1.0, help="channel multiplier (1.0 = the real network)"
+    )
     g.add_argument("--output-stride", type=int, choices=(8, 16), default=16)
     g = p.add_argument_group("training")
     length = g.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=int_range(1), default=None, help="passes over the training set (default 50)")
-    length.add_argument("--iters", type=int_range(1), default=None,
-                        help="total iterations instead of --epochs (the last epoch may be partial)")
+    length.add_argument(
+        "--iters",
+        type=int_range(1),
+        default=None,
+        help="total iterations instead of --epochs (the last epoch may be partial)",
+    )
     g.add_argument("--batch-size", type=int_range(1), default=8, help="images per process and iteration")
     g.add_argument("--lr", type=float_range(0, low_open=True), default=0.01)
     g.add_argument("--momentum", type=float_range(0, 1), default=0.9)
     g.add_argument("--weight-decay", type=float_range(0), default=1e-4)
     g.add_argument("--poly-power", type=float_range(0), default=0.9, help="lr * (1 - iter / max_iter) ** power")
-    g.add_argument("--amp", action="store_true",
-                   help="automatic mixed precision: bfloat16 autocast on CPU, float16 + GradScaler on CUDA")
+    g.add_argument(
+        "--amp",
+        action="store_true",
+        help="automatic mixed precision: bfloat16 autocast on CPU, float16 + GradScaler on CUDA",
+    )
     g.add_argument("--seed", type=int_range(0, 2**63 - 1), default=0)
-    g.add_argument("--dtype", choices=("float32", "float64"), default="float32",
-                   help="dtype of parameters and inputs (float64: exact comparisons, e.g. DDP against one process)")
+    g.add_argument(
+        "--dtype",
+        choices=("float32", "float64"),
+        default="float32",
+        help="dtype of parameters and inputs (float64: exact comparisons, e.g. DDP against one process)",
+    )
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda if available")
     g.add_argument("--threads", type=int_range(1), default=None, help="torch.set_num_threads (default: torch's choice)")
     g = p.add_argument_group("evaluation and output")
-    g.add_argument("--eval-every", type=int_range(0), default=1, metavar="E",
-                   help="evaluate on the val split every E epochs (0: only after the last one)")
-    g.add_argument("--save-predictions", type=int_range(0), default=4, metavar="K",
-                   help="write colour PNGs of the first K validation predictions (and labels)")
+    g.add_argument(
+        "--eval-every",
+        type=int_range(0),
+        default=1,
+        metavar="E",
+        help="evaluate on the val split every E epochs (0: only after the last one)",
+    )
+    g.add_argument(
+        "--save-predictions",
+        type=int_range(0),
+        default=4,
+        metavar="K",
+        help="write colour PNGs of the first K validation predictions (and labels)",
+    )
     g.add_argument("--out", default=os.path.join("runs", "segmentation"))
     g.add_argument("--resume", default=None, metavar="PATH", help="checkpoint.pt to continue from")
-    g.add_argument("--overwrite", action="store_true",
-                   help="replace the earlier run in --out (without it, or --resume, such an --out is refused)")
-    g.add_argument("--stop-after", type=int_range(1), default=None, metavar="N",
-                   help="stop after N epochs of this process (as if interrupted); continue later with --resume")
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the earlier run in --out (without it, or --resume, such an --out is refused)",
+    )
+    g.add_argument(
+        "--stop-after",
+        type=int_range(1),
+        default=None,
+        metavar="N",
+        help="stop after N epochs of this process (as if interrupted); continue later with --resume",
+    )
     g.add_argument("--no-progress", action="store_true", help="no progress bar (one line per epoch only)")
     return p
 
@@ -183,17 +255,22 @@ def _check_args(args: argparse.Namespace, info: DistInfo) -> None:
         args.epochs = 50
     global_stats = args.batch_size * (info.world_size if args.norm == "iabn_sync" else 1)
     if global_stats < 2:
-        raise ValueError(f"--batch-size {args.batch_size} gives batch statistics over a single image "
-                         f"(norm={args.norm}, {info.world_size} process(es)); use --batch-size >= 2")
+        raise ValueError(
+            f"--batch-size {args.batch_size} gives batch statistics over a single image "
+            f"(norm={args.norm}, {info.world_size} process(es)); use --batch-size >= 2"
+        )
     if not args.scale_min <= args.scale_max:
         raise ValueError(f"--scale-min/--scale-max must satisfy min <= max, got {args.scale_min}, {args.scale_max}")
     if args.amp and args.dtype != "float32":
-        raise ValueError(f"--amp computes in half precision from float32 parameters; it cannot be combined "
-                         f"with --dtype {args.dtype}")
+        raise ValueError(
+            f"--amp computes in half precision from float32 parameters; it cannot be combined with --dtype {args.dtype}"
+        )
     if not os.path.isdir(args.data):
-        raise DataError(f"--data folder {args.data!r} does not exist. Point --data at a Cityscapes-layout folder "
-                        "(leftImg8bit/ + gtFine/) or write a small synthetic one with "
-                        f"`python -m segmentation.synthetic --out {args.data}`.")
+        raise DataError(
+            f"--data folder {args.data!r} does not exist. Point --data at a Cityscapes-layout folder "
+            "(leftImg8bit/ + gtFine/) or write a small synthetic one with "
+            f"`python -m segmentation.synthetic --out {args.data}`."
+        )
 
 
 def resolve_device(device: str) -> str:
@@ -215,8 +292,9 @@ class PolyLR(torch.optim.lr_scheduler.LRScheduler):
         power: Exponent (0.9 in DeepLab).
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, max_iters: int, power: float = 0.9,
-                 last_epoch: int = -1) -> None:
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, max_iters: int, power: float = 0.9, last_epoch: int = -1
+    ) -> None:
         if max_iters < 1:
             raise ValueError(f"max_iters must be >= 1, got {max_iters}")
         self.max_iters, self.power = int(max_iters), float(power)
@@ -225,18 +303,19 @@ class PolyLR(torch.optim.lr_scheduler.LRScheduler):
     def _factor(self) -> float:
         return max(0.0, 1.0 - self.last_epoch / self.max_iters) ** self.power
 
-    def get_lr(self) -> List[float]:  # closed form: no drift, and resume only needs last_epoch
+    def get_lr(self) -> list[float]:  # closed form: no drift, and resume only needs last_epoch
         return [base * self._factor() for base in self.base_lrs]
 
-    def _get_closed_form_lr(self) -> List[float]:
+    def _get_closed_form_lr(self) -> list[float]:
         return self.get_lr()
 
 
 # ------------------------------------------------------------------------------------------------ memory
 
 
-def activation_bytes(arch: str, norm: str, num_classes: int, width: float, output_stride: int,
-                     batch: int, crop: int) -> int:
+def activation_bytes(
+    arch: str, norm: str, num_classes: int, width: float, output_stride: int, batch: int, crop: int
+) -> int:
     """Bytes autograd saves for backward in one float32 training forward + loss (parameters and buffers excluded).
 
     Counted exactly on ``device="meta"`` by :func:`trainkit.saved_bytes_on_meta` (nothing is allocated or
@@ -269,10 +348,11 @@ def saved_memory(args: argparse.Namespace, batch: int) -> SavedMemory:
     """Saved-for-backward bytes of one training step with ``args.norm`` vs ``norm="bn"`` on the same input."""
     return compare_saved_memory(
         lambda norm: activation_bytes(args.arch, norm, NUM_CLASSES, args.width, args.output_stride, batch, args.crop),
-        args.norm)
+        args.norm,
+    )
 
 
-def memory_report(args: argparse.Namespace, batch: int) -> Dict[str, float]:
+def memory_report(args: argparse.Namespace, batch: int) -> dict[str, float]:
     """Saved-for-backward MiB of one training step with ``args.norm`` vs ``norm="bn"``: bn_mib, norm_mib, ratio."""
     return saved_memory(args, batch).as_dict()
 
@@ -314,7 +394,7 @@ def evaluate(
     num_classes: int = NUM_CLASSES,
     amp: bool = False,
     save_predictions: int = 0,
-    out_dir: Optional[str] = None,
+    out_dir: str | None = None,
     info: DistInfo = DistInfo(),
     workers: int = 0,
     show_progress: bool = True,
@@ -348,7 +428,7 @@ def evaluate(
     start, stop = min(info.rank * chunk, n), min((info.rank + 1) * chunk, n)
     loader = DataLoader(Subset(dataset, range(start, stop)), batch_size=1, shuffle=False, num_workers=workers)
     cm = ConfusionMatrix(num_classes, ignore_index=IGNORE_INDEX)
-    keep: List[Tuple[int, Any, Any]] = []
+    keep: list[tuple[int, Any, Any]] = []
     bar = progress(stop - start, "eval", enabled=show_progress and info.is_main)
     for pos, (x, y) in enumerate(loader):
         with _autocast(device, amp):
@@ -376,10 +456,13 @@ def evaluate(
     return cm
 
 
-def _results(cm: ConfusionMatrix) -> Dict[str, Any]:
+def _results(cm: ConfusionMatrix) -> dict[str, Any]:
     iou = cm.iou().tolist()
-    return {"miou": cm.miou(), "pixel_acc": cm.pixel_accuracy(),
-            "iou": {name: (None if math.isnan(v) else v) for name, v in zip(CITYSCAPES_CLASSES, iou)}}
+    return {
+        "miou": cm.miou(),
+        "pixel_acc": cm.pixel_accuracy(),
+        "iou": {name: (None if math.isnan(v) else v) for name, v in zip(CITYSCAPES_CLASSES, iou)},
+    }
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -390,7 +473,7 @@ def _say(info: DistInfo, *parts: Any) -> None:
         print(*parts, flush=True)
 
 
-def _buffer_sync_kwarg(sync: bool) -> Dict[str, bool]:
+def _buffer_sync_kwarg(sync: bool) -> dict[str, bool]:
     """DDP's per-forward buffer broadcast switch: ``forward_sync_buffers`` (newer torch) or ``broadcast_buffers``."""
     params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
     return {"forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers": sync}
@@ -415,7 +498,7 @@ class EpochResult:
 
     iteration: int
     loss: float
-    losses: List[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
 
 
 def train_one_epoch(
@@ -431,7 +514,7 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler,
     iteration: int,
     max_iters: int,
-    num_epochs: Optional[int] = None,
+    num_epochs: int | None = None,
     info: DistInfo = DistInfo(),
 ) -> EpochResult:
     """One pass over ``data_loader``, stopping early once ``max_iters`` iterations are done in all.
@@ -463,7 +546,7 @@ def train_one_epoch(
     model.train()
     n_this = max(0, min(len(data_loader), max_iters - iteration))
     epochs = num_epochs if num_epochs is not None else args.epochs
-    losses: List[float] = []
+    losses: list[float] = []
     loss_sum = 0.0
     with progress(n_this, f"epoch {epoch}/{epochs}", enabled=info.is_main and not args.no_progress) as bar:
         for x, y in data_loader:
@@ -481,8 +564,13 @@ def train_one_epoch(
             iteration += 1
             # Loss and weights after the step; a GradScaler (float16 on CUDA) skips the steps whose
             # gradients overflow, so only then is a non-finite loss not divergence.
-            check_finite_step(getattr(model, "module", model), None if scaler.is_enabled() else loss, iteration,
-                              epoch=epoch, distributed=info.distributed)
+            check_finite_step(
+                getattr(model, "module", model),
+                None if scaler.is_enabled() else loss,
+                iteration,
+                epoch=epoch,
+                distributed=info.distributed,
+            )
             value = float(loss.detach())
             losses.append(value)
             loss_sum += value
@@ -497,7 +585,7 @@ def train_one_epoch(
     return EpochResult(iteration=iteration, loss=mean, losses=losses)
 
 
-def run(args: argparse.Namespace, info: Optional[DistInfo] = None, return_model: bool = False) -> Dict[str, Any]:
+def run(args: argparse.Namespace, info: DistInfo | None = None, return_model: bool = False) -> dict[str, Any]:
     """Trains according to ``args`` (joining torchrun's process group when launched by it).
 
     Args:
@@ -525,88 +613,118 @@ def run(args: argparse.Namespace, info: Optional[DistInfo] = None, return_model:
             cleanup_distributed()
 
 
-def _datasets(args: argparse.Namespace) -> Tuple[CityscapesSegmentation, CityscapesSegmentation]:
+def _datasets(args: argparse.Namespace) -> tuple[CityscapesSegmentation, CityscapesSegmentation]:
     scale = None if args.scale_min == args.scale_max == 1.0 else (args.scale_min, args.scale_max)
     train_set = CityscapesSegmentation(
-        args.data, args.train_split, train_transform(args.crop, scale=scale, flip_p=args.flip_p,
-                                                     ignore_index=IGNORE_INDEX))
+        args.data,
+        args.train_split,
+        train_transform(args.crop, scale=scale, flip_p=args.flip_p, ignore_index=IGNORE_INDEX),
+    )
     return train_set, CityscapesSegmentation(args.data, args.val_split, eval_transform())
 
 
-def _run_length(args: argparse.Namespace, iters_per_epoch: int) -> Tuple[int, int]:
+def _run_length(args: argparse.Namespace, iters_per_epoch: int) -> tuple[int, int]:
     """(total iterations, epochs): ``--iters`` (the last epoch may be partial) or ``--epochs`` full epochs."""
     if args.iters is not None:
         return args.iters, math.ceil(args.iters / iters_per_epoch)
     return args.epochs * iters_per_epoch, args.epochs
 
 
-def _train(args: argparse.Namespace, info: DistInfo, return_model: bool) -> Dict[str, Any]:
+def _train(args: argparse.Namespace, info: DistInfo, return_model: bool) -> dict[str, Any]:
     """Builds data, model, optimizer, scheduler, scaler, log and checkpointing; loops over the epochs."""
     _check_args(args, info)
     device = info.device
-    ckpt = (load_resume_checkpoint(args.resume, vars(args), _RESUME_MUST_MATCH, kind="segmentation.train",
-                                   required=CHECKPOINT_KEYS, checkpoint_name=CHECKPOINT_NAME,
-                                   defaults=_RESUME_DEFAULTS)
-            if args.resume else None)
+    ckpt = (
+        load_resume_checkpoint(
+            args.resume,
+            vars(args),
+            _RESUME_MUST_MATCH,
+            kind="segmentation.train",
+            required=CHECKPOINT_KEYS,
+            checkpoint_name=CHECKPOINT_NAME,
+            defaults=_RESUME_DEFAULTS,
+        )
+        if args.resume
+        else None
+    )
     prepare_out_dir(args.out, RUN_FILES, resume=args.resume, overwrite=args.overwrite, create=info.is_main)
 
     # Data: epoch e's order is DistributedSampler's permutation of (seed, e); the loader's generator (worker
     # seeds) is reseeded with (seed, e, rank) every epoch; fixed-size batches (the last incomplete one dropped).
     train_set, val_set = _datasets(args)
-    sampler = DistributedSampler(train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True,
-                                 seed=args.seed, drop_last=True)
+    sampler = DistributedSampler(
+        train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=args.seed, drop_last=True
+    )
     iters_per_epoch = len(sampler) // args.batch_size
     if iters_per_epoch < 1:
-        raise DataError(f"the {args.train_split!r} split of {args.data!r} has {len(train_set)} images: too few for "
-                        f"one batch of {args.batch_size} per process on {info.world_size} process(es); "
-                        "lower --batch-size or add images")
+        raise DataError(
+            f"the {args.train_split!r} split of {args.data!r} has {len(train_set)} images: too few for "
+            f"one batch of {args.batch_size} per process on {info.world_size} process(es); "
+            "lower --batch-size or add images"
+        )
     max_iters, epochs = _run_length(args, iters_per_epoch)
     loader_gen = torch.Generator()
-    train_loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
-                              drop_last=True, generator=loader_gen, pin_memory=device.type == "cuda")
+    train_loader = DataLoader(
+        train_set,
+        batch_size=args.batch_size,
+        sampler=sampler,
+        num_workers=args.workers,
+        drop_last=True,
+        generator=loader_gen,
+        pin_memory=device.type == "cuda",
+    )
 
     seed_everything(args.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
-    model = build_model(args.arch, NUM_CLASSES, norm=args.norm, output_stride=args.output_stride,
-                        width=args.width).to(device, getattr(torch, args.dtype))
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
+    model = build_model(args.arch, NUM_CLASSES, norm=args.norm, output_stride=args.output_stride, width=args.width).to(
+        device, getattr(torch, args.dtype)
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     scheduler = PolyLR(optimizer, max_iters, power=args.poly_power)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda")
     seed_everything(args.seed + 7919 * info.rank)  # per-rank augmentation stream (rank 0: the seed itself)
     start = ResumePoint()
     if ckpt is not None:
-        start = restore_training_state(ckpt, args.resume, model, optimizer, scheduler, scaler,
-                                       rank=info.rank, world_size=info.world_size)
+        start = restore_training_state(
+            ckpt, args.resume, model, optimizer, scheduler, scaler, rank=info.rank, world_size=info.world_size
+        )
         if not start.rng_exact:
-            _say(info, f"note: the checkpoint was written by {len(ckpt.get('rng_per_rank') or [])} process(es), "
-                       f"this run has {info.world_size}: the data order continues, the augmentations are not "
-                       "bit-identical")
+            _say(
+                info,
+                f"note: the checkpoint was written by {len(ckpt.get('rng_per_rank') or [])} process(es), "
+                f"this run has {info.world_size}: the data order continues, the augmentations are not "
+                "bit-identical",
+            )
     ddp: nn.Module = model
     if info.distributed:
         # iabn_sync already makes the running statistics equal on every rank: no buffer broadcast needed.
         ddp = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            **_buffer_sync_kwarg(args.norm != "iabn_sync"))
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            **_buffer_sync_kwarg(args.norm != "iabn_sync"),
+        )
 
     csv_path = os.path.join(args.out, "log.csv")
     ckpt_path = os.path.join(args.out, CHECKPOINT_NAME)
     pred_dir = os.path.join(args.out, "predictions")
-    rows: List[Dict[str, Any]] = read_csv(csv_path, start.epoch) if (start.resumed and info.is_main) else []
+    rows: list[dict[str, Any]] = read_csv(csv_path, start.epoch) if (start.resumed and info.is_main) else []
 
     n_params = sum(p.numel() for p in model.parameters())
     mem = saved_memory(args, args.batch_size)
-    _say(info, f"{args.arch} + DeepLabV3, norm={args.norm}, width={args.width:g}, output stride {args.output_stride}: "
-               f"{n_params:,} parameters; {len(train_set)} train / {len(val_set)} val images; {info.world_size} "
-               f"process(es) on {device} ({info.backend or 'no process group'}), batch {args.batch_size} per process, "
-               f"crop {args.crop}; {max_iters} iterations ({iters_per_epoch} per epoch, {epochs} epoch(s))"
-               + (f"; AMP {'float16' if device.type == 'cuda' else 'bfloat16'}" if args.amp else "")
-               + (f"; resuming after epoch {start.epoch} (iteration {start.iteration})" if start.resumed else ""))
+    _say(
+        info,
+        f"{args.arch} + DeepLabV3, norm={args.norm}, width={args.width:g}, output stride {args.output_stride}: "
+        f"{n_params:,} parameters; {len(train_set)} train / {len(val_set)} val images; {info.world_size} "
+        f"process(es) on {device} ({info.backend or 'no process group'}), batch {args.batch_size} per process, "
+        f"crop {args.crop}; {max_iters} iterations ({iters_per_epoch} per epoch, {epochs} epoch(s))"
+        + (f"; AMP {'float16' if device.type == 'cuda' else 'bfloat16'}" if args.amp else "")
+        + (f"; resuming after epoch {start.epoch} (iteration {start.iteration})" if start.resumed else ""),
+    )
     if args.norm == "iabn_sync" and not info.distributed:
         _say(info, "note: norm=iabn_sync in a single process (no torchrun): statistics are local, as iabn")
     _say(info, _memory_line(mem, args.batch_size, args.crop))
 
-    losses: List[float] = []
-    results: Optional[Dict[str, Any]] = None
+    losses: list[float] = []
+    results: dict[str, Any] | None = None
     if rows and rows[-1].get("val_miou"):
         results = {"miou": float(rows[-1]["val_miou"]), "pixel_acc": float(rows[-1]["pixel_acc"])}
     iteration, elapsed, epoch = start.iteration, start.elapsed, start.epoch
@@ -615,15 +733,37 @@ def _train(args: argparse.Namespace, info: DistInfo, return_model: bool) -> Dict
         t0 = time.perf_counter()
         sampler.set_epoch(epoch)
         set_epoch_seed(loader_gen, args.seed, epoch, info.rank)
-        result = train_one_epoch(ddp, _loss, optimizer, train_loader, device, epoch, args, scheduler=scheduler,
-                                 scaler=scaler, iteration=iteration, max_iters=max_iters, num_epochs=epochs, info=info)
+        result = train_one_epoch(
+            ddp,
+            _loss,
+            optimizer,
+            train_loader,
+            device,
+            epoch,
+            args,
+            scheduler=scheduler,
+            scaler=scaler,
+            iteration=iteration,
+            max_iters=max_iters,
+            num_epochs=epochs,
+            info=info,
+        )
         iteration = result.iteration
         losses.extend(result.losses)
         evaluated = epoch == epochs or (args.eval_every > 0 and epoch % args.eval_every == 0)
         if evaluated:
-            cm = evaluate(ddp, val_set, device, NUM_CLASSES, amp=args.amp,
-                          save_predictions=args.save_predictions if epoch == epochs else 0, out_dir=pred_dir,
-                          info=info, workers=args.workers, show_progress=not args.no_progress)
+            cm = evaluate(
+                ddp,
+                val_set,
+                device,
+                NUM_CLASSES,
+                amp=args.amp,
+                save_predictions=args.save_predictions if epoch == epochs else 0,
+                out_dir=pred_dir,
+                info=info,
+                workers=args.workers,
+                show_progress=not args.no_progress,
+            )
             results = _results(cm)
             results["table"] = cm.table(CITYSCAPES_CLASSES)
         seconds = time.perf_counter() - t0
@@ -632,9 +772,19 @@ def _train(args: argparse.Namespace, info: DistInfo, return_model: bool) -> Dict
         if info.is_main:
             lr_now = optimizer.param_groups[0]["lr"]
             _log_epoch(rows, csv_path, epoch, iteration, lr_now, result.loss, results if evaluated else None, seconds)
-            save_training_checkpoint(ckpt_path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                                     epoch=epoch, iteration=iteration, rng_per_rank=rngs, args=args, elapsed=elapsed,
-                                     num_classes=NUM_CLASSES)
+            save_training_checkpoint(
+                ckpt_path,
+                model=model,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                scaler=scaler,
+                epoch=epoch,
+                iteration=iteration,
+                rng_per_rank=rngs,
+                args=args,
+                elapsed=elapsed,
+                num_classes=NUM_CLASSES,
+            )
             msg = f"epoch {epoch}/{epochs}  iter {iteration}/{max_iters}  train loss {result.loss:.4f}  lr {lr_now:.3g}"
             if evaluated and results:
                 msg += f"  val mIoU {results['miou']:.4f} pixel acc {results['pixel_acc']:.4f}"
@@ -644,9 +794,15 @@ def _train(args: argparse.Namespace, info: DistInfo, return_model: bool) -> Dict
             stopped = True
             break
 
-    summary: Dict[str, Any] = {"epochs": epoch, "iterations": iteration, "train_seconds": elapsed,
-                               "params": n_params, "memory": mem.as_dict(), "world_size": info.world_size,
-                               "args": vars(args).copy()}
+    summary: dict[str, Any] = {
+        "epochs": epoch,
+        "iterations": iteration,
+        "train_seconds": elapsed,
+        "params": n_params,
+        "memory": mem.as_dict(),
+        "world_size": info.world_size,
+        "args": vars(args).copy(),
+    }
     if results is not None:
         summary.update({k: v for k, v in results.items() if k != "table"})
     if stopped:
@@ -659,25 +815,44 @@ def _train(args: argparse.Namespace, info: DistInfo, return_model: bool) -> Dict
     return summary
 
 
-def _log_epoch(rows: List[Dict[str, Any]], csv_path: str, epoch: int, iteration: int, lr: float, train_loss: float,
-               results: Optional[Dict[str, Any]], seconds: float) -> None:
-    rows.append({"epoch": epoch, "iters": iteration, "lr": f"{lr:.6g}", "train_loss": repr(train_loss),
-                 "val_miou": f"{results['miou']:.6f}" if results else "",
-                 "pixel_acc": f"{results['pixel_acc']:.6f}" if results else "",
-                 "seconds": f"{seconds:.3f}"})
+def _log_epoch(
+    rows: list[dict[str, Any]],
+    csv_path: str,
+    epoch: int,
+    iteration: int,
+    lr: float,
+    train_loss: float,
+    results: dict[str, Any] | None,
+    seconds: float,
+) -> None:
+    rows.append(
+        {
+            "epoch": epoch,
+            "iters": iteration,
+            "lr": f"{lr:.6g}",
+            "train_loss": repr(train_loss),
+            "val_miou": f"{results['miou']:.6f}" if results else "",
+            "pixel_acc": f"{results['pixel_acc']:.6f}" if results else "",
+            "seconds": f"{seconds:.3f}",
+        }
+    )
     write_csv(csv_path, rows, CSV_FIELDS)
 
 
-def _finish(summary: Dict[str, Any], results: Optional[Dict[str, Any]], args: argparse.Namespace, n_val: int,
-            mem: SavedMemory) -> None:
+def _finish(
+    summary: dict[str, Any], results: dict[str, Any] | None, args: argparse.Namespace, n_val: int, mem: SavedMemory
+) -> None:
     """Rank 0 at the end of a completed run: final.json, the validation table and the closing lines."""
     with open(os.path.join(args.out, "final.json"), "w") as f:
         json.dump(summary, f, indent=2)
     if results is not None and "table" in results:
         print(f"\nvalidation ({args.val_split}, {n_val} images):\n{results['table']}\n", flush=True)
-    print(f"final val mIoU: {summary.get('miou', math.nan):.4f} ({100 * summary.get('miou', math.nan):.2f}%), "
-          f"pixel accuracy {summary.get('pixel_acc', math.nan):.4f}, after {summary['iterations']} iterations "
-          f"({summary['epochs']} epochs, {format_seconds(summary['train_seconds'])} of training)", flush=True)
+    print(
+        f"final val mIoU: {summary.get('miou', math.nan):.4f} ({100 * summary.get('miou', math.nan):.2f}%), "
+        f"pixel accuracy {summary.get('pixel_acc', math.nan):.4f}, after {summary['iterations']} iterations "
+        f"({summary['epochs']} epochs, {format_seconds(summary['train_seconds'])} of training)",
+        flush=True,
+    )
     print(_memory_line(mem, args.batch_size, args.crop), flush=True)
 
 
@@ -686,7 +861,7 @@ def _finish(summary: Dict[str, Any], results: Optional[Dict[str, Any]], args: ar
 _USER_ERRORS = (DataError, CheckpointError, ValueError, DivergenceError, DeviceError, torch.OutOfMemoryError)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status (0 ok, 2 bad data/checkpoint/option/device)."""
     return run_cli(build_parser(), run, argv, _USER_ERRORS)
 

@@ -16,7 +16,8 @@ run, which restores the RNG state, sees exactly the same augmentations).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple, Union
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,10 +38,10 @@ __all__ = [
     "eval_transform",
 ]
 
-IMAGENET_MEAN: Tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: Tuple[float, float, float] = (0.229, 0.224, 0.225)
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
-Pair = Tuple[Tensor, Tensor]
+Pair = tuple[Tensor, Tensor]
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -91,7 +92,7 @@ def _as_tensors(image: Any, label: Any) -> Pair:
     return x, y
 
 
-def _pair(size: Union[int, Sequence[int]], name: str) -> Tuple[int, int]:
+def _pair(size: int | Sequence[int], name: str) -> tuple[int, int]:
     if isinstance(size, bool):
         raise TypeError(f"{name} must be an int or (height, width), got {size!r}")
     if isinstance(size, int):
@@ -107,7 +108,7 @@ def _pair(size: Union[int, Sequence[int]], name: str) -> Tuple[int, int]:
     return h, w
 
 
-def _triple(values: Sequence[float], name: str) -> Tuple[float, float, float]:
+def _triple(values: Sequence[float], name: str) -> tuple[float, float, float]:
     try:
         t = tuple(float(v) for v in values)
     except (TypeError, ValueError):
@@ -124,7 +125,7 @@ class Compose:
     """Chains joint transforms: ``Compose([ToTensor(), RandomHorizontalFlip()])(image, label)``."""
 
     def __init__(self, transforms: Iterable[Callable[[Any, Any], Pair]]) -> None:
-        self.transforms: List[Callable[[Any, Any], Pair]] = list(transforms)
+        self.transforms: list[Callable[[Any, Any], Pair]] = list(transforms)
         for t in self.transforms:
             if not callable(t):
                 raise TypeError(f"Compose expects callables (image, label) -> (image, label), got {t!r}")
@@ -197,8 +198,9 @@ class RandomCrop:
         ignore_index: Label padding value.
     """
 
-    def __init__(self, crop_size: Union[int, Sequence[int]], fill: Sequence[float] = (0.0, 0.0, 0.0),
-                 ignore_index: int = 255) -> None:
+    def __init__(
+        self, crop_size: int | Sequence[int], fill: Sequence[float] = (0.0, 0.0, 0.0), ignore_index: int = 255
+    ) -> None:
         self.crop_size = _pair(crop_size, "crop_size")
         self.fill = _triple(fill, "fill")
         self.ignore_index = int(ignore_index)
@@ -217,7 +219,7 @@ class RandomCrop:
             x, y = xp, yp
         top = int(torch.randint(0, ph - ch + 1, ()))
         left = int(torch.randint(0, pw - cw + 1, ()))
-        return x[:, top:top + ch, left:left + cw].contiguous(), y[top:top + ch, left:left + cw].contiguous()
+        return x[:, top : top + ch, left : left + cw].contiguous(), y[top : top + ch, left : left + cw].contiguous()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(crop_size={self.crop_size}, fill={self.fill}, ignore_index={self.ignore_index})"
@@ -263,9 +265,14 @@ class Normalize:
 # ------------------------------------------------------------------------------------------------ factories
 
 
-def train_transform(crop_size: Union[int, Sequence[int]], scale: Optional[Sequence[float]] = (0.5, 2.0),
-                    mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                    flip_p: float = 0.5, ignore_index: int = 255) -> Compose:
+def train_transform(
+    crop_size: int | Sequence[int],
+    scale: Sequence[float] | None = (0.5, 2.0),
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    flip_p: float = 0.5,
+    ignore_index: int = 255,
+) -> Compose:
     """The training pipeline: ToTensor, RandomScale, RandomCrop (pad image with ``mean``, label with
     ``ignore_index``), RandomHorizontalFlip, Normalize.
 
@@ -280,11 +287,14 @@ def train_transform(crop_size: Union[int, Sequence[int]], scale: Optional[Sequen
     Returns:
         Callable (image, label) -> (FloatTensor (3, *crop), LongTensor (*crop)).
     """
-    steps: List[Callable[[Any, Any], Pair]] = [ToTensor()]
+    steps: list[Callable[[Any, Any], Pair]] = [ToTensor()]
     if scale is not None:
         steps.append(RandomScale(scale))
-    steps += [RandomCrop(crop_size, fill=mean, ignore_index=ignore_index), RandomHorizontalFlip(flip_p),
-              Normalize(mean, std)]
+    steps += [
+        RandomCrop(crop_size, fill=mean, ignore_index=ignore_index),
+        RandomHorizontalFlip(flip_p),
+        Normalize(mean, std),
+    ]
     return Compose(steps)
 
 

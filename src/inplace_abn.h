@@ -8,16 +8,15 @@
 //   (half/bf16 activations with float32 parameters is the usual mixed-precision setup).
 #pragma once
 
+#include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/OpMathType.h>
 #include <c10/core/MemoryFormat.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <limits>
-
 #include <optional>
 #include <string_view>
 #include <type_traits>
@@ -35,8 +34,8 @@ inline Activation parse_activation(std::string_view name, double param) {
   }
   if (name == "leaky_relu") {
     TORCH_CHECK(
-        param > 0.0, "activation_param (negative slope) must be > 0 for the fused leaky_relu kernels, got ",
-        param, "; slope 0 is not invertible and is handled by the Python layer");
+        param > 0.0, "activation_param (negative slope) must be > 0 for the fused leaky_relu kernels, got ", param,
+        "; slope 0 is not invertible and is handled by the Python layer");
     return Activation::LeakyReLU;
   }
   if (name == "elu") {
@@ -44,8 +43,7 @@ inline Activation parse_activation(std::string_view name, double param) {
     return Activation::ELU;
   }
   TORCH_CHECK(
-      false, "activation must be one of 'identity', 'leaky_relu', 'elu' in the fused kernels, got '", name,
-      "'");
+      false, "activation must be one of 'identity', 'leaky_relu', 'elu' in the fused kernels, got '", name, "'");
 }
 
 // eps > 0 keeps both sqrt(var + eps) and gamma = |w| + eps away from 0, so every op stays invertible.
@@ -68,20 +66,18 @@ inline void check_channel_vector(const at::Tensor& v, const char* name, const at
       v.dim() == 1 && v.size(0) == channels, name, " must be a 1-D tensor with one entry per channel (", channels,
       "), got shape ", v.sizes());
   TORCH_CHECK(
-      v.device() == x.device(), name, " must be on the same device as the input (", x.device(), "), got ",
-      v.device());
+      v.device() == x.device(), name, " must be on the same device as the input (", x.device(), "), got ", v.device());
   const auto op = at::toOpMathType(x.scalar_type());
   if (op == x.scalar_type()) {
     TORCH_CHECK(v.scalar_type() == op, name, " must have dtype ", op, " like the input, got ", v.scalar_type());
   } else {
     TORCH_CHECK(
-        v.scalar_type() == x.scalar_type() || v.scalar_type() == op, name, " must have dtype ", x.scalar_type(),
-        " or ", op, " for an input of dtype ", x.scalar_type(), ", got ", v.scalar_type());
+        v.scalar_type() == x.scalar_type() || v.scalar_type() == op, name, " must have dtype ", x.scalar_type(), " or ",
+        op, " for an input of dtype ", x.scalar_type(), ", got ", v.scalar_type());
   }
 }
 
-inline void check_optional_channel_vector(
-    const std::optional<at::Tensor>& v, const char* name, const at::Tensor& x) {
+inline void check_optional_channel_vector(const std::optional<at::Tensor>& v, const char* name, const at::Tensor& x) {
   if (v.has_value() && v->defined()) {
     check_channel_vector(*v, name, x);
   }
@@ -92,8 +88,8 @@ inline void check_same_shape(const at::Tensor& a, const char* a_name, const at::
       a.sizes() == b.sizes(), a_name, " and ", b_name, " must have the same shape, got ", a.sizes(), " and ",
       b.sizes());
   TORCH_CHECK(
-      a.scalar_type() == b.scalar_type(), a_name, " and ", b_name, " must have the same dtype, got ",
-      a.scalar_type(), " and ", b.scalar_type());
+      a.scalar_type() == b.scalar_type(), a_name, " and ", b_name, " must have the same dtype, got ", a.scalar_type(),
+      " and ", b.scalar_type());
   TORCH_CHECK(
       a.device() == b.device(), a_name, " and ", b_name, " must be on the same device, got ", a.device(), " and ",
       b.device());
@@ -106,7 +102,6 @@ inline void check_same_shape(const at::Tensor& a, const char* a_name, const at::
 // Any other stride pattern is made contiguous first (and, for the in-place op, written back).
 
 enum class Layout { NCS, NSC };
-
 
 // Returns the layout the kernels can walk without a copy, if any.
 inline std::optional<Layout> native_layout(const at::Tensor& x) {
@@ -153,7 +148,7 @@ inline Output make_output(const at::Tensor& like, const at::Tensor& like_native)
   auto result = at::empty_like(like);
   const auto layout = native_layout(like_native);
   const bool direct = result.numel() == 0 ||
-      (native_layout(result) == layout && result.is_contiguous(memory_format_of(*layout, result)));
+                      (native_layout(result) == layout && result.is_contiguous(memory_format_of(*layout, result)));
   return {result, direct ? result : at::empty_like(like_native)};
 }
 
@@ -199,9 +194,7 @@ void dispatch_residual(bool has_residual, F&& f) {
 // ------------------------------------------------------------------------------------------------
 // The argument checks of each op, shared by the backends so their errors are identical.
 
-inline bool defined(const std::optional<at::Tensor>& t) {
-  return t.has_value() && t->defined();
-}
+inline bool defined(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
 // The residual of the fused layer: x's shape, dtype and device (any strides). Returns whether it is given.
 inline bool check_residual(const std::optional<at::Tensor>& residual, const at::Tensor& x, const char* x_name) {
@@ -216,9 +209,7 @@ inline at::Tensor residual_like(const std::optional<at::Tensor>& residual, bool 
 }
 
 // The residual gradient of backward / backward_train when there is no residual: an empty (0,) tensor.
-inline at::Tensor no_grad_residual(const at::Tensor& y) {
-  return at::empty({0}, y.options());
-}
+inline at::Tensor no_grad_residual(const at::Tensor& y) { return at::empty({0}, y.options()); }
 
 inline Activation check_forward_args(
     const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var, const std::optional<at::Tensor>& weight,
@@ -247,8 +238,7 @@ inline Activation check_backward_reduce_args(
 inline std::pair<Activation, bool> check_backward_args(
     const at::Tensor& y, const at::Tensor& dy, const at::Tensor& var, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mean_dz,
-    const std::optional<at::Tensor>& mean_dz_xhat, double eps, std::string_view activation,
-    double activation_param) {
+    const std::optional<at::Tensor>& mean_dz_xhat, double eps, std::string_view activation, double activation_param) {
   check_input(y, "y");
   check_same_shape(y, "y", dy, "dy");
   check_channel_vector(var, "var", y);
@@ -258,8 +248,7 @@ inline std::pair<Activation, bool> check_backward_args(
   check_optional_channel_vector(mean_dz_xhat, "mean_dz_xhat", y);
   const bool has_dz = mean_dz.has_value() && mean_dz->defined();
   const bool has_dz_xhat = mean_dz_xhat.has_value() && mean_dz_xhat->defined();
-  TORCH_CHECK(
-      has_dz == has_dz_xhat, "mean_dz and mean_dz_xhat must be given together (training) or both None (eval)");
+  TORCH_CHECK(has_dz == has_dz_xhat, "mean_dz and mean_dz_xhat must be given together (training) or both None (eval)");
   check_eps(eps);
   return {parse_activation(activation, activation_param), has_dz};
 }
@@ -287,9 +276,10 @@ inline bool check_running_stats(
   const int64_t channels = x.size(1);
   for (const auto& [v, name] : {std::pair(&*running_mean, "running_mean"), std::pair(&*running_var, "running_var")}) {
     TORCH_CHECK(
-        v->dim() == 1 && v->size(0) == channels, name, " must be a 1-D tensor with one entry per channel (",
-        channels, "), got shape ", v->sizes());
-    TORCH_CHECK(v->device() == x.device(), name, " must be on the input's device (", x.device(), "), got ", v->device());
+        v->dim() == 1 && v->size(0) == channels, name, " must be a 1-D tensor with one entry per channel (", channels,
+        "), got shape ", v->sizes());
+    TORCH_CHECK(
+        v->device() == x.device(), name, " must be on the input's device (", x.device(), "), got ", v->device());
     TORCH_CHECK(at::isFloatingType(v->scalar_type()), name, " must be a floating-point tensor, got ", v->scalar_type());
   }
   TORCH_CHECK(

@@ -38,14 +38,14 @@ extern "C" {
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {
       PyModuleDef_HEAD_INIT,
-      "_C",                                                          // m_name
+      "_C",                                                            // m_name
       "inplace_abn custom ops (registered in torch.ops.inplace_abn)",  // m_doc
-      -1,                                                            // m_size
-      nullptr,                                                       // m_methods
-      nullptr,                                                       // m_slots
-      nullptr,                                                       // m_traverse
-      nullptr,                                                       // m_clear
-      nullptr,                                                       // m_free
+      -1,                                                              // m_size
+      nullptr,                                                         // m_methods
+      nullptr,                                                         // m_slots
+      nullptr,                                                         // m_traverse
+      nullptr,                                                         // m_clear
+      nullptr,                                                         // m_free
   };
   return PyModule_Create(&module_def);
 }

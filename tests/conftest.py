@@ -42,7 +42,7 @@ def device(request):
 
 @pytest.fixture
 def cuda_device():
-    """"cuda" for a test that needs a GPU; skips it without one (such tests are also ``cuda``-marked)."""
+    """ "cuda" for a test that needs a GPU; skips it without one (such tests are also ``cuda``-marked)."""
     if not torch.cuda.is_available():
         pytest.skip(NO_CUDA)
     return "cuda"

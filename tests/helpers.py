@@ -7,7 +7,7 @@ never from one another.
 
 from __future__ import annotations
 
-from typing import Iterator, Tuple
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -114,7 +114,7 @@ OPS = ["statistics", "absmax", "forward_", "backward_reduce", "backward", "inver
 OP_ACTIVATIONS = [("leaky_relu", 0.01), ("elu", 1.0), ("identity", 0.0)]
 
 
-def op_samples(op: str, dtype: torch.dtype) -> Iterator[Tuple]:
+def op_samples(op: str, dtype: torch.dtype) -> Iterator[tuple]:
     """Argument tuples of ``torch.ops.inplace_abn.<op>`` on the CPU: every layout, activation, affine or
     not, eval / training variants, an empty batch, with and without a residual (contiguous, whatever
     x's layout); the parameters in the op's opmath dtype."""
@@ -157,7 +157,17 @@ def op_samples(op: str, dtype: torch.dtype) -> Iterator[Tuple]:
             if x.numel() > 0:
                 yield (x, weight, bias, None, None, 0.1, 1e-5, act, p)
                 # running statistics in the opmath dtype, and (the usual buffers) in float32
-                yield (x, weight, bias, torch.zeros(c, dtype=op_dtype), torch.ones(c, dtype=op_dtype), 0.1, 1e-5, act, p)
+                yield (
+                    x,
+                    weight,
+                    bias,
+                    torch.zeros(c, dtype=op_dtype),
+                    torch.ones(c, dtype=op_dtype),
+                    0.1,
+                    1e-5,
+                    act,
+                    p,
+                )
                 yield (x, weight, bias, torch.zeros(c), torch.ones(c), 1.0, 1e-5, act, p)
                 yield (x, weight, bias, torch.zeros(c), torch.ones(c), 0.1, 1e-5, act, p, r)
         elif op == "backward_train":
@@ -212,7 +222,7 @@ def damage_checkpoint(path, nbytes: int = 16) -> str:
     at = data.find(raw)
     assert at >= 0, "tensor bytes not found in the file"
     n = min(nbytes, len(raw))
-    data[at:at + n] = bytes(b ^ 0x5A for b in data[at:at + n])
+    data[at : at + n] = bytes(b ^ 0x5A for b in data[at : at + n])
     with open(path, "wb") as f:
         f.write(data)
     return key

@@ -15,9 +15,7 @@ SCRIPT = ROOT / "benchmarks" / "ab_pure_path.py"
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), *args], cwd=ROOT, capture_output=True, text=True, timeout=300
-    )
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
 def _is_git_checkout() -> bool:

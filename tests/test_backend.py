@@ -7,7 +7,6 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional
 
 import pytest
 
@@ -48,14 +47,15 @@ def _source_tree_without_extension(root: Path) -> Path:
     return package.parent
 
 
-def _run(cwd: Path, site: Optional[Path], backend: Optional[str] = None) -> subprocess.CompletedProcess:
+def _run(cwd: Path, site: Path | None, backend: str | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("INPLACE_ABN_BACKEND", "PYTHONPATH")}
     if site is not None:
         env["PYTHONPATH"] = str(site)
     if backend is not None:
         env["INPLACE_ABN_BACKEND"] = backend
-    return subprocess.run([sys.executable, "-c", _IMPORT], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", _IMPORT], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def _built_copy(root: Path) -> Path:
@@ -75,8 +75,10 @@ def test_source_tree_shadowing_a_built_copy_is_named(tmp_path):
     assert lines[1] == str(site / "inplace_abn")
     warning = [line for line in lines if line.startswith("WARNING")]
     assert len(warning) == 1, lines
-    assert f"source tree {src / 'inplace_abn'}" in warning[0] and f"shadows the built copy in {site / 'inplace_abn'}" \
-        in warning[0], warning[0]
+    assert (
+        f"source tree {src / 'inplace_abn'}" in warning[0]
+        and f"shadows the built copy in {site / 'inplace_abn'}" in warning[0]
+    ), warning[0]
     assert "pip install --no-build-isolation -e ." in warning[0]
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, List
 
 import pytest
 
@@ -18,7 +18,7 @@ if str(ROOT) not in sys.path:
 from trainkit import float_range, int_list, int_range  # noqa: E402
 
 
-def _main(name: str) -> Callable[[List[str]], int]:
+def _main(name: str) -> Callable[[list[str]], int]:
     """``main`` of a package module (``segmentation.train``) or of a benchmark script (``benchmarks/x.py``)."""
     if name.endswith(".py"):
         bench = str(ROOT / "benchmarks")
@@ -32,7 +32,7 @@ def _main(name: str) -> Callable[[List[str]], int]:
     return importlib.import_module(name).main
 
 
-def _exit_status(main: Callable[[List[str]], int], argv: List[str]) -> int:
+def _exit_status(main: Callable[[list[str]], int], argv: list[str]) -> int:
     try:
         return main(argv)
     except SystemExit as e:  # argparse in scripts that do not catch it
@@ -115,8 +115,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("command, extra, bad", CASES, ids=[f"{c}{b[0]}={b[1]}" for c, _, b in CASES])
-def test_bad_numeric_option_is_refused_naming_it_before_any_work(tmp_path, capsys, monkeypatch, command, extra,
-                                                                bad):
+def test_bad_numeric_option_is_refused_naming_it_before_any_work(tmp_path, capsys, monkeypatch, command, extra, bad):
     monkeypatch.chdir(tmp_path)  # nothing may be written, here either
     argv = [a.replace("{tmp}", str(tmp_path)) for a in extra] + [f"{bad[0]}={bad[1]}"]  # "=": -1e-4 is a value
     if command in ("densenet.train", "segmentation.train"):
@@ -127,27 +126,33 @@ def test_bad_numeric_option_is_refused_naming_it_before_any_work(tmp_path, capsy
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("make, text, value", [
-    (lambda: int_range(1), "3", 3),
-    (lambda: int_range(0, 5), "0", 0),
-    (lambda: float_range(0, 1, low_open=True), "1", 1.0),
-    (lambda: float_range(0), "0", 0.0),
-    (lambda: int_list(1), "1, 2,4", [1, 2, 4]),
-])
+@pytest.mark.parametrize(
+    "make, text, value",
+    [
+        (lambda: int_range(1), "3", 3),
+        (lambda: int_range(0, 5), "0", 0),
+        (lambda: float_range(0, 1, low_open=True), "1", 1.0),
+        (lambda: float_range(0), "0", 0.0),
+        (lambda: int_list(1), "1, 2,4", [1, 2, 4]),
+    ],
+)
 def test_range_types_accept_values_in_range(make, text, value):
     assert make()(text) == value
 
 
-@pytest.mark.parametrize("make, text, fragment", [
-    (lambda: int_range(1), "0", "integer >= 1"),
-    (lambda: int_range(0, 5), "6", "integer in [0, 5]"),
-    (lambda: int_range(1), "1.5", "integer >= 1"),
-    (lambda: float_range(0, 1, low_open=True), "0", "in (0, 1]"),
-    (lambda: float_range(0, 1, high_open=True), "1", "in [0, 1)"),
-    (lambda: float_range(0), "-inf", "finite number >= 0"),
-    (lambda: float_range(), "nan", "finite number"),
-    (lambda: int_list(1), ",", "comma-separated integers"),
-])
+@pytest.mark.parametrize(
+    "make, text, fragment",
+    [
+        (lambda: int_range(1), "0", "integer >= 1"),
+        (lambda: int_range(0, 5), "6", "integer in [0, 5]"),
+        (lambda: int_range(1), "1.5", "integer >= 1"),
+        (lambda: float_range(0, 1, low_open=True), "0", "in (0, 1]"),
+        (lambda: float_range(0, 1, high_open=True), "1", "in [0, 1)"),
+        (lambda: float_range(0), "-inf", "finite number >= 0"),
+        (lambda: float_range(), "nan", "finite number"),
+        (lambda: int_list(1), ",", "comma-separated integers"),
+    ],
+)
 def test_range_types_refuse_values_out_of_range(make, text, fragment):
     with pytest.raises(argparse.ArgumentTypeError, match=r"^must be .* got ") as e:
         make()(text)

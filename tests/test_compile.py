@@ -25,11 +25,10 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+from helpers import COMPILED_TOLERANCES, check_close, set_module_state
 
 import inplace_abn
 from inplace_abn import InPlaceABN
-
-from helpers import COMPILED_TOLERANCES, check_close, set_module_state
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -289,7 +288,9 @@ def test_saved_activations_on_aot_graph(backend, kind, partition):
         n for n in graphs["bw"].graph.nodes
         if n.op == "placeholder" and not n.name.startswith("tangents")
     ]  # fmt: skip
-    full = [n.name for n in residuals if isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].numel() == act_numel]
+    full = [
+        n.name for n in residuals if isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].numel() == act_numel
+    ]
     assert len(full) == EXPECTED_ACTIVATIONS[kind], f"{kind} residuals of full size: {full}"
     if kind == "iabn" and backend == "cpp":
         # and nothing in the forward graph clones a full-size activation that survives into backward:

@@ -49,6 +49,7 @@ def _n(model, cls):
 
 def _saved(model, x):
     model.train()
+
     def run():
         out = model(x)
         return (out["out"] if isinstance(out, dict) else out).sum()
@@ -84,7 +85,9 @@ class Bottleneck(nn.Module):
         self.conv3 = nn.Conv2d(mid, cout, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(cout)
         self.relu = nn.ReLU(inplace=True)
-        self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout)) if downsample else None
+        self.downsample = (
+            nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout)) if downsample else None
+        )
 
     def forward(self, x):
         identity = x
@@ -100,8 +103,11 @@ class Bottleneck(nn.Module):
 
 def _resnetish():
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
-        Bottleneck(8, 4, 16, downsample=True), Bottleneck(16, 4, 16),
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(inplace=True),
+        Bottleneck(8, 4, 16, downsample=True),
+        Bottleneck(16, 4, 16),
     )
 
 
@@ -111,10 +117,17 @@ def _x(*shape):
 
 # ------------------------------------------------------------------------------------------ to_batchnorm
 @pytest.mark.parametrize("ndim", [2, 3, 4, 5])
-@pytest.mark.parametrize("cls,act,param", [
-    (InPlaceABN, "leaky_relu", 0.01), (InPlaceABN, "elu", 1.0), (InPlaceABN, "identity", 0.0),
-    (InPlaceABNSync, "leaky_relu", 0.1), (ABN, "relu", 0.0), (ABN, "leaky_relu", 0.2),
-])
+@pytest.mark.parametrize(
+    "cls,act,param",
+    [
+        (InPlaceABN, "leaky_relu", 0.01),
+        (InPlaceABN, "elu", 1.0),
+        (InPlaceABN, "identity", 0.0),
+        (InPlaceABNSync, "leaky_relu", 0.1),
+        (ABN, "relu", 0.0),
+        (ABN, "leaky_relu", 0.2),
+    ],
+)
 def test_to_batchnorm_eval_equal(ndim, cls, act, param):
     layer = _randomize_bn(cls(6, activation=act, activation_param=param), low=-1.0).eval()  # negative weights too
     shape = (4, 6) + (5,) * (ndim - 2)
@@ -125,7 +138,9 @@ def test_to_batchnorm_eval_equal(ndim, cls, act, param):
     dims = {2: 1, 3: 1, 4: 2, 5: 3}[ndim]
     for d in (dims, None):
         seq = to_batchnorm(copy.deepcopy(layer), dims=d)
-        assert type(seq[0]) is (BatchNormNd if d is None else {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[d])
+        assert type(seq[0]) is (
+            BatchNormNd if d is None else {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[d]
+        )
         assert not seq.training
         torch.testing.assert_close(seq(x.clone()), ref, rtol=1e-5, atol=1e-6)
 
@@ -154,8 +169,9 @@ def test_bottleneck_shared_relu_and_residual():
     assert report.counts() == {"relu": 7, "identity": 1}
     assert [layer.name for layer in report.fused] == ["3.bn3", "4.bn3"]
     assert [layer.residual for layer in report.fused] == ["3.downsample.1", "3.bn3"]
-    relu_calls = [n for n in conv.graph.nodes
-                  if n.op == "call_module" and isinstance(conv.get_submodule(n.target), nn.ReLU)]
+    relu_calls = [
+        n for n in conv.graph.nodes if n.op == "call_module" and isinstance(conv.get_submodule(n.target), nn.ReLU)
+    ]
     assert not relu_calls
     assert not any(n.target in (operator.iadd, operator.add) for n in conv.graph.nodes)
     torch.testing.assert_close(conv(x), ref, rtol=1e-5, atol=1e-5)
@@ -163,8 +179,9 @@ def test_bottleneck_shared_relu_and_residual():
     # without residual fusion, the shared ReLU still runs after each residual add
     conv, report = convert_model(model, activation="relu", fuse_residual=False, return_report=True)
     assert report.counts() == {"relu": 5, "identity": 3} and not report.fused
-    relu_calls = [n for n in conv.graph.nodes
-                  if n.op == "call_module" and isinstance(conv.get_submodule(n.target), nn.ReLU)]
+    relu_calls = [
+        n for n in conv.graph.nodes if n.op == "call_module" and isinstance(conv.get_submodule(n.target), nn.ReLU)
+    ]
     assert len(relu_calls) == 2
     assert not any(n.target in (operator.iadd,) for n in conv.graph.nodes)
     torch.testing.assert_close(conv(x), ref, rtol=1e-5, atol=1e-5)
@@ -175,7 +192,9 @@ def test_leaky_conversion_trains_and_saves_memory():
     x = _x(2, 3, 16, 16)
     conv, report = convert_model(model, return_report=True)
     assert report.counts() == {"leaky_relu": 7, "identity": 1}
-    assert all(m.activation_param == 0.01 for m in conv.modules() if isinstance(m, InPlaceABN) and m.activation == "leaky_relu")
+    assert all(
+        m.activation_param == 0.01 for m in conv.modules() if isinstance(m, InPlaceABN) and m.activation == "leaky_relu"
+    )
     before, after = _saved(model, x.clone()), _saved(conv, x.clone())
     assert after < 0.7 * before, (before, after)  # ~43% here, ~45% on resnet50 (~18% / 19% with fuse_residual=False)
     for _ in range(2):
@@ -264,8 +283,8 @@ def test_identity_passthrough_and_functional_relu():
 def test_negative_and_tiny_weights():
     model = _randomize_bn(_resnetish())
     with torch.no_grad():
-        model[1].weight[:3] = -model[1].weight[:3]     # negative: folded into the conv before it
-        model[3].bn2.weight[0] = 0.0                    # tiny: clamped (scale eps instead of 0)
+        model[1].weight[:3] = -model[1].weight[:3]  # negative: folded into the conv before it
+        model[3].bn2.weight[0] = 0.0  # tiny: clamped (scale eps instead of 0)
         model[3].bn2.weight[1] = 1e-7
     x = _x(2, 3, 8, 8)
     ref = model.eval()(x)
@@ -350,7 +369,9 @@ def _v1_state(drop_nbt=False, prefix="", metadata_version=1):
     """A state dict as 1.1.0 (and older) wrote it: same keys; old versions lack num_batches_tracked."""
     src = _randomize_bn(_v1_model())
     sd = src.state_dict()
-    out = collections.OrderedDict((prefix + k, v) for k, v in sd.items() if not (drop_nbt and k.endswith("num_batches_tracked")))
+    out = collections.OrderedDict(
+        (prefix + k, v) for k, v in sd.items() if not (drop_nbt and k.endswith("num_batches_tracked"))
+    )
     out._metadata = collections.OrderedDict(
         ((prefix + k if k else prefix.rstrip(".")), {"version": metadata_version if k in ("1", "3") else 1})
         for k in sd._metadata
@@ -464,18 +485,27 @@ def _v1_file(path, kind):
         return
     torch.save({"state_dict": sd}, path, _use_new_zipfile_serialization=kind.endswith("zip"))
     data = path.read_bytes()
-    path.write_bytes({"empty": b"", "garbage": b"\x00garbage" * 50, "truncated-zip": data[: len(data) // 2],
-                      "truncated-legacy": data[: len(data) // 2]}[kind])
+    path.write_bytes(
+        {
+            "empty": b"",
+            "garbage": b"\x00garbage" * 50,
+            "truncated-zip": data[: len(data) // 2],
+            "truncated-legacy": data[: len(data) // 2],
+        }[kind]
+    )
 
 
-@pytest.mark.parametrize("kind, exc, fragment", [
-    ("missing", FileNotFoundError, "not found"),
-    ("empty", ValueError, "is empty (0 bytes)"),
-    ("garbage", ValueError, "is not a PyTorch checkpoint"),
-    ("truncated-zip", ValueError, "is not a PyTorch checkpoint"),
-    ("truncated-legacy", ValueError, "is corrupt or truncated"),
-    ("pickled-object", ValueError, "Only if the file is intact and from a source you trust"),
-])
+@pytest.mark.parametrize(
+    "kind, exc, fragment",
+    [
+        ("missing", FileNotFoundError, "not found"),
+        ("empty", ValueError, "is empty (0 bytes)"),
+        ("garbage", ValueError, "is not a PyTorch checkpoint"),
+        ("truncated-zip", ValueError, "is not a PyTorch checkpoint"),
+        ("truncated-legacy", ValueError, "is corrupt or truncated"),
+        ("pickled-object", ValueError, "Only if the file is intact and from a source you trust"),
+    ],
+)
 def test_load_v1_bad_files_name_the_file(tmp_path, kind, exc, fragment):
     path = tmp_path / "v1.pth"
     _v1_file(path, kind)
@@ -608,11 +638,17 @@ def test_timm_resnet50_residual_fusion():
     conv, report = convert_model(model, return_report=True)
     blocks = {n: m for n, m in model.named_modules() if type(m) is TimmBottleneck}
     dropping = [n for n, m in blocks.items() if m.drop_path is not None]
-    expected = {f"{n}.bn3" if m.drop_path is None else f"{n}.downsample.1"
-                for n, m in blocks.items() if m.drop_path is None or m.downsample is not None}
+    expected = {
+        f"{n}.bn3" if m.drop_path is None else f"{n}.downsample.1"
+        for n, m in blocks.items()
+        if m.drop_path is None or m.downsample is not None
+    }
     assert 0 < len(dropping) < 16 and {layer.name for layer in report.fused} == expected, report.summary()
-    assert all(layer.residual == layer.name.replace("downsample.1", "drop_path") for layer in report.fused
-               if "downsample" in layer.name)
+    assert all(
+        layer.residual == layer.name.replace("downsample.1", "drop_path")
+        for layer in report.fused
+        if "downsample" in layer.name
+    )
     assert report.not_fused_reasons() == {
         "DropPath between the BatchNorm and the add (not an identity in training)": len(dropping)
     }, report.summary()

@@ -176,8 +176,12 @@ def _tv_resnet(block: str = "bottleneck") -> nn.Module:
     """A small torchvision-style ResNet: stem, two stages (the first block of each projects)."""
     stem = [nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
     if block == "bottleneck":
-        blocks = [TVBottleneck(8, 4, 16, downsample=True), TVBottleneck(16, 4, 16),
-                  TVBottleneck(16, 8, 32, stride=2, downsample=True), TVBottleneck(32, 8, 32)]
+        blocks = [
+            TVBottleneck(8, 4, 16, downsample=True),
+            TVBottleneck(16, 4, 16),
+            TVBottleneck(16, 8, 32, stride=2, downsample=True),
+            TVBottleneck(32, 8, 32),
+        ]
     else:
         blocks = [TVBasicBlock(8, 8), TVBasicBlock(8, 8), TVBasicBlock(8, 16, stride=2, downsample=True)]
     return _randomize_bn(nn.Sequential(*stem, *blocks))
@@ -353,8 +357,11 @@ def test_fused_blocks_save_one_activation_each(backend):
     assert len(report.fused) == 4
     with torch.no_grad():
         outs = []
-        hooks = [m.register_forward_hook(lambda m, i, o: outs.append(o.numel() * o.element_size()))
-                 for m in model if isinstance(m, TVBottleneck)]
+        hooks = [
+            m.register_forward_hook(lambda m, i, o: outs.append(o.numel() * o.element_size()))
+            for m in model
+            if isinstance(m, TVBottleneck)
+        ]
         model.eval()(x)
         for h in hooks:
             h.remove()
@@ -395,11 +402,17 @@ def test_fuse_residual_false_keeps_the_identity_layer():
 
 
 def test_timm_bottleneck_and_drop_path_forms(backend):
-    model = _randomize_bn(nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-        TimmBottleneck(8, 4, 16, downsample=True), TimmBottleneck(16, 4, 16, drop_path=0.0),
-        TimmBottleneck(16, 4, 16, drop_path=None), ShortcutDropPath(16, drop_path=0.3),
-    ))
+    model = _randomize_bn(
+        nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1, bias=False),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            TimmBottleneck(8, 4, 16, downsample=True),
+            TimmBottleneck(16, 4, 16, drop_path=0.0),
+            TimmBottleneck(16, 4, 16, drop_path=None),
+            ShortcutDropPath(16, drop_path=0.3),
+        )
+    )
     conv, report = convert_model(model, return_report=True)
     entries = _entries(report)
     for name in ("3.bn3", "4.bn3", "5.bn3", "6.bn"):
@@ -614,7 +627,10 @@ def test_converted_block_exports_to_standard_ops():
     targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
     assert not any("inplace_abn" in t for t in targets), targets
     assert sum("batch_norm" in t for t in targets) == 15 and sum("leaky_relu" in t for t in targets) == 13
-    residual_adds = [n for n in program.graph.nodes
-                     if n.op == "call_function" and str(n.target).startswith("aten.add") and n.meta["val"].dim() == 4]
+    residual_adds = [
+        n
+        for n in program.graph.nodes
+        if n.op == "call_function" and str(n.target).startswith("aten.add") and n.meta["val"].dim() == 4
+    ]
     assert len(residual_adds) == 4  # the others add eps to |weight|
     torch.testing.assert_close(program.module()(x.clone()), expected, rtol=1e-5, atol=1e-6)

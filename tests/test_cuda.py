@@ -20,15 +20,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
-from torch.testing import assert_close
-
-import inplace_abn
-from inplace_abn import InPlaceABN
-from inplace_abn.functions import inplace_abn as inplace_abn_fn
-from inplace_abn.memory import parameters_of, saved_tensor_bytes
-from inplace_abn.reference import batch_norm_act
-
 from helpers import (
     ACT_BYTES,
     EPS,
@@ -44,6 +35,14 @@ from helpers import (
     set_module_state,
     tolerance,
 )
+from torch import nn
+from torch.testing import assert_close
+
+import inplace_abn
+from inplace_abn import InPlaceABN
+from inplace_abn.functions import inplace_abn as inplace_abn_fn
+from inplace_abn.memory import parameters_of, saved_tensor_bytes
+from inplace_abn.reference import batch_norm_act
 
 pytestmark = pytest.mark.filterwarnings("ignore:inplace_abn.*not invertible:RuntimeWarning")
 
@@ -254,7 +253,7 @@ def test_cpu_cuda_agreement(cuda_device, dtype, param_dtype, shape, channels_las
     """The same inputs through the compiled CPU kernels and the CUDA kernels agree within the dtype's tolerance."""
     c = shape[1]
     # moderate scales |w| + eps in [0.4, 1.2]: ELU outputs stay away from saturation (x_hat unrecoverable)
-    w = ((torch.rand(c, dtype=torch.float64) * 0.8 + 0.4) * torch.where(torch.rand(c) < 0.5, -1.0, 1.0).double())
+    w = (torch.rand(c, dtype=torch.float64) * 0.8 + 0.4) * torch.where(torch.rand(c) < 0.5, -1.0, 1.0).double()
     b = torch.randn(c, dtype=torch.float64) * 0.3
     rm, rv = torch.randn(c, dtype=torch.float64) * 0.3, torch.rand(c, dtype=torch.float64) + 0.5
     x0 = (torch.randn(shape, dtype=torch.float64) * 2 + 0.5).to(dtype)

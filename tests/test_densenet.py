@@ -15,12 +15,12 @@ _ROOT = str(Path(__file__).resolve().parents[1])
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
+from helpers import check_close  # noqa: E402
+
 import densenet  # noqa: E402
 from densenet import DenseNet, densenet_bc  # noqa: E402
 from inplace_abn import InPlaceABN  # noqa: E402
 from inplace_abn.memory import parameters_of, saved_tensor_bytes  # noqa: E402
-
-from helpers import check_close  # noqa: E402
 
 MiB = 2**20
 

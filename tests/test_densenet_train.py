@@ -33,16 +33,31 @@ def _write_cifar(root: Path, n: int = _N_PER_BATCH, seed: int = 0) -> Path:
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        d = {b"data": rng.randint(0, 256, size=(n, 3072), dtype=np.uint8),
-             b"labels": rng.randint(0, 10, size=n).tolist(), b"batch_label": name.encode()}
+        d = {
+            b"data": rng.randint(0, 256, size=(n, 3072), dtype=np.uint8),
+            b"labels": rng.randint(0, 10, size=n).tolist(),
+            b"batch_label": name.encode(),
+        }
         with open(folder / name, "wb") as f:
             pickle.dump(d, f, protocol=2)
     return folder
 
 
 def _tiny_args(out: Path, *extra: str) -> list:
-    return ["--depth", "10", "--growth-rate", "4", "--batch-size", "16", "--threads", "1", "--no-progress",
-            "--out", str(out), *extra]
+    return [
+        "--depth",
+        "10",
+        "--growth-rate",
+        "4",
+        "--batch-size",
+        "16",
+        "--threads",
+        "1",
+        "--no-progress",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 # ------------------------------------------------------------------------------------------- CIFAR loader
@@ -157,8 +172,24 @@ def _params(path: Path) -> dict:
 def test_resume_is_exact(tmp_path, schedule):
     # Synthetic CIFAR (no sklearn needed); float64, one thread, dropout on (uses the RNG), augmentation on.
     _write_cifar(tmp_path / "data", n=12)
-    common = ["--data", "cifar10", "--data-dir", str(tmp_path / "data"), "--epochs", "2", "--dtype", "float64",
-              "--drop-rate", "0.1", "--schedule", schedule, "--limit-train", "40", "--limit-test", "8"]
+    common = [
+        "--data",
+        "cifar10",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--epochs",
+        "2",
+        "--dtype",
+        "float64",
+        "--drop-rate",
+        "0.1",
+        "--schedule",
+        schedule,
+        "--limit-train",
+        "40",
+        "--limit-test",
+        "8",
+    ]
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert dn_train.main(_tiny_args(straight, *common)) == 0
     assert dn_train.main(_tiny_args(split, *common, "--stop-after", "1")) == 0
@@ -197,15 +228,22 @@ def test_resume_errors(tmp_path, capsys):
 
     # A real checkpoint resumed with a different architecture is refused with the differing option named.
     assert dn_train.main(_tiny_args(tmp_path / "o4", *common)) == 0
-    assert dn_train.main(_tiny_args(tmp_path / "o4", *common, "--growth-rate", "6",
-                                    "--resume", str(tmp_path / "o4" / "checkpoint.pt"))) == 2
+    assert (
+        dn_train.main(
+            _tiny_args(
+                tmp_path / "o4", *common, "--growth-rate", "6", "--resume", str(tmp_path / "o4" / "checkpoint.pt")
+            )
+        )
+        == 2
+    )
     assert "--growth-rate" in capsys.readouterr().err
 
 
 def test_bad_model_option_is_reported(tmp_path, capsys):
     _write_cifar(tmp_path / "data", n=4)
-    rc = dn_train.main(_tiny_args(tmp_path / "o", "--data", "cifar10", "--data-dir", str(tmp_path / "data"),
-                                  "--memory", "bogus"))
+    rc = dn_train.main(
+        _tiny_args(tmp_path / "o", "--data", "cifar10", "--data-dir", str(tmp_path / "data"), "--memory", "bogus")
+    )
     assert rc == 2
     assert "memory" in capsys.readouterr().err
 
@@ -230,8 +268,20 @@ def test_norm_and_memory_are_argparse_choices(tmp_path, capsys):
 
 def test_stop_after_counts_epochs_of_this_process(tmp_path):
     _write_cifar(tmp_path / "data", n=12)
-    common = ["--data", "cifar10", "--data-dir", str(tmp_path / "data"), "--epochs", "3", "--limit-train", "40",
-              "--limit-test", "8", "--dtype", "float64"]
+    common = [
+        "--data",
+        "cifar10",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--epochs",
+        "3",
+        "--limit-train",
+        "40",
+        "--limit-test",
+        "8",
+        "--dtype",
+        "float64",
+    ]
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert dn_train.main(_tiny_args(straight, *common)) == 0
     ckpt = str(split / "checkpoint.pt")
@@ -258,8 +308,9 @@ def test_train_one_epoch_and_evaluate_directly():
     loss, acc = dn_train.train_one_epoch(model, crit, opt, loader, torch.device("cpu"), 1, args)
     assert math.isfinite(loss) and 0.0 <= acc <= 1.0
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
-    test_loss, test_acc = dn_train.evaluate(model, crit, torch.utils.data.DataLoader(ds, batch_size=7),
-                                            torch.device("cpu"))
+    test_loss, test_acc = dn_train.evaluate(
+        model, crit, torch.utils.data.DataLoader(ds, batch_size=7), torch.device("cpu")
+    )
     assert not model.training
     with torch.no_grad():
         logits = model(x)
@@ -290,8 +341,9 @@ def test_saved_mib_is_the_meters_exact_count(tmp_path):
     mem = dn_train.saved_memory(args, 16, (3, 16, 16))
     model = dn_train.densenet_bc(10, growth_rate=4, norm="iabn", memory="efficient", num_classes=10).train()
     x, y = torch.randn(16, 3, 16, 16), torch.randint(0, 10, (16,))
-    real, _loss, _ = saved_tensor_bytes(lambda: torch.nn.functional.cross_entropy(model(x.clone()), y),
-                                        exclude=parameters_of(model))
+    real, _loss, _ = saved_tensor_bytes(
+        lambda: torch.nn.functional.cross_entropy(model(x.clone()), y), exclude=parameters_of(model)
+    )
     assert mem.norm_bytes == real
     assert mem.norm_bytes < mem.bn_bytes and "memory=checkpoint" in mem.baseline
 
@@ -302,8 +354,21 @@ def test_saved_mib_is_the_meters_exact_count(tmp_path):
 def test_divergence_is_a_clear_error_without_a_checkpoint(tmp_path, capsys):
     _write_cifar(tmp_path / "data", n=8)
     out = tmp_path / "out"
-    rc = dn_train.main(_tiny_args(out, "--data", "cifar10", "--data-dir", str(tmp_path / "data"), "--epochs", "1",
-                                  "--limit-train", "32", "--lr", "1e30"))
+    rc = dn_train.main(
+        _tiny_args(
+            out,
+            "--data",
+            "cifar10",
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--epochs",
+            "1",
+            "--limit-train",
+            "32",
+            "--lr",
+            "1e30",
+        )
+    )
     err = capsys.readouterr().err
     assert rc == 2 and re.search(r"diverged at iteration \d+ \(epoch 1\)", err) and "Traceback" not in err
     assert not (out / "checkpoint.pt").exists()
@@ -324,13 +389,15 @@ def test_divergence_in_a_later_epoch_keeps_the_last_good_checkpoint(tmp_path, ca
 
     monkeypatch.setattr(torch.optim.SGD, "step", step)
     out = tmp_path / "out"
-    rc = dn_train.main(_tiny_args(out, "--data", "cifar10", "--data-dir", str(tmp_path / "data"), "--epochs", "2",
-                                  "--limit-train", "32"))
+    rc = dn_train.main(
+        _tiny_args(
+            out, "--data", "cifar10", "--data-dir", str(tmp_path / "data"), "--epochs", "2", "--limit-train", "32"
+        )
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "diverged at iteration 3 (epoch 2)" in err
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values()
-                                      if v.is_floating_point())
+    assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
     assert not (out / "final.json").exists()
 
 

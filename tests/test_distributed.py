@@ -15,7 +15,8 @@ import socket
 import sys
 import time
 import traceback
-from typing import Any, Callable, Dict, List, Optional
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -97,7 +98,7 @@ def _entry(rank: int, world: int, port: int, job: str, outdir: str, payload: Any
     os._exit(code)
 
 
-def _spawn(job: str, world: int, outdir: str, payload: Any = None, limit_s: float = JOB_TIMEOUT_S) -> Dict[str, Any]:
+def _spawn(job: str, world: int, outdir: str, payload: Any = None, limit_s: float = JOB_TIMEOUT_S) -> dict[str, Any]:
     """Runs ``job`` on ``world`` processes; returns {"results", "errors", "exitcodes", "hung", "elapsed", "ended"}
     (``ended``: "done", "port taken" or "deadline"), with "retried_after" (the first attempt's dict) on a retry.
 
@@ -125,7 +126,7 @@ def _port_was_taken(outdir: str, world: int) -> bool:
     return False
 
 
-def _spawn_once(job: str, world: int, outdir: str, payload: Any, limit_s: float) -> Dict[str, Any]:
+def _spawn_once(job: str, world: int, outdir: str, payload: Any, limit_s: float) -> dict[str, Any]:
     os.makedirs(outdir, exist_ok=True)
     ctx = mp.get_context("spawn")
     port = _free_port()
@@ -171,7 +172,7 @@ def _spawn_once(job: str, world: int, outdir: str, payload: Any, limit_s: float)
     }
 
 
-def _require_success(run: Dict[str, Any], job: str) -> Dict[int, Any]:
+def _require_success(run: dict[str, Any], job: str) -> dict[int, Any]:
     if run["hung"]:
         pytest.fail(f"job {job!r}: ranks {run['hung']} still running after {run['elapsed']:.0f} s (killed): hang")
     if run["errors"] or any(code != 0 for code in run["exitcodes"]):
@@ -196,7 +197,7 @@ class _Counter:
 
     def __init__(self) -> None:
         self.on = False
-        self.log: List[tuple] = []
+        self.log: list[tuple] = []
         for name in _COLLECTIVES:
             orig = getattr(dist, name, None)
             if orig is not None:
@@ -231,7 +232,7 @@ class _Counter:
 # --------------------------------------------------------------------------------------------------
 
 
-def _make_data(sizes: List[tuple], seed: int, dims: int = 4) -> List[List[Dict[str, torch.Tensor]]]:
+def _make_data(sizes: list[tuple], seed: int, dims: int = 4) -> list[list[dict[str, torch.Tensor]]]:
     """data[step][rank] = {"x", "dy"} float64, per-rank shapes (N, C, H, W) (or (N, C) for dims=2)."""
     g = torch.Generator().manual_seed(seed)
     data = []
@@ -246,7 +247,7 @@ def _make_data(sizes: List[tuple], seed: int, dims: int = 4) -> List[List[Dict[s
     return data
 
 
-def _params() -> Dict[str, torch.Tensor]:
+def _params() -> dict[str, torch.Tensor]:
     # one negative weight: the layer scales by |w| + eps and dweight carries sign(w)
     return {
         "weight": torch.tensor([1.5, -0.7, 0.3, 2.0], dtype=torch.float64),
@@ -263,7 +264,7 @@ def _make_layer(cls, activation: str, param: float, **kw) -> nn.Module:
     return layer
 
 
-def _run_layer(layer: nn.Module, steps: List[Dict[str, torch.Tensor]], counter: Optional[_Counter] = None) -> list:
+def _run_layer(layer: nn.Module, steps: list[dict[str, torch.Tensor]], counter: _Counter | None = None) -> list:
     """Train-mode forward + backward of ``layer`` for each step; per-step copies of everything."""
     out = []
     for d in steps:
@@ -290,7 +291,7 @@ def _flatten(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(0, 1).reshape(x.size(1), -1)
 
 
-def _reference(data: List[List[dict]], ranks: List[int], activation: str, param: float, backend: str) -> list:
+def _reference(data: list[list[dict]], ranks: list[int], activation: str, param: float, backend: str) -> list:
     """One process, local InPlaceABN over all ``ranks``' data of each step, split back per rank.
 
     Per-rank chunks are laid side by side per channel as one (1, C, M) input, which is exactly one batch
@@ -312,7 +313,9 @@ def _reference(data: List[List[dict]], ranks: List[int], activation: str, param:
             yr.backward(dy)
             for k, v in (("y", yr.detach()), ("dx", xr.grad), ("dweight", p["weight"].grad), ("dbias", p["bias"].grad),
                          ("running_mean", rm), ("running_var", rv)):  # fmt: skip
-                torch.testing.assert_close(res[k], v, rtol=1e-9, atol=1e-9, msg=lambda m: f"{k}: kernels vs reference: {m}")
+                torch.testing.assert_close(
+                    res[k], v, rtol=1e-9, atol=1e-9, msg=lambda m: f"{k}: kernels vs reference: {m}"
+                )
             sizes = [step[r]["x"].numel() // C for r in ranks]
             per_rank = {}
             for r, y_r, dx_r in zip(ranks, res["y"][0].split(sizes, 1), res["dx"][0].split(sizes, 1)):
@@ -322,9 +325,9 @@ def _reference(data: List[List[dict]], ranks: List[int], activation: str, param:
         return out
 
 
-def _compare_layer_case(results: Dict[int, list], ref: list, ranks: List[int], what: str) -> Dict[str, float]:
+def _compare_layer_case(results: dict[int, list], ref: list, ranks: list[int], what: str) -> dict[str, float]:
     """Asserts per rank y, dx, running stats, num_batches_tracked; sum over ranks of dweight/dbias."""
-    worst: Dict[str, float] = {}
+    worst: dict[str, float] = {}
 
     def check(name: str, got: torch.Tensor, want: torch.Tensor) -> None:
         assert got.shape == want.shape, f"{what}: {name} shape {tuple(got.shape)} != {tuple(want.shape)}"
@@ -356,7 +359,7 @@ def _job_layer_suite(rank: int, world: int, port: int, payload: dict) -> dict:
     tiny / empty batches, subgroups (world 3) and collective accounting."""
     _init(rank, world, port, GLOO_TIMEOUT_S)
     counter = _Counter()
-    res: Dict[str, Any] = {}
+    res: dict[str, Any] = {}
     # a) exactness, with collectives counted
     for backend in BACKENDS:
         inplace_abn.set_backend(backend)
@@ -501,7 +504,7 @@ def _job_ddp(rank: int, world: int, port: int, payload: dict) -> dict:
     return {"state": {k: v.clone() for k, v in net.state_dict().items()}, "losses": totals}
 
 
-def _ddp_sgd_steps(net: nn.Module, payload: dict, rank: int, world: int) -> List[float]:
+def _ddp_sgd_steps(net: nn.Module, payload: dict, rank: int, world: int) -> list[float]:
     """DDP_STEPS SGD(momentum) steps of ``net`` inside DistributedDataParallel; this rank's losses."""
     ddp = nn.parallel.DistributedDataParallel(net)  # find_unused_parameters=False: every parameter needs a grad
     opt = torch.optim.SGD(ddp.parameters(), lr=DDP_LR, momentum=0.9)
@@ -583,7 +586,7 @@ def _suite_payload(world: int) -> dict:
     return payload
 
 
-_SUITES: Dict[int, tuple] = {}
+_SUITES: dict[int, tuple] = {}
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["world2", "world3"])
@@ -624,8 +627,10 @@ def test_one_collective_each_way(suite):
             for s in steps:
                 assert s["fwd"] == [("all_gather", (2 * C + 1) * 8, "torch.float64")], (key, s["fwd"])
                 assert s["bwd"] == [("all_reduce", 2 * C * 8, "torch.float64")], (key, s["bwd"])
-    print(f"\n[world={world}] per layer/step/rank: forward all_gather {(2 * C + 1) * 8} B sent "
-          f"({world * (2 * C + 1) * 8} B gathered), backward all_reduce {2 * C * 8} B (C={C}, float64)")
+    print(
+        f"\n[world={world}] per layer/step/rank: forward all_gather {(2 * C + 1) * 8} B sent "
+        f"({world * (2 * C + 1) * 8} B gathered), backward all_reduce {2 * C * 8} B (C={C}, float64)"
+    )
 
 
 def test_functional_equals_module(suite):
@@ -754,7 +759,7 @@ def test_densenet_efficient_under_ddp(tmp_path, backend):
     with inplace_abn.use_backend(backend):
         net = _densenet("naive")
         opt = torch.optim.SGD(net.parameters(), lr=DDP_LR, momentum=0.9)
-        losses: Dict[int, List[float]] = {r: [] for r in range(world)}
+        losses: dict[int, list[float]] = {r: [] for r in range(world)}
         for step in range(DDP_STEPS):
             global_batch = sum(b[0].size(0) for b in payload["batches"][step])
             opt.zero_grad()

@@ -50,7 +50,7 @@ def test_strided_per_channel_vectors_match_contiguous_copies(backend, training, 
         if kind == "strided":  # the writes went into the views only, not the sentinels around them
             for v in (rm, rv):
                 untouched = torch.ones_like(v._base, dtype=torch.bool)
-                untouched[v.storage_offset()::v.stride(0)] = False
+                untouched[v.storage_offset() :: v.stride(0)] = False
                 assert (v._base[untouched] == -7.0).all()
     for name, a, b_ in zip(("y", "dx", "dweight", "dbias", "running_mean", "running_var"), *runs.values()):
         torch.testing.assert_close(b_, a, msg=name)
@@ -58,8 +58,7 @@ def test_strided_per_channel_vectors_match_contiguous_copies(backend, training, 
         assert not torch.equal(runs["strided"][4], rm0)  # the running statistics were updated
 
 
-@pytest.mark.parametrize("activation, param", [("leaky_relu", 0.01), ("leaky_relu", 0.3), ("elu", 0.5),
-                                               ("elu", 2.0)])
+@pytest.mark.parametrize("activation, param", [("leaky_relu", 0.01), ("leaky_relu", 0.3), ("elu", 0.5), ("elu", 2.0)])
 def test_output_exactly_zero_takes_pytorchs_derivative_side(backend, activation, param):
     """A constant channel with zero bias gives y == 0 exactly: the backward must take the side PyTorch's
     autograd takes at 0 (the slope / alpha side), as the float64 reference does."""
@@ -82,9 +81,11 @@ def test_output_exactly_zero_takes_pytorchs_derivative_side(backend, activation,
         torch.testing.assert_close(got, want, msg=name)
 
 
-@pytest.mark.parametrize("shape, layout", [((4, C, 5, 6), torch.channels_last),
-                                           ((2, C, 3, 4, 5), torch.channels_last_3d), ((7, C), None)],
-                         ids=["channels_last", "channels_last_3d", "NC"])
+@pytest.mark.parametrize(
+    "shape, layout",
+    [((4, C, 5, 6), torch.channels_last), ((2, C, 3, 4, 5), torch.channels_last_3d), ((7, C), None)],
+    ids=["channels_last", "channels_last_3d", "NC"],
+)
 @pytest.mark.parametrize("activation, param", [("leaky_relu", 0.1), ("elu", 0.7), ("identity", 0.0)])
 def test_invert_on_other_layouts_matches_contiguous(backend, shape, layout, activation, param):
     torch.manual_seed(0)

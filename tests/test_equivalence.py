@@ -15,12 +15,11 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+from helpers import ELU_HALF_TOL, EPS, ZERO_WEIGHT_F64_TOL, check_close, layout_input, make_weight, set_module_state
 
 from inplace_abn import InPlaceABN
 from inplace_abn.functions import inplace_abn
 from inplace_abn.reference import batch_norm_act
-
-from helpers import EPS, ELU_HALF_TOL, ZERO_WEIGHT_F64_TOL, check_close, layout_input, make_weight, set_module_state
 
 ACTIVATIONS = [
     ("leaky_relu", 0.01),
@@ -249,9 +248,7 @@ BN_CLASSES = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.Bat
 @pytest.mark.parametrize("shape", [(6, 5), (4, 5, 7), (3, 5, 4, 6), (2, 5, 3, 4, 3)], ids=lambda s: f"{len(s)}d")
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("activation,param", ACTIVATIONS, ids=ACT_IDS)
-@pytest.mark.parametrize(
-    "dtype,zero", [(torch.float64, True), (torch.float32, False)], ids=["f64-zero-weight", "f32"]
-)
+@pytest.mark.parametrize("dtype,zero", [(torch.float64, True), (torch.float32, False)], ids=["f64-zero-weight", "f32"])
 def test_against_batchnorm(backend, dtype, zero, activation, param, training, shape):
     c = shape[1]
     w = make_weight(c, dtype=dtype, zero=zero)

@@ -25,9 +25,9 @@ import torch.nn.functional as F
 
 import inplace_abn
 from inplace_abn import activations, functions, reference
-from inplace_abn.memory import saved_tensor_bytes
 from inplace_abn.functions import inplace_abn as inplace_abn_fn
 from inplace_abn.functions import recover_normalized_input
+from inplace_abn.memory import saved_tensor_bytes
 
 EPS = 1e-5
 TINY = torch.finfo(torch.float64).tiny
@@ -624,7 +624,10 @@ def _main(seeds: int = 1) -> None:  # pragma: no cover - prints the measurement 
             continue
         v_all = worst[("all", dn, wc, k)][0]
         b = BOUNDS[(dn, wc)][k]
-        print(f"{dn:7s} {wc:8s} {k:5s} {v:.1e} ({be}, {a}) / {v_all:.1e} -> {b:.0e}" + (f"  x{b / v_all:.0f}" if v_all else ""))
+        print(
+            f"{dn:7s} {wc:8s} {k:5s} {v:.1e} ({be}, {a}) / {v_all:.1e} -> {b:.0e}"
+            + (f"  x{b / v_all:.0f}" if v_all else "")
+        )
 
 
 def _main_residual(seeds: int = 5) -> None:  # pragma: no cover - prints the table RES_BOUNDS comes from
@@ -672,6 +675,5 @@ def test_invert_propagates_nan(backend, activation, param, dtype):
     x_hat = functions.recover_normalized_input(y, w, b, 1e-5, activation, param)
     nan = torch.isnan(y)
     assert torch.isnan(x_hat[nan]).all(), x_hat
-    finite = functions.recover_normalized_input(torch.where(nan, torch.zeros_like(y), y), w, b, 1e-5, activation,
-                                                param)
+    finite = functions.recover_normalized_input(torch.where(nan, torch.zeros_like(y), y), w, b, 1e-5, activation, param)
     torch.testing.assert_close(x_hat[~nan], finite[~nan])

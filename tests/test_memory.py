@@ -6,12 +6,11 @@ import warnings
 
 import pytest
 import torch
+from helpers import ACT_BYTES, MEMORY_SHAPE, VEC_BYTES, norm_stack, saved_bytes
 from torch import nn
 
 from inplace_abn import InPlaceABN
 from inplace_abn.memory import parameters_of, saved_tensor_bytes
-
-from helpers import ACT_BYTES, MEMORY_SHAPE, VEC_BYTES, norm_stack, saved_bytes
 
 # Per-channel vectors a training layer keeps besides y: the variance, on both backends (the saved state of
 # InPlaceABNFunction is the same for every backend and mode).
@@ -155,7 +154,8 @@ def test_residual_block_saved_vectors(backend, residual_grad):
     recorded by autograd: it once was, and every saved-tensor hook (this count, save_on_cpu) saw its (C,)
     divisor and, on "python", the vector_norm result."""
     assert _block_saved(_Block("fused"), residual_grad=residual_grad) == (
-        3 * ACT_BYTES, 2 * STATE_VECTORS[backend] * VEC_BYTES
+        3 * ACT_BYTES,
+        2 * STATE_VECTORS[backend] * VEC_BYTES,
     )
 
 

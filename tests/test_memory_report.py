@@ -16,10 +16,9 @@ import torch
 from torch import nn
 
 import inplace_abn
+from densenet import densenet_bc
 from inplace_abn.memory_report import MemoryReport, memory_report
 from inplace_abn.memory_report.cli import main, parse_bytes, parse_shape
-
-from densenet import densenet_bc
 from segmentation import build_model
 
 VARIANTS = ("as given", "In-Place ABN", "checkpoint")
@@ -51,12 +50,21 @@ class Block(nn.Module):
 
 def tiny_model() -> nn.Module:
     """A stem and two residual blocks: the model of the CLI tests (milliseconds)."""
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
-                         Block(), Block(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(inplace=True),
+        Block(),
+        Block(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    )
 
 
-@pytest.mark.parametrize("factory,shape", [(small_wrn38, (2, 3, 64, 64)), (small_densenet, (2, 3, 32, 32)),
-                                           (tiny_model, (2, 3, 16, 16))])
+@pytest.mark.parametrize(
+    "factory,shape", [(small_wrn38, (2, 3, 64, 64)), (small_densenet, (2, 3, 32, 32)), (tiny_model, (2, 3, 16, 16))]
+)
 def test_meta_counts_equal_real_counts(backend, factory, shape):
     """Every variant's saved bytes, per module too, on meta equal those of real CPU forwards."""
     model = factory()
@@ -112,9 +120,16 @@ def test_peak_formula_and_largest_batch():
     for v in report.variants:
         trainable = sum(p.numel() * 4 for p in tiny_model().parameters())
         assert (v.grad_bytes, v.optimizer_bytes) == (trainable, 2 * trainable)
-        expected = (v.param_bytes + v.grad_bytes + v.optimizer_bytes + v.saved_fixed + 7 * v.saved_per_sample
-                    + v.recompute_fixed + 7 * v.recompute_per_sample
-                    + 2 * (v.activation_fixed + 7 * v.activation_per_sample))
+        expected = (
+            v.param_bytes
+            + v.grad_bytes
+            + v.optimizer_bytes
+            + v.saved_fixed
+            + 7 * v.saved_per_sample
+            + v.recompute_fixed
+            + 7 * v.recompute_per_sample
+            + 2 * (v.activation_fixed + 7 * v.activation_per_sample)
+        )
         assert v.peak_bytes(7) == pytest.approx(expected)
         assert v.max_batch >= 1
         assert v.peak_bytes(v.max_batch) <= 50 * 2**20 < v.peak_bytes(v.max_batch + 1)
@@ -144,17 +159,20 @@ def test_big_input_is_counted_without_allocating_it():
     assert big / small == pytest.approx(16, rel=0.01)
 
 
-@pytest.mark.parametrize("kwargs,exc,fragment", [
-    (dict(input_shape=(3, 16, 16, 0)), ValueError, "input_shape"),
-    (dict(input_shape=(3,)), ValueError, "input_shape"),
-    (dict(input_shape="1x3x8x8"), ValueError, "input_shape"),
-    (dict(dtype=torch.float64), ValueError, "dtype"),
-    (dict(optimizer="adam"), ValueError, "optimizer must be one of"),
-    (dict(budget=0), ValueError, "budget"),
-    (dict(budget=float("inf")), ValueError, "budget"),
-    (dict(top=-1), ValueError, "top"),
-    (dict(model="resnet50"), ValueError, "model must be an nn.Module"),
-])
+@pytest.mark.parametrize(
+    "kwargs,exc,fragment",
+    [
+        (dict(input_shape=(3, 16, 16, 0)), ValueError, "input_shape"),
+        (dict(input_shape=(3,)), ValueError, "input_shape"),
+        (dict(input_shape="1x3x8x8"), ValueError, "input_shape"),
+        (dict(dtype=torch.float64), ValueError, "dtype"),
+        (dict(optimizer="adam"), ValueError, "optimizer must be one of"),
+        (dict(budget=0), ValueError, "budget"),
+        (dict(budget=float("inf")), ValueError, "budget"),
+        (dict(top=-1), ValueError, "top"),
+        (dict(model="resnet50"), ValueError, "model must be an nn.Module"),
+    ],
+)
 def test_api_bad_arguments(kwargs, exc, fragment):
     args = dict(model=tiny_model(), input_shape=(2, 3, 16, 16))
     args.update(kwargs)
@@ -179,29 +197,32 @@ def test_output_without_floating_tensor_is_an_error():
 TINY = f"{__name__}:tiny_model"
 
 
-@pytest.mark.parametrize("argv,fragment", [
-    (["resnet50", "--input", "1x3x8x8"], "argument MODEL: malformed 'resnet50'"),
-    (["torchvision:", "--input", "1x3x8x8"], "argument MODEL: malformed"),
-    (["segmentation:wrn39", "--input", "1x3x8x8"], "unknown segmentation arch 'wrn39'"),
-    (["densenet:densenet12", "--input", "1x3x8x8"], "did you mean densenet121"),
-    (["no_such_module_xyz:make", "--input", "1x3x8x8"], "cannot import 'no_such_module_xyz'"),
-    ([f"{__name__}:no_such_factory", "--input", "1x3x8x8"], "has no attribute 'no_such_factory'"),
-    ([f"{__name__}:TINY", "--input", "1x3x8x8"], "not a callable"),
-    ([f"{__name__}:small_wrn38-x", "--input", "1x3x8x8"], "malformed"),
-    ([TINY, "--input", "1x3x16"], "argument --input: " + TINY + " failed on a 1x3x16 float32 input"),
-    ([TINY, "--input", "3x16x16x"], "argument --input"),
-    ([TINY, "--input", "0x3x16x16"], "argument --input"),
-    ([TINY, "--input", "ax3x16x16"], "argument --input"),
-    ([TINY, "--input", "16"], "at least NxC"),
-    ([TINY, "--input", "1x3x16x16", "--budget", "16 GiBs"], "argument --budget"),
-    ([TINY, "--input", "1x3x16x16", "--budget", "-1GiB"], "argument --budget"),
-    ([TINY, "--input", "1x3x16x16", "--budget", "0"], "argument --budget"),
-    ([TINY, "--input", "1x3x16x16", "--dtype", "float64"], "argument --dtype: invalid choice"),
-    ([TINY, "--input", "1x3x16x16", "--optimizer", "adam"], "argument --optimizer: invalid choice"),
-    ([TINY, "--input", "1x3x16x16", "--top", "-2"], "argument --top"),
-    ([TINY, "--input", "1x3x16x16", "--plot", "out.pdf"], "argument --plot: expected a .png"),
-    ([TINY], "--input"),
-])
+@pytest.mark.parametrize(
+    "argv,fragment",
+    [
+        (["resnet50", "--input", "1x3x8x8"], "argument MODEL: malformed 'resnet50'"),
+        (["torchvision:", "--input", "1x3x8x8"], "argument MODEL: malformed"),
+        (["segmentation:wrn39", "--input", "1x3x8x8"], "unknown segmentation arch 'wrn39'"),
+        (["densenet:densenet12", "--input", "1x3x8x8"], "did you mean densenet121"),
+        (["no_such_module_xyz:make", "--input", "1x3x8x8"], "cannot import 'no_such_module_xyz'"),
+        ([f"{__name__}:no_such_factory", "--input", "1x3x8x8"], "has no attribute 'no_such_factory'"),
+        ([f"{__name__}:TINY", "--input", "1x3x8x8"], "not a callable"),
+        ([f"{__name__}:small_wrn38-x", "--input", "1x3x8x8"], "malformed"),
+        ([TINY, "--input", "1x3x16"], "argument --input: " + TINY + " failed on a 1x3x16 float32 input"),
+        ([TINY, "--input", "3x16x16x"], "argument --input"),
+        ([TINY, "--input", "0x3x16x16"], "argument --input"),
+        ([TINY, "--input", "ax3x16x16"], "argument --input"),
+        ([TINY, "--input", "16"], "at least NxC"),
+        ([TINY, "--input", "1x3x16x16", "--budget", "16 GiBs"], "argument --budget"),
+        ([TINY, "--input", "1x3x16x16", "--budget", "-1GiB"], "argument --budget"),
+        ([TINY, "--input", "1x3x16x16", "--budget", "0"], "argument --budget"),
+        ([TINY, "--input", "1x3x16x16", "--dtype", "float64"], "argument --dtype: invalid choice"),
+        ([TINY, "--input", "1x3x16x16", "--optimizer", "adam"], "argument --optimizer: invalid choice"),
+        ([TINY, "--input", "1x3x16x16", "--top", "-2"], "argument --top"),
+        ([TINY, "--input", "1x3x16x16", "--plot", "out.pdf"], "argument --plot: expected a .png"),
+        ([TINY], "--input"),
+    ],
+)
 def test_cli_errors(argv, fragment, capsys):
     """Each bad argument exits with status 2 and a message naming the option and the value."""
     with pytest.raises(SystemExit) as info:
@@ -230,16 +251,39 @@ def test_cli_missing_torchvision_or_timm_is_a_clear_error(kind, module, capsys):
 def test_python_dash_m_runs_without_runpy_warning(tmp_path):
     """The command form: the package attribute is the function, the submodule still runs as __main__."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.dirname(__file__)]))
-    out = subprocess.run([sys.executable, "-m", "inplace_abn.memory_report", TINY, "--input", "2x3x16x16",
-                          "--json", str(tmp_path / "r.json")], cwd=REPO, env=env, capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "inplace_abn.memory_report",
+            TINY,
+            "--input",
+            "2x3x16x16",
+            "--json",
+            str(tmp_path / "r.json"),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     assert "largest batch in 16.00 GiB" in out.stdout and "found in sys.modules" not in out.stderr
     assert json.loads((tmp_path / "r.json").read_text())["model"] == TINY
 
 
-@pytest.mark.parametrize("text,expected", [("16GiB", 16 * 2**30), ("512mib", 512 * 2**20), ("8GB", 8 * 10**9),
-                                           ("1.5KiB", 1536), ("1000", 1000), ("2 TiB", 2 * 2**40)])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("16GiB", 16 * 2**30),
+        ("512mib", 512 * 2**20),
+        ("8GB", 8 * 10**9),
+        ("1.5KiB", 1536),
+        ("1000", 1000),
+        ("2 TiB", 2 * 2**40),
+    ],
+)
 def test_parse_bytes(text, expected):
     assert parse_bytes(text) == expected
 
@@ -252,8 +296,26 @@ def test_parse_shape():
 def test_cli_json_plot_and_callable_form(tmp_path, capsys):
     """``package.module:callable``: prints the table, writes JSON with the documented schema and a PNG."""
     out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"
-    assert main([TINY, "--input", "2x3x16x16", "--budget", "64MiB", "--optimizer", "adamw", "--top", "3",
-                 "--json", str(out_json), "--plot", str(out_png)]) == 0
+    assert (
+        main(
+            [
+                TINY,
+                "--input",
+                "2x3x16x16",
+                "--budget",
+                "64MiB",
+                "--optimizer",
+                "adamw",
+                "--top",
+                "3",
+                "--json",
+                str(out_json),
+                "--plot",
+                str(out_png),
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     assert "largest batch in 64.00 MiB" in captured.out and "peak estimate" in captured.out
     assert "building" in captured.err and "building" not in captured.out  # progress goes to stderr
@@ -263,9 +325,19 @@ def test_cli_json_plot_and_callable_form(tmp_path, capsys):
     assert [v["name"] for v in data["variants"]] == list(VARIANTS)
     direct = memory_report(tiny_model(), (2, 3, 16, 16), optimizer="adamw", budget=64 * 2**20, top=3)
     for got, want in zip(data["variants"], direct.variants):
-        assert set(got) >= {"saved_bytes", "saved_per_sample", "saved_fixed", "param_bytes", "grad_bytes",
-                            "optimizer_bytes", "peak_bytes", "max_batch", "top_modules", "unconverted",
-                            "saved_ratio"}
+        assert set(got) >= {
+            "saved_bytes",
+            "saved_per_sample",
+            "saved_fixed",
+            "param_bytes",
+            "grad_bytes",
+            "optimizer_bytes",
+            "peak_bytes",
+            "max_batch",
+            "top_modules",
+            "unconverted",
+            "saved_ratio",
+        }
         assert got["saved_bytes"] == want.saved_bytes and got["max_batch"] == want.max_batch
         assert got["peak_bytes"] == pytest.approx(want.peak_bytes(2))
         assert len(got["top_modules"]) == 3 and set(got["top_modules"][0]) == {"name", "type", "bytes"}

@@ -25,8 +25,9 @@ from inplace_abn.memory_report.cli import main, resolve_model  # noqa: E402
 VARIANTS = ("as given", "In-Place ABN", "checkpoint")
 
 
-@pytest.mark.parametrize("name,shape", [("resnet18", (2, 3, 64, 64)), ("resnet50", (2, 3, 64, 64)),
-                                        ("deeplabv3_resnet50", (2, 3, 64, 64))])
+@pytest.mark.parametrize(
+    "name,shape", [("resnet18", (2, 3, 64, 64)), ("resnet50", (2, 3, 64, 64)), ("deeplabv3_resnet50", (2, 3, 64, 64))]
+)
 def test_meta_counts_equal_real_counts(name, shape):
     model = resolve_model(f"torchvision:{name}")()
     meta = memory_report(model, shape)
@@ -92,8 +93,9 @@ _PEAK_SCRIPT = textwrap.dedent("""
 def test_peak_estimate_against_resident_peak_cpu():
     """resnet50, batch 4, 224x224, SGD with momentum: estimate within 15% of the measured resident peak."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT], env=env, capture_output=True, text=True,
-                         check=True, timeout=900)
+    out = subprocess.run(
+        [sys.executable, "-c", _PEAK_SCRIPT], env=env, capture_output=True, text=True, check=True, timeout=900
+    )
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["measured"] > 300 * 2**20  # the step really ran (activations + state of resnet50)
     assert result["estimate"] == pytest.approx(result["measured"], rel=0.15), result

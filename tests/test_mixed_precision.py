@@ -15,11 +15,6 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-from torch.testing import assert_close
-
-import inplace_abn
-from inplace_abn import InPlaceABN
-
 from helpers import (
     HALF_LAYER_TOLERANCES,
     HALF_MODEL_GRAD_NORM_RTOL,
@@ -28,6 +23,10 @@ from helpers import (
     STATS_RTOL,
     check_close,
 )
+from torch.testing import assert_close
+
+import inplace_abn
+from inplace_abn import InPlaceABN
 
 
 def check_norm(actual, expected, rtol, msg=""):

@@ -498,8 +498,11 @@ def test_import_surface():
     assert isinstance(inplace_abn.__version__, str) and inplace_abn.__version__
     for name in ("inplace_abn.abn", "inplace_abn.functions", "inplace_abn.group"):
         importlib.import_module(name)
-    from inplace_abn.abn import ABN as A, InPlaceABN as I, InPlaceABNSync as S  # noqa: N817
-    from inplace_abn.functions import inplace_abn as f, inplace_abn_sync as fs
+    from inplace_abn.abn import ABN as A  # noqa: N817
+    from inplace_abn.abn import InPlaceABN as I
+    from inplace_abn.abn import InPlaceABNSync as S
+    from inplace_abn.functions import inplace_abn as f
+    from inplace_abn.functions import inplace_abn_sync as fs
     from inplace_abn.group import active_group, set_active_group
 
     assert (A, I, S) == (ABN, InPlaceABN, InPlaceABNSync)

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import OPS, op_samples, random_input
 
 import inplace_abn
 from inplace_abn import pure_backend
-
-from helpers import OPS, op_samples, random_input
 
 pytestmark = pytest.mark.skipif(not inplace_abn.extension_loaded(), reason="compiled extension not built")
 
@@ -30,10 +29,14 @@ def test_opcheck(op, dtype):
     for args in samples:
         # the mutating ops write into x: give every opcheck run a private copy (keeping its strides)
         if op.endswith("_"):
-            args = tuple(a.clone(memory_format=torch.preserve_format) if isinstance(a, torch.Tensor) else a for a in args)
+            args = tuple(
+                a.clone(memory_format=torch.preserve_format) if isinstance(a, torch.Tensor) else a for a in args
+            )
         result = torch.library.opcheck(overload, args)
         failed = {k: v for k, v in result.items() if v != "SUCCESS"}
-        assert not failed, f"{op} {dtype} {[tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args]}: {failed}"
+        assert not failed, (
+            f"{op} {dtype} {[tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args]}: {failed}"
+        )
 
 
 def test_every_op_has_a_cpu_kernel_and_fake_kernel():

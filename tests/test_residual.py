@@ -16,15 +16,14 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from helpers import EPS, check_close, make_weight, random_input, tolerance
 from torch.testing import assert_close
 
 from inplace_abn import ABN, InPlaceABN, InPlaceABNSync, activations, functions, pure_backend, to_batchnorm
-from inplace_abn.memory import parameters_of, saved_tensor_bytes
 from inplace_abn.functions import inplace_abn as iabn_fn
 from inplace_abn.functions import inplace_abn_sync as iabn_sync_fn
+from inplace_abn.memory import parameters_of, saved_tensor_bytes
 from inplace_abn.reference import in_place_scale
-
-from helpers import EPS, check_close, make_weight, random_input, tolerance
 
 ACTS = [("leaky_relu", 0.01), ("elu", 1.0), ("identity", 0.0), ("relu", 0.0)]
 FUNCTIONS = {"local": iabn_fn, "sync": iabn_sync_fn}
@@ -434,8 +433,15 @@ class FusedBlock(nn.Module):
         ("inductor", False, False),
         ("inductor", True, True),
     ],
-    ids=["eager", "aot_eager", "aot_eager-zero-init", "aot_eager-fullgraph", "aot_eager-fullgraph-zero-init",
-         "inductor", "inductor-fullgraph-zero-init"],
+    ids=[
+        "eager",
+        "aot_eager",
+        "aot_eager-zero-init",
+        "aot_eager-fullgraph",
+        "aot_eager-fullgraph-zero-init",
+        "inductor",
+        "inductor-fullgraph-zero-init",
+    ],
 )
 def test_compiled_block_matches_eager(backend, compiler, zero_init, fullgraph):
     torch._dynamo.reset()
@@ -535,9 +541,13 @@ def test_compiled_block_keeps_only_the_lossy_channels(backend, partition):
     x = torch.randn(2, 8, 6, 6, requires_grad=True)
     with quiet():
         compiled(x).sum().backward()
-    saved = [n.meta["val"] for n in graphs["bw"].graph.nodes if n.op == "placeholder" and not n.name.startswith("tangents")]
+    saved = [
+        n.meta["val"] for n in graphs["bw"].graph.nodes if n.op == "placeholder" and not n.name.startswith("tangents")
+    ]
     # the kept channels' count is symbolic (data-dependent) in the graph: compare shapes as text
-    shapes = sorted(str(tuple(v.shape)) for v in saved if isinstance(v, torch.Tensor) and v.dim() == 4 and v.shape[0] == 2)
+    shapes = sorted(
+        str(tuple(v.shape)) for v in saved if isinstance(v, torch.Tensor) and v.dim() == 4 and v.shape[0] == 2
+    )
     assert shapes == ["(2, 8, 6, 6)"] * 3 + ["(2, u0, 6, 6)"], shapes
     with quiet():
         assert torch.ops.inplace_abn.lossy_channels(*_amplification(block.bn2, x)).tolist() == [0, 1, 2]

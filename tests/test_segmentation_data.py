@@ -151,8 +151,10 @@ def test_synthetic_refuses_non_empty_and_cli(tmp_path, capsys):
     (out / "keep.txt").write_text("user file")
     with pytest.raises(FileExistsError, match="not empty.*--force"):
         synthetic.generate(str(out), num_train=1, num_val=1, size=(32, 32))
-    assert synthetic.main(["--out", str(out), "--num-train", "1", "--num-val", "1", "--height", "32",
-                           "--width", "32"]) == 2
+    assert (
+        synthetic.main(["--out", str(out), "--num-train", "1", "--num-val", "1", "--height", "32", "--width", "32"])
+        == 2
+    )
     assert "not empty" in capsys.readouterr().err
     assert synthetic.main(["--out", str(out), "--num-train", "0"]) == 2
     assert "argument --num-train: must be an integer >= 1" in capsys.readouterr().err
@@ -160,8 +162,12 @@ def test_synthetic_refuses_non_empty_and_cli(tmp_path, capsys):
     stale = out / "leftImg8bit" / "train" / "x" / "stale_leftImg8bit.png"
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"old")
-    assert synthetic.main(["--out", str(out), "--num-train", "2", "--num-val", "1", "--height", "32",
-                           "--width", "48", "--force"]) == 0
+    assert (
+        synthetic.main(
+            ["--out", str(out), "--num-train", "2", "--num-val", "1", "--height", "32", "--width", "48", "--force"]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "wrote 2 train + 1 val" in printed and "32x48" in printed
     assert not stale.exists() and (out / "keep.txt").read_text() == "user file"
@@ -247,6 +253,7 @@ def _with_value(value: int, dtype=np.uint8):
         ids = np.array(Image.open(lab)).astype(dtype)  # uint16: a 16-bit PNG (as instanceIds files are)
         ids[0, :3] = value
         Image.fromarray(ids).save(lab)
+
     return damage
 
 
@@ -261,8 +268,9 @@ LABEL_FILE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("damage, when, fragment", LABEL_FILE_CASES,
-                         ids=["jpeg", "gif", "id-34", "id-200", "instance-id", "id-256"])
+@pytest.mark.parametrize(
+    "damage, when, fragment", LABEL_FILE_CASES, ids=["jpeg", "gif", "id-34", "id-200", "instance-id", "id-256"]
+)
 def test_label_file_that_is_not_what_it_claims_is_refused(small_root, damage, when, fragment):
     img, lab = _pairs(small_root)[0]
     damage(lab)
@@ -416,16 +424,19 @@ def test_normalize_values():
     torch.testing.assert_close(x.flatten(), torch.tensor([2.0, 1.0, 0.5]))
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(crop_size=0), "crop_size"),
-    (dict(crop_size=-8), "crop_size"),
-    (dict(crop_size=(32, 0)), "crop_size"),
-    (dict(crop_size=32, scale=(0.0, 1.0)), "scale"),
-    (dict(crop_size=32, scale=(2.0, 1.0)), "scale"),
-    (dict(crop_size=32, scale=(-1.0, 1.0)), "scale"),
-    (dict(crop_size=32, std=(1.0, 0.0, 1.0)), "std"),
-    (dict(crop_size=32, flip_p=1.5), "p must"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(crop_size=0), "crop_size"),
+        (dict(crop_size=-8), "crop_size"),
+        (dict(crop_size=(32, 0)), "crop_size"),
+        (dict(crop_size=32, scale=(0.0, 1.0)), "scale"),
+        (dict(crop_size=32, scale=(2.0, 1.0)), "scale"),
+        (dict(crop_size=32, scale=(-1.0, 1.0)), "scale"),
+        (dict(crop_size=32, std=(1.0, 0.0, 1.0)), "std"),
+        (dict(crop_size=32, flip_p=1.5), "p must"),
+    ],
+)
 def test_transform_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         train_transform(**kwargs)
@@ -441,9 +452,7 @@ def test_transform_bad_inputs():
 # ------------------------------------------------------------------------------------------------ metrics
 
 # Hand-written confusion matrix (rows = target, columns = prediction) for 3 classes:
-HAND = [[5, 1, 0],
-        [2, 3, 1],
-        [0, 0, 4]]
+HAND = [[5, 1, 0], [2, 3, 1], [0, 0, 4]]
 # IoU_c = TP / (row_c + col_c - TP):
 #   class 0: 5 / (6 + 7 - 5) = 5/8;  class 1: 3 / (6 + 4 - 3) = 3/7;  class 2: 4 / (4 + 5 - 4) = 4/5
 HAND_IOU = [Fraction(5, 8), Fraction(3, 7), Fraction(4, 5)]
@@ -524,8 +533,9 @@ def test_confusion_matrix_bad_inputs():
 def _all_reduce_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=30))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=30)
+    )
     try:
         cm = ConfusionMatrix(3)
         cm.update(torch.tensor([rank, 2]), torch.tensor([rank, 1]))  # rank r adds (r, r) and (1, 2)
@@ -535,8 +545,10 @@ def _all_reduce_worker(rank: int, world: int, init_file: str, out_dir: str) -> N
         dist.destroy_process_group()
 
 
-@pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
-                    reason="needs torch.distributed with gloo")
+@pytest.mark.skipif(
+    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+    reason="needs torch.distributed with gloo",
+)
 def test_confusion_matrix_all_reduce(tmp_path):
     import torch.multiprocessing as mp
 

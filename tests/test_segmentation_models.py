@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from typing import List, Tuple
 
 import pytest
 import torch
@@ -20,12 +19,12 @@ from segmentation.norm import bn_weight_from_iabn
 WIDTH = 0.125  # 1/8 of every channel count: the real layouts, CPU-cheap
 
 
-def _norm_layers(model: nn.Module) -> List[nn.Module]:
+def _norm_layers(model: nn.Module) -> list[nn.Module]:
     """BatchNorm2d / In-Place ABN layers in registration order."""
     return [m for m in model.modules() if isinstance(m, (nn.BatchNorm2d, InPlaceABN, InPlaceABNSync))]
 
 
-def _convs(model: nn.Module) -> List[nn.Conv2d]:
+def _convs(model: nn.Module) -> list[nn.Conv2d]:
     return [m for m in model.modules() if isinstance(m, nn.Conv2d)]
 
 
@@ -58,7 +57,7 @@ def _copy_iabn_to_bn(iabn: nn.Module, bn: nn.Module) -> None:
                 d.bias.copy_(s.bias)
 
 
-def _step(model: nn.Module, x: torch.Tensor, seed: int) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor]]:
+def _step(model: nn.Module, x: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """Training forward + backward of a fixed random projection of the logits; (out, dx, conv/norm grads)."""
     model.zero_grad(set_to_none=True)
     x = x.detach().clone().requires_grad_(True)
@@ -224,7 +223,7 @@ def test_batch_of_one_trains() -> None:
 # -------------------------------------------------------------------------------------------- memory
 
 
-def _saved(model: nn.Module, shape: Tuple[int, ...]) -> int:
+def _saved(model: nn.Module, shape: tuple[int, ...]) -> int:
     x = torch.empty(*shape, device="meta", requires_grad=True)
     total, _, _ = saved_tensor_bytes(lambda: model(x), exclude=parameters_of(model) + [x])
     return total

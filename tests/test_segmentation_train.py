@@ -16,7 +16,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any
 
 import numpy as np
 import pytest
@@ -37,9 +37,29 @@ WIDTH = "0.0625"
 JOB_TIMEOUT_S = 120  # hard limit of the spawned DDP job (it takes a few seconds)
 
 
-def _tiny(data: Path, out: Path, *extra: str) -> List[str]:
-    return ["--data", str(data), "--out", str(out), "--arch", "wrn38", "--width", WIDTH, "--crop", "48",
-            "--batch-size", "2", "--threads", "1", "--no-progress", "--device", "cpu", "--lr", "0.02", *extra]
+def _tiny(data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--arch",
+        "wrn38",
+        "--width",
+        WIDTH,
+        "--crop",
+        "48",
+        "--batch-size",
+        "2",
+        "--threads",
+        "1",
+        "--no-progress",
+        "--device",
+        "cpu",
+        "--lr",
+        "0.02",
+        *extra,
+    ]
 
 
 def _args(*argv: str):
@@ -54,7 +74,7 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained(data_dir, tmp_path_factory) -> Dict[str, Any]:
+def trained(data_dir, tmp_path_factory) -> dict[str, Any]:
     """One short CLI run (2 epochs, 3 iterations each) whose outputs several tests inspect."""
     out = tmp_path_factory.mktemp("run") / "out"
     import contextlib
@@ -98,9 +118,21 @@ def test_cli_run_writes_log_checkpoint_pngs(trained, data_dir):
 def test_evaluate_cli_matches_trainer(trained, data_dir, tmp_path, capsys):
     out: Path = trained["out"]
     final = json.loads((out / "final.json").read_text())
-    args = seg_eval.build_parser().parse_args(["--checkpoint", str(out / "checkpoint.pt"), "--data", str(data_dir),
-                                               "--save-predictions", "1", "--out", str(tmp_path / "p"),
-                                               "--no-progress", "--device", "cpu"])
+    args = seg_eval.build_parser().parse_args(
+        [
+            "--checkpoint",
+            str(out / "checkpoint.pt"),
+            "--data",
+            str(data_dir),
+            "--save-predictions",
+            "1",
+            "--out",
+            str(tmp_path / "p"),
+            "--no-progress",
+            "--device",
+            "cpu",
+        ]
+    )
     result = seg_eval.run(args)
     assert result["miou"] == final["miou"] and result["pixel_acc"] == final["pixel_acc"]
     assert "| **mIoU**" in capsys.readouterr().out
@@ -117,8 +149,9 @@ def test_poly_schedule():
         opt.step()
         sched.step()
     expect = [0.1 * (1 - i / 10) ** 0.9 for i in range(10)]
-    torch.testing.assert_close(torch.tensor(lrs, dtype=torch.float64), torch.tensor(expect, dtype=torch.float64),
-                               rtol=1e-12, atol=0.0)
+    torch.testing.assert_close(
+        torch.tensor(lrs, dtype=torch.float64), torch.tensor(expect, dtype=torch.float64), rtol=1e-12, atol=0.0
+    )
     assert opt.param_groups[0]["lr"] == 0.0
 
 
@@ -134,21 +167,22 @@ def test_memory_report_counts_only_norm_difference():
 
 def test_activation_bytes_on_meta_equal_a_real_cpu_step():
     from inplace_abn.memory import parameters_of, saved_tensor_bytes
-
     from segmentation import build_model
 
     for norm in ("bn", "iabn"):
         meta = seg_train.activation_bytes("wrn38", norm, 19, float(WIDTH), 16, batch=2, crop=40)
         model = build_model("wrn38", 19, norm=norm, width=float(WIDTH)).train()
         x, y = torch.randn(2, 3, 40, 40), torch.randint(0, 19, (2, 40, 40))
-        real, _loss, _ = saved_tensor_bytes(lambda: torch.nn.functional.cross_entropy(model(x), y),
-                                            exclude=parameters_of(model))
+        real, _loss, _ = saved_tensor_bytes(
+            lambda: torch.nn.functional.cross_entropy(model(x), y), exclude=parameters_of(model)
+        )
         assert meta == real, norm
 
 
 def test_amp_bfloat16_step_runs(data_dir, tmp_path):
-    s = seg_train.run(_args(*_tiny(data_dir, tmp_path, "--iters", "2", "--amp", "--eval-every", "0",
-                                   "--save-predictions", "0")))
+    s = seg_train.run(
+        _args(*_tiny(data_dir, tmp_path, "--iters", "2", "--amp", "--eval-every", "0", "--save-predictions", "0"))
+    )
     assert len(s["losses"]) == 2 and all(math.isfinite(v) for v in s["losses"])
 
 
@@ -158,13 +192,24 @@ def test_amp_bfloat16_step_runs(data_dir, tmp_path):
 @pytest.mark.parametrize("workers", [0, 1])
 def test_resume_is_exact(data_dir, tmp_path, workers):
     # Random scale + crop + flip on, so the augmentation RNG (main process or seeded workers) matters.
-    common = ["--epochs", "2", "--eval-every", "0", "--save-predictions", "0", "--workers", str(workers),
-              "--norm", "iabn"]
+    common = [
+        "--epochs",
+        "2",
+        "--eval-every",
+        "0",
+        "--save-predictions",
+        "0",
+        "--workers",
+        str(workers),
+        "--norm",
+        "iabn",
+    ]
     straight = seg_train.run(_args(*_tiny(data_dir, tmp_path / "a", *common)))
     first = seg_train.run(_args(*_tiny(data_dir, tmp_path / "b", *common, "--stop-after", "1")))
     assert first["stopped_after"] == 1 and not (tmp_path / "b" / "final.json").exists()
-    second = seg_train.run(_args(*_tiny(data_dir, tmp_path / "b", *common,
-                                        "--resume", str(tmp_path / "b" / "checkpoint.pt"))))
+    second = seg_train.run(
+        _args(*_tiny(data_dir, tmp_path / "b", *common, "--resume", str(tmp_path / "b" / "checkpoint.pt")))
+    )
     assert len(straight["losses"]) == 6 and len(first["losses"]) == 3
     assert straight["losses"] == first["losses"] + second["losses"]  # bit-identical floats
     a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
@@ -178,16 +223,18 @@ def test_resume_is_exact(data_dir, tmp_path, workers):
 def test_resume_refuses_different_settings(data_dir, tmp_path, capsys):
     common = ["--epochs", "1", "--eval-every", "0", "--save-predictions", "0"]
     assert seg_train.main(_tiny(data_dir, tmp_path, *common)) == 0
-    rc = seg_train.main(_tiny(data_dir, tmp_path, *common, "--width", "0.125",
-                              "--resume", str(tmp_path / "checkpoint.pt")))
+    rc = seg_train.main(
+        _tiny(data_dir, tmp_path, *common, "--width", "0.125", "--resume", str(tmp_path / "checkpoint.pt"))
+    )
     assert rc == 2 and "--width" in capsys.readouterr().err
 
 
 def test_stop_after_counts_epochs_of_this_process_with_iters(data_dir, tmp_path):
     # --iters 8 at 3 iterations per epoch: epochs of 3, 3 and a partial 2; stopped after each epoch of a process.
     common = ["--iters", "8", "--eval-every", "0", "--save-predictions", "0", "--stop-after", "1"]
-    straight = seg_train.run(_args(*_tiny(data_dir, tmp_path / "a", "--iters", "8", "--eval-every", "0",
-                                          "--save-predictions", "0")))
+    straight = seg_train.run(
+        _args(*_tiny(data_dir, tmp_path / "a", "--iters", "8", "--eval-every", "0", "--save-predictions", "0"))
+    )
     ckpt = str(tmp_path / "b" / "checkpoint.pt")
     parts = [seg_train.run(_args(*_tiny(data_dir, tmp_path / "b", *common)))]
     for _ in range(2):
@@ -214,12 +261,14 @@ def test_train_one_epoch_stops_at_the_iteration_budget(data_dir):
     sched = seg_train.PolyLR(opt, max_iters=5)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     kw = dict(scheduler=sched, scaler=scaler, max_iters=5)
-    first = seg_train.train_one_epoch(model, seg_train._loss, opt, loader, torch.device("cpu"), 1, args,
-                                      iteration=0, **kw)
+    first = seg_train.train_one_epoch(
+        model, seg_train._loss, opt, loader, torch.device("cpu"), 1, args, iteration=0, **kw
+    )
     assert first.iteration == 3 and len(first.losses) == 3
     assert first.loss == pytest.approx(sum(first.losses) / 3, rel=1e-12)
-    second = seg_train.train_one_epoch(model, seg_train._loss, opt, loader, torch.device("cpu"), 2, args,
-                                       iteration=first.iteration, **kw)
+    second = seg_train.train_one_epoch(
+        model, seg_train._loss, opt, loader, torch.device("cpu"), 2, args, iteration=first.iteration, **kw
+    )
     assert second.iteration == 5 and len(second.losses) == 2 and sched.last_epoch == 5
     assert opt.param_groups[0]["lr"] == 0.0
 
@@ -229,8 +278,7 @@ def test_saved_memory_line_is_the_trainkit_meter():
     mem = seg_train.saved_memory(args, batch=2)
     assert mem.as_dict() == seg_train.memory_report(args, batch=2)
     assert mem.bn_bytes == seg_train.activation_bytes("wrn38", "bn", seg_train.NUM_CLASSES, float(WIDTH), 16, 2, 32)
-    assert mem.norm_bytes == seg_train.activation_bytes("wrn38", "iabn", seg_train.NUM_CLASSES, float(WIDTH), 16,
-                                                        2, 32)
+    assert mem.norm_bytes == seg_train.activation_bytes("wrn38", "iabn", seg_train.NUM_CLASSES, float(WIDTH), 16, 2, 32)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -284,18 +332,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_entry(rank: int, world: int, port: int, argv: List[str], outdir: str) -> None:
+def _ddp_entry(rank: int, world: int, port: int, argv: list[str], outdir: str) -> None:
     """One torchrun-like rank: the env:// variables, then segmentation.train.run in this process."""
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-                       "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+    )
     if os.path.exists("/sys/class/net/lo"):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
     code = 0
     try:
         s = seg_train.run(seg_train.build_parser().parse_args(argv), return_model=True)
-        torch.save({"state": s["model"].state_dict(), "losses": s["losses"], "world": s["world_size"]},
-                   os.path.join(outdir, f"rank{rank}.pt"))
+        torch.save(
+            {"state": s["model"].state_dict(), "losses": s["losses"], "world": s["world_size"]},
+            os.path.join(outdir, f"rank{rank}.pt"),
+        )
     except BaseException:
         code = 1
         with open(os.path.join(outdir, f"rank{rank}.err"), "w") as f:
@@ -310,9 +368,37 @@ def test_ddp_two_ranks_iabn_sync(tmp_path):
     data = tmp_path / "data"
     synthetic.generate(str(data), num_train=4, num_val=2, size=(48, 48), seed=2, color=False)
     # resnet50: no dropout (WiderResNet-38's mod6/mod7 Dropout2d would draw different masks per rank).
-    common = ["--data", str(data), "--arch", "resnet50", "--width", WIDTH, "--crop", "48", "--scale-min", "1",
-              "--scale-max", "1", "--flip-p", "0", "--iters", "1", "--eval-every", "0", "--save-predictions", "0",
-              "--threads", "1", "--no-progress", "--device", "cpu", "--lr", "0.02", "--dtype", "float64"]
+    common = [
+        "--data",
+        str(data),
+        "--arch",
+        "resnet50",
+        "--width",
+        WIDTH,
+        "--crop",
+        "48",
+        "--scale-min",
+        "1",
+        "--scale-max",
+        "1",
+        "--flip-p",
+        "0",
+        "--iters",
+        "1",
+        "--eval-every",
+        "0",
+        "--save-predictions",
+        "0",
+        "--threads",
+        "1",
+        "--no-progress",
+        "--device",
+        "cpu",
+        "--lr",
+        "0.02",
+        "--dtype",
+        "float64",
+    ]
     outdir = tmp_path / "ranks"
     outdir.mkdir()
     argv = common + ["--norm", "iabn_sync", "--batch-size", "2", "--out", str(tmp_path / "ddp")]
@@ -346,10 +432,11 @@ def test_ddp_two_ranks_iabn_sync(tmp_path):
     # Reference in this process: the same initial model with local In-Place ABN on the concatenated batch
     # (rank 0's images, then rank 1's), loss = mean over ranks of the per-rank mean losses (what DDP's gradient
     # averaging optimises), one SGD step: the same running statistics and the same parameters.
+    from torch.utils.data import DistributedSampler
+
     from segmentation import build_model
     from segmentation.data import CityscapesSegmentation
     from segmentation.transforms import train_transform
-    from torch.utils.data import DistributedSampler
     from trainkit import seed_everything
 
     ds = CityscapesSegmentation(str(data), "train", train_transform(48, scale=None, flip_p=0.0))
@@ -369,8 +456,10 @@ def test_ddp_two_ranks_iabn_sync(tmp_path):
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9, weight_decay=1e-4)
     logits = model(x)
-    losses = [torch.nn.functional.cross_entropy(logits[2 * r:2 * r + 2], y[2 * r:2 * r + 2], ignore_index=255)
-              for r in range(2)]
+    losses = [
+        torch.nn.functional.cross_entropy(logits[2 * r : 2 * r + 2], y[2 * r : 2 * r + 2], ignore_index=255)
+        for r in range(2)
+    ]
     ((losses[0] + losses[1]) / 2).backward()
     opt.step()
     ref = model.state_dict()
@@ -394,9 +483,27 @@ def test_demo_generates_data_and_trains(tmp_path, capsys, monkeypatch):
     from segmentation import demo
 
     monkeypatch.setattr(synthetic, "generate", _small_generate)
-    rc = demo.main(["--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--width", WIDTH,
-                    "--crop", "48", "--batch-size", "2", "--iters", "2", "--save-predictions", "1", "--threads", "1",
-                    "--no-progress"])
+    rc = demo.main(
+        [
+            "--data",
+            str(tmp_path / "data"),
+            "--out",
+            str(tmp_path / "run"),
+            "--width",
+            WIDTH,
+            "--crop",
+            "48",
+            "--batch-size",
+            "2",
+            "--iters",
+            "2",
+            "--save-predictions",
+            "1",
+            "--threads",
+            "1",
+            "--no-progress",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and "generating the synthetic data set" in out and "final val mIoU" in out
     assert "activation memory saved vs BatchNorm" in out
@@ -432,12 +539,14 @@ def _poison_step_at(monkeypatch, at: int) -> None:
 
 @pytest.mark.parametrize("mode", [[], ["--amp"]], ids=["float32", "amp"])
 @pytest.mark.parametrize("at", [5, 6], ids=["mid-epoch", "last-step"])
-def test_divergence_stops_with_the_iteration_and_keeps_the_good_checkpoint(data_dir, tmp_path, capsys, monkeypatch,
-                                                                         mode, at):
+def test_divergence_stops_with_the_iteration_and_keeps_the_good_checkpoint(
+    data_dir, tmp_path, capsys, monkeypatch, mode, at
+):
     # 2 epochs of 3 iterations; the weights become NaN at step `at` of epoch 2 (6 = the very last step).
     _poison_step_at(monkeypatch, at)
-    rc = seg_train.main(_tiny(data_dir, tmp_path, "--epochs", "2", "--eval-every", "0", "--save-predictions", "0",
-                              *mode))
+    rc = seg_train.main(
+        _tiny(data_dir, tmp_path, "--epochs", "2", "--eval-every", "0", "--save-predictions", "0", *mode)
+    )
     err = capsys.readouterr().err
     assert rc == 2 and f"diverged at iteration {at} (epoch 2)" in err and "Traceback" not in err
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
@@ -447,8 +556,9 @@ def test_divergence_stops_with_the_iteration_and_keeps_the_good_checkpoint(data_
 
 
 def test_huge_learning_rate_diverges_without_a_checkpoint(data_dir, tmp_path, capsys):
-    rc = seg_train.main(_tiny(data_dir, tmp_path, "--iters", "3", "--eval-every", "0", "--save-predictions", "0",
-                              "--lr", "1e30"))
+    rc = seg_train.main(
+        _tiny(data_dir, tmp_path, "--iters", "3", "--eval-every", "0", "--save-predictions", "0", "--lr", "1e30")
+    )
     err = capsys.readouterr().err
     assert rc == 2 and re.search(r"diverged at iteration [123] \(epoch 1\)", err) and "Traceback" not in err
     assert not (tmp_path / "checkpoint.pt").exists()
@@ -494,8 +604,22 @@ def test_damaged_checkpoint_is_refused_by_resume_and_evaluate(data_dir, tmp_path
     assert seg_train.main(_tiny(data_dir, tmp_path, *common, "--resume", str(ckpt))) == 2
     err = capsys.readouterr().err
     assert "is damaged" in err and str(ckpt) in err and "--resume" in err
-    assert seg_eval.main(["--checkpoint", str(ckpt), "--data", str(data_dir), "--save-predictions", "0",
-                          "--device", "cpu", "--no-progress"]) == 2
+    assert (
+        seg_eval.main(
+            [
+                "--checkpoint",
+                str(ckpt),
+                "--data",
+                str(data_dir),
+                "--save-predictions",
+                "0",
+                "--device",
+                "cpu",
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "is damaged" in err and "--checkpoint" in err
 
@@ -514,8 +638,7 @@ def test_label_file_that_is_not_what_it_claims_stops_the_run_naming_it(tmp_path,
         ids = np.array(Image.open(lab))
         ids[5, 5] = 77
         Image.fromarray(ids).save(lab)
-    rc = seg_train.main(_tiny(data, tmp_path / "out", "--epochs", "1", "--eval-every", "0",
-                              "--save-predictions", "0"))
+    rc = seg_train.main(_tiny(data, tmp_path / "out", "--epochs", "1", "--eval-every", "0", "--save-predictions", "0"))
     err = capsys.readouterr().err
     assert rc == 2 and str(lab) in err and "Traceback" not in err
     assert not (tmp_path / "out" / "checkpoint.pt").exists()

@@ -100,11 +100,13 @@ def test_check_same_args_names_options():
 
 def test_check_same_args_takes_defaults_for_options_older_checkpoints_lack():
     """An option added later (segmentation's --dtype) compares as its default when the checkpoint lacks it."""
-    check_same_args({"lr": 0.1}, {"lr": 0.1, "dtype": "float32"}, ("lr", "dtype"), "x.pt",
-                    defaults={"dtype": "float32"})
+    check_same_args(
+        {"lr": 0.1}, {"lr": 0.1, "dtype": "float32"}, ("lr", "dtype"), "x.pt", defaults={"dtype": "float32"}
+    )
     with pytest.raises(CheckpointError, match=r"--dtype 'float32' \(now 'float64'\)"):
-        check_same_args({"lr": 0.1}, {"lr": 0.1, "dtype": "float64"}, ("lr", "dtype"), "x.pt",
-                        defaults={"dtype": "float32"})
+        check_same_args(
+            {"lr": 0.1}, {"lr": 0.1, "dtype": "float64"}, ("lr", "dtype"), "x.pt", defaults={"dtype": "float32"}
+        )
     with pytest.raises(CheckpointError, match=r"--dtype None \(now 'float32'\)"):  # no default: still refused
         check_same_args({"lr": 0.1}, {"lr": 0.1, "dtype": "float32"}, ("lr", "dtype"), "x.pt")
 
@@ -237,8 +239,13 @@ class _Toy(torch.nn.Module):
 
     def __init__(self, width: int = 8) -> None:
         super().__init__()
-        self.net = torch.nn.Sequential(torch.nn.Linear(4, width), torch.nn.BatchNorm1d(width), torch.nn.ReLU(),
-                                       torch.nn.Dropout(0.3), torch.nn.Linear(width, 3))
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(4, width),
+            torch.nn.BatchNorm1d(width),
+            torch.nn.ReLU(),
+            torch.nn.Dropout(0.3),
+            torch.nn.Linear(width, 3),
+        )
 
     def forward(self, x):
         return self.net(x)
@@ -270,8 +277,16 @@ def _toy_run(out: Path, epochs: int, resume: bool = False, stop_after=None, widt
             optimizer.step()
             iteration += 1
         scheduler.step()
-        save_training_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch,
-                                 iteration=iteration, args=args, elapsed=float(epoch))
+        save_training_checkpoint(
+            path,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            epoch=epoch,
+            iteration=iteration,
+            args=args,
+            elapsed=float(epoch),
+        )
         if stop_after_reached(stop_after, epoch - start.epoch, epoch, epochs):
             break
     return start
@@ -326,8 +341,17 @@ def test_restore_picks_this_ranks_rng_state(tmp_path):
     model = _Toy()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     path = str(tmp_path / "c.pt")
-    save_training_checkpoint(path, model=model, optimizer=opt, scheduler=torch.optim.lr_scheduler.StepLR(opt, 1),
-                             epoch=4, iteration=40, args={"x": 1}, rng_per_rank=states, num_classes=3)
+    save_training_checkpoint(
+        path,
+        model=model,
+        optimizer=opt,
+        scheduler=torch.optim.lr_scheduler.StepLR(opt, 1),
+        epoch=4,
+        iteration=40,
+        args={"x": 1},
+        rng_per_rank=states,
+        num_classes=3,
+    )
     ckpt = torch.load(path, weights_only=True)
     assert ckpt["num_classes"] == 3 and torch.equal(ckpt["rng"]["torch"], states[0]["torch"])
     point = restore_training_state(ckpt, path, model, opt, rank=1, world_size=2)
@@ -427,7 +451,8 @@ def test_compare_saved_memory_and_line():
     assert mem.as_dict() == {"bn_mib": 3.0, "norm_mib": 1.0, "ratio": 1 / 3}
     assert mem.line("float32 training step, batch 2 x 3 x 8 x 8") == (
         "activation memory saved vs BatchNorm: 3.0 MiB -> 1.0 MiB (0.33x) [saved for backward by one float32 "
-        "training step, batch 2 x 3 x 8 x 8, norm=bn -> norm=iabn, parameters excluded]")
+        "training step, batch 2 x 3 x 8 x 8, norm=bn -> norm=iabn, parameters excluded]"
+    )
     counted.clear()
     same = compare_saved_memory(count, "bn")
     assert counted == ["bn"] and same.ratio == 1.0  # the baseline itself is counted once
@@ -473,14 +498,18 @@ def test_save_training_checkpoint_refuses_non_finite_weights(tmp_path):
 _RUN = ("checkpoint.pt", "log.csv", "final.json")
 
 
-@pytest.mark.parametrize("layout, kwargs, fragment", [
-    ({"checkpoint.pt": b"x"}, {}, "already holds a run (checkpoint.pt)"),
-    ({"log.csv": b"x", "final.json": b"{}"}, {}, "already holds a run (log.csv, final.json)"),
-    ({"log.csv": b"x"}, {"create": False}, "--overwrite"),
-    ("file", {}, "is a file, not a folder"),
-    ("file", {"resume": "ck.pt"}, "is a file, not a folder"),
-    ("under-a-file", {}, "cannot be written"),
-], ids=["checkpoint", "log-and-final", "read-only-check", "file", "file-with-resume", "under-a-file"])
+@pytest.mark.parametrize(
+    "layout, kwargs, fragment",
+    [
+        ({"checkpoint.pt": b"x"}, {}, "already holds a run (checkpoint.pt)"),
+        ({"log.csv": b"x", "final.json": b"{}"}, {}, "already holds a run (log.csv, final.json)"),
+        ({"log.csv": b"x"}, {"create": False}, "--overwrite"),
+        ("file", {}, "is a file, not a folder"),
+        ("file", {"resume": "ck.pt"}, "is a file, not a folder"),
+        ("under-a-file", {}, "cannot be written"),
+    ],
+    ids=["checkpoint", "log-and-final", "read-only-check", "file", "file-with-resume", "under-a-file"],
+)
 def test_prepare_out_dir_refuses(tmp_path, layout, kwargs, fragment):
     out = tmp_path / "out"
     if layout == "file":
@@ -535,8 +564,9 @@ def _tamper_key(path):
     torch.save(ckpt, path)
 
 
-@pytest.mark.parametrize("tamper", [_tamper_tensor_bytes, _tamper_number, _tamper_key],
-                         ids=["tensor-bytes", "number", "key"])
+@pytest.mark.parametrize(
+    "tamper", [_tamper_tensor_bytes, _tamper_number, _tamper_key], ids=["tensor-bytes", "number", "key"]
+)
 def test_load_checkpoint_refuses_content_that_does_not_match_its_checksum(tmp_path, tamper):
     path = tmp_path / "checkpoint.pt"
     atomic_save({"model": torch.nn.Linear(8, 8).state_dict(), "epoch": 3, "args": {"lr": 0.1}}, str(path))
@@ -553,8 +583,14 @@ def test_content_sha256_sees_every_entry_and_legacy_files_load():
     assert trainkit.content_sha256({**base, trainkit.CHECKSUM_KEY: "anything"}) == digest
     # a set's iteration order changes with the process's string hashing: its checksum must not
     assert trainkit.content_sha256({"s": {"a", "bb", "ccc"}}) == trainkit.content_sha256({"s": {"ccc", "a", "bb"}})
-    for changed in ({**base, "w": torch.arange(6.0).reshape(3, 2)}, {**base, "w": base["w"].double()},
-                    {**base, "n": 2}, {**base, "s": "b"}, {**base, "l": [1.5, 0]}, {**base, "x": 0}):
+    for changed in (
+        {**base, "w": torch.arange(6.0).reshape(3, 2)},
+        {**base, "w": base["w"].double()},
+        {**base, "n": 2},
+        {**base, "s": "b"},
+        {**base, "l": [1.5, 0]},
+        {**base, "x": 0},
+    ):
         assert trainkit.content_sha256(changed) != digest
 
 

@@ -35,7 +35,6 @@ from .checkpoint import (
 )
 from .cli import float_range, int_list, int_range, run_cli
 from .csvlog import read_csv, write_csv
-from .divergence import DivergenceError, check_finite_step, first_nonfinite
 from .distributed import (
     DeviceError,
     DistInfo,
@@ -45,8 +44,9 @@ from .distributed import (
     launched_by_torchrun,
     setup_distributed,
 )
-from .outdir import OutDirError, prepare_out_dir, remove_stale_temp_files
+from .divergence import DivergenceError, check_finite_step, first_nonfinite
 from .memory_meter import MIB, SavedMemory, compare_saved_memory, saved_bytes_on_meta
+from .outdir import OutDirError, prepare_out_dir, remove_stale_temp_files
 from .progress import Progress, format_seconds, progress
 from .resume import (
     RESUME_KEYS,

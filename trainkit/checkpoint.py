@@ -5,14 +5,22 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from typing import Any, Dict, Iterable, Mapping, Optional, Type
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 
 from .outdir import TEMP_PREFIX
 
-__all__ = ["CheckpointError", "ResumeError", "CHECKSUM_KEY", "content_sha256", "atomic_save", "load_checkpoint",
-           "check_same_args"]
+__all__ = [
+    "CheckpointError",
+    "ResumeError",
+    "CHECKSUM_KEY",
+    "content_sha256",
+    "atomic_save",
+    "load_checkpoint",
+    "check_same_args",
+]
 
 #: Top-level key of the content checksum that :func:`atomic_save` adds to a dict checkpoint.
 CHECKSUM_KEY = "content_sha256"
@@ -26,7 +34,7 @@ class ResumeError(CheckpointError):
     """A --resume checkpoint is missing, corrupt or was written by an incompatible run."""
 
 
-def _feed(h: "hashlib._Hash", obj: Any) -> None:
+def _feed(h: hashlib._Hash, obj: Any) -> None:
     """Hashes ``obj`` into ``h``: type tags, lengths and keys in order, tensors by dtype, shape and bytes."""
     if isinstance(obj, torch.Tensor):
         t = obj.detach().cpu().contiguous()
@@ -109,9 +117,9 @@ def load_checkpoint(
     required: Iterable[str] = (),
     kind: str = "training",
     option: str = "--resume",
-    error: Type[Exception] = CheckpointError,
+    error: type[Exception] = CheckpointError,
     checkpoint_name: str = "checkpoint.pt",
-) -> Dict[str, Any]:
+) -> dict[str, Any]:
     """Loads a checkpoint on the CPU with ``weights_only=True``, verifies its checksum and its ``required`` keys.
 
     A checkpoint written by :func:`atomic_save` carries a :func:`content_sha256` that must match its content
@@ -159,8 +167,8 @@ def check_same_args(
     current: Mapping[str, Any],
     keys: Iterable[str],
     path: str,
-    error: Type[Exception] = CheckpointError,
-    defaults: Optional[Mapping[str, Any]] = None,
+    error: type[Exception] = CheckpointError,
+    defaults: Mapping[str, Any] | None = None,
 ) -> None:
     """Refuses to resume when options that shape the run differ from those stored in the checkpoint.
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from typing import Any, Callable, List, Optional, Sequence, Tuple, Type
+from collections.abc import Callable, Sequence
+from typing import Any
 
 __all__ = ["run_cli", "int_range", "float_range", "int_list"]
 
 
-def _bounds_text(low: Optional[float], high: Optional[float], low_open: bool, high_open: bool) -> str:
+def _bounds_text(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
     if low is not None and high is not None:
         return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
     if low is not None:
@@ -20,26 +21,28 @@ def _bounds_text(low: Optional[float], high: Optional[float], low_open: bool, hi
     return "finite"
 
 
-def _check_bounds(value: float, low: Optional[float], high: Optional[float], low_open: bool, high_open: bool) -> bool:
+def _check_bounds(value: float, low: float | None, high: float | None, low_open: bool, high_open: bool) -> bool:
     if low is not None and (value <= low if low_open else value < low):
         return False
     return not (high is not None and (value >= high if high_open else value > high))
 
 
-def int_range(low: Optional[int] = None, high: Optional[int] = None) -> Callable[[str], int]:
+def int_range(low: int | None = None, high: int | None = None) -> Callable[[str], int]:
     """An argparse ``type`` for an integer in [``low``, ``high``] (None: unbounded on that side).
 
     argparse turns its error into ``argument --name: must be an integer >= 1, got '-3'`` and exit status 2,
     before the command does any work.
     """
+
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             value = None
         if value is None or not _check_bounds(value, low, high, False, False):
-            raise argparse.ArgumentTypeError(f"must be an integer {_bounds_text(low, high, False, False)}, "
-                                             f"got {text!r}")
+            raise argparse.ArgumentTypeError(
+                f"must be an integer {_bounds_text(low, high, False, False)}, got {text!r}"
+            )
         return value
 
     parse.__name__ = "integer"
@@ -47,31 +50,33 @@ def int_range(low: Optional[int] = None, high: Optional[int] = None) -> Callable
 
 
 def float_range(
-    low: Optional[float] = None, high: Optional[float] = None, low_open: bool = False, high_open: bool = False
+    low: float | None = None, high: float | None = None, low_open: bool = False, high_open: bool = False
 ) -> Callable[[str], float]:
     """An argparse ``type`` for a finite number between ``low`` and ``high`` (open ends with ``*_open``).
 
     NaN and infinities are always refused.
     """
+
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             value = math.nan
         if not (math.isfinite(value) and _check_bounds(value, low, high, low_open, high_open)):
-            raise argparse.ArgumentTypeError(f"must be a finite number {_bounds_text(low, high, low_open, high_open)}"
-                                             f", got {text!r}")
+            raise argparse.ArgumentTypeError(
+                f"must be a finite number {_bounds_text(low, high, low_open, high_open)}, got {text!r}"
+            )
         return value
 
     parse.__name__ = "number"
     return parse
 
 
-def int_list(low: Optional[int] = None, high: Optional[int] = None) -> Callable[[str], List[int]]:
+def int_list(low: int | None = None, high: int | None = None) -> Callable[[str], list[int]]:
     """An argparse ``type`` for comma-separated integers, each in [``low``, ``high``] (e.g. ``--threads 1,2``)."""
     one = int_range(low, high)
 
-    def parse(text: str) -> List[int]:
+    def parse(text: str) -> list[int]:
         items = [t.strip() for t in text.split(",") if t.strip()]
         if not items:
             raise argparse.ArgumentTypeError(f"must be comma-separated integers, got {text!r}")
@@ -84,9 +89,9 @@ def int_list(low: Optional[int] = None, high: Optional[int] = None) -> Callable[
 def run_cli(
     parser: argparse.ArgumentParser,
     run: Callable[[argparse.Namespace], Any],
-    argv: Optional[Sequence[str]],
-    user_errors: Tuple[Type[BaseException], ...],
-    is_user_error: Optional[Callable[[BaseException], bool]] = None,
+    argv: Sequence[str] | None,
+    user_errors: tuple[type[BaseException], ...],
+    is_user_error: Callable[[BaseException], bool] | None = None,
 ) -> int:
     """Runs ``run(parser.parse_args(argv))``; returns 0, or 2 after a one-line ``error: ...`` on stderr.
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import csv
 import os
 import tempfile
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from .outdir import TEMP_PREFIX
 
@@ -37,7 +38,7 @@ def write_csv(path: str, rows: Sequence[Mapping[str, Any]], fields: Sequence[str
         raise
 
 
-def read_csv(path: str, upto_epoch: Optional[int] = None) -> List[Dict[str, str]]:
+def read_csv(path: str, upto_epoch: int | None = None) -> list[dict[str, str]]:
     """Reads a log written by :func:`write_csv`; [] when the file does not exist.
 
     Args:

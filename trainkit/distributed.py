@@ -5,13 +5,20 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any, List, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DeviceError", "DistInfo", "launched_by_torchrun", "setup_distributed", "cleanup_distributed",
-           "all_gather_objects", "broadcast_object"]
+__all__ = [
+    "DeviceError",
+    "DistInfo",
+    "launched_by_torchrun",
+    "setup_distributed",
+    "cleanup_distributed",
+    "all_gather_objects",
+    "broadcast_object",
+]
 
 
 class DeviceError(RuntimeError):
@@ -27,7 +34,7 @@ class DistInfo:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
-    backend: Optional[str] = None
+    backend: str | None = None
 
     @property
     def distributed(self) -> bool:
@@ -85,8 +92,9 @@ def setup_distributed(device: str = "cpu", timeout_s: float = 600.0) -> DistInfo
         except TypeError:  # older torch without device_id
             kwargs.pop("device_id", None)
             dist.init_process_group(backend, **kwargs)
-    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=dev,
-                    backend=backend)
+    return DistInfo(
+        rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=dev, backend=backend
+    )
 
 
 def cleanup_distributed() -> None:
@@ -95,11 +103,11 @@ def cleanup_distributed() -> None:
         dist.destroy_process_group()
 
 
-def all_gather_objects(obj: Any) -> List[Any]:
+def all_gather_objects(obj: Any) -> list[Any]:
     """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` without a process group."""
     if not (dist.is_available() and dist.is_initialized()):
         return [obj]
-    out: List[Any] = [None] * dist.get_world_size()
+    out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Iterator, Optional, Tuple, Union
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -16,14 +16,14 @@ class DivergenceError(FloatingPointError):
     """Training produced a non-finite loss or non-finite weights (the run cannot continue)."""
 
 
-def _floating_state(model: nn.Module) -> Iterator[Tuple[str, Tensor]]:
+def _floating_state(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
     """The model's floating-point parameters and buffers (running statistics included), by name."""
     for name, t in model.state_dict(keep_vars=True).items():
         if isinstance(t, Tensor) and t.is_floating_point():
             yield name, t.detach()
 
 
-def first_nonfinite(model: nn.Module) -> Optional[str]:
+def first_nonfinite(model: nn.Module) -> str | None:
     """The name of the first parameter or floating buffer of ``model`` holding a NaN or an infinity, or None.
 
     One synchronisation in all: the float64 sums of every tensor are added up (a sum is finite exactly when
@@ -47,9 +47,9 @@ def first_nonfinite(model: nn.Module) -> Optional[str]:
 
 def check_finite_step(
     model: nn.Module,
-    loss: Union[Tensor, float, None],
+    loss: Tensor | float | None,
     iteration: int,
-    epoch: Optional[int] = None,
+    epoch: int | None = None,
     distributed: bool = False,
 ) -> None:
     """Raises :class:`DivergenceError` when ``loss`` or the weights after an optimizer step are not finite.
@@ -84,5 +84,7 @@ def check_finite_step(
             problem = "another process's loss or weights became non-finite"
     if problem is not None:
         where = f"iteration {iteration}" + (f" (epoch {epoch})" if epoch is not None else "")
-        raise DivergenceError(f"training diverged at {where}: {problem}; nothing of this epoch was saved "
-                              "(the last checkpoint is kept); lower --lr")
+        raise DivergenceError(
+            f"training diverged at {where}: {problem}; nothing of this epoch was saved "
+            "(the last checkpoint is kept); lower --lr"
+        )

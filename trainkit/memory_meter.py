@@ -13,8 +13,9 @@ exact resume) is untouched.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Dict
+from typing import Any
 
 import torch
 from torch import nn
@@ -77,7 +78,7 @@ class SavedMemory:
         """``norm_bytes / bn_bytes`` (NaN for a zero baseline)."""
         return self.norm_bytes / self.bn_bytes if self.bn_bytes > 0 else math.nan
 
-    def as_dict(self) -> Dict[str, float]:
+    def as_dict(self) -> dict[str, float]:
         """``{"bn_mib", "norm_mib", "ratio"}``: the ``memory`` entry of the trainers' summaries."""
         return {"bn_mib": self.bn_mib, "norm_mib": self.norm_mib, "ratio": self.ratio}
 
@@ -88,9 +89,11 @@ class SavedMemory:
             step: What was counted, e.g. ``"float32 training step, batch 8 x 3 x 128 x 128"``.
         """
         current = self.current or f"norm={self.norm}"
-        return (f"activation memory saved vs BatchNorm: {self.bn_mib:.1f} MiB -> {self.norm_mib:.1f} MiB "
-                f"({self.ratio:.2f}x) [saved for backward by one {step}, "
-                f"{self.baseline} -> {current}, parameters excluded]")
+        return (
+            f"activation memory saved vs BatchNorm: {self.bn_mib:.1f} MiB -> {self.norm_mib:.1f} MiB "
+            f"({self.ratio:.2f}x) [saved for backward by one {step}, "
+            f"{self.baseline} -> {current}, parameters excluded]"
+        )
 
 
 def compare_saved_memory(
@@ -115,5 +118,6 @@ def compare_saved_memory(
     """
     ours = count(norm)
     bn = ours if norm == baseline_norm else count(baseline_norm)
-    return SavedMemory(bn_bytes=bn, norm_bytes=ours, norm=norm, baseline=baseline or f"norm={baseline_norm}",
-                       current=current)
+    return SavedMemory(
+        bn_bytes=bn, norm_bytes=ours, norm=norm, baseline=baseline or f"norm={baseline_norm}", current=current
+    )

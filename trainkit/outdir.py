@@ -5,7 +5,7 @@ from __future__ import annotations
 import glob
 import os
 import tempfile
-from typing import List, Optional, Sequence
+from collections.abc import Sequence
 
 __all__ = ["OutDirError", "prepare_out_dir", "remove_stale_temp_files", "TEMP_PREFIX"]
 
@@ -18,7 +18,7 @@ class OutDirError(ValueError):
     """``--out`` holds an earlier run (without ``--resume`` / ``--overwrite``), is a file, or is not writable."""
 
 
-def remove_stale_temp_files(folder: str) -> List[str]:
+def remove_stale_temp_files(folder: str) -> list[str]:
     """Removes the ``.tmp-*`` files an interrupted atomic write left in ``folder``; returns their paths.
 
     Args:
@@ -35,7 +35,7 @@ def remove_stale_temp_files(folder: str) -> List[str]:
 def prepare_out_dir(
     out: str,
     products: Sequence[str],
-    resume: Optional[str] = None,
+    resume: str | None = None,
     overwrite: bool = False,
     create: bool = True,
 ) -> None:
@@ -62,8 +62,10 @@ def prepare_out_dir(
         raise OutDirError(f"--out {out!r} is a file, not a folder; pass a folder path")
     earlier = [p for p in products if os.path.exists(os.path.join(out, p))]
     if earlier and resume is None and not overwrite:
-        raise OutDirError(f"--out {out!r} already holds a run ({', '.join(earlier)}); continue it with --resume "
-                          f"{os.path.join(out, 'checkpoint.pt')}, replace it with --overwrite, or choose another --out")
+        raise OutDirError(
+            f"--out {out!r} already holds a run ({', '.join(earlier)}); continue it with --resume "
+            f"{os.path.join(out, 'checkpoint.pt')}, replace it with --overwrite, or choose another --out"
+        )
     if not create:
         return
     try:
@@ -72,8 +74,9 @@ def prepare_out_dir(
         os.close(fd)
         os.remove(probe)
     except OSError as e:
-        raise OutDirError(f"--out {out!r} cannot be written ({type(e).__name__}: {e.strerror or e}); "
-                          "pass a writable folder") from e
+        raise OutDirError(
+            f"--out {out!r} cannot be written ({type(e).__name__}: {e.strerror or e}); pass a writable folder"
+        ) from e
     remove_stale_temp_files(out)
     if overwrite and resume is None:
         for p in earlier:

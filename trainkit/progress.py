@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from typing import Any, Optional, TextIO
+from typing import Any, TextIO
 
 __all__ = ["Progress", "progress", "format_seconds"]
 
@@ -46,7 +46,7 @@ class Progress:
         total: int,
         desc: str = "",
         enabled: bool = True,
-        stream: Optional[TextIO] = None,
+        stream: TextIO | None = None,
         backend: str = "auto",
         interval: float = 30.0,
         refresh: float = 0.1,
@@ -114,7 +114,7 @@ class Progress:
             self.stream.write("\r" + " " * self._width + "\r")
             self.stream.flush()
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -133,8 +133,10 @@ class Progress:
         head = f"{self.desc}: " if self.desc else ""
         speed = f"{rate:.2f} it/s" if rate >= 1 or not math.isfinite(rate) else f"{1 / rate:.2f} s/it"
         tail = f" {self.postfix}" if self.postfix else ""
-        return (f"{head}{100 * frac:3.0f}%{bar} {self.n}/{self.total} "
-                f"[{format_seconds(elapsed)}<{format_seconds(eta)}, {speed}]{tail}")
+        return (
+            f"{head}{100 * frac:3.0f}%{bar} {self.n}/{self.total} "
+            f"[{format_seconds(elapsed)}<{format_seconds(eta)}, {speed}]{tail}"
+        )
 
     def _draw(self, now: float) -> None:
         line = self._line(now, bar_width=20)

@@ -24,8 +24,9 @@ The walk of a trainer::
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any
 
 import torch
 from torch import nn
@@ -79,8 +80,8 @@ def load_resume_checkpoint(
     kind: str,
     required: Sequence[str] = RESUME_KEYS,
     checkpoint_name: str = "checkpoint.pt",
-    defaults: Optional[Mapping[str, Any]] = None,
-) -> Dict[str, Any]:
+    defaults: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """Loads a ``--resume`` checkpoint and refuses one written with different run-shaping options.
 
     Call it before the (slow) data loading, so a bad path fails at once.
@@ -111,8 +112,8 @@ def restore_training_state(
     path: str,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    scheduler: Optional[Any] = None,
-    scaler: Optional[Any] = None,
+    scheduler: Any | None = None,
+    scaler: Any | None = None,
     rank: int = 0,
     world_size: int = 1,
 ) -> ResumePoint:
@@ -145,16 +146,22 @@ def restore_training_state(
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
     except _STATE_MISMATCH as e:
-        raise ResumeError(f"--resume checkpoint {path!r} does not fit this model/optimizer "
-                          f"({type(e).__name__}: {e})") from e
+        raise ResumeError(
+            f"--resume checkpoint {path!r} does not fit this model/optimizer ({type(e).__name__}: {e})"
+        ) from e
     per_rank = ckpt.get("rng_per_rank") or []
     exact = len(per_rank) == world_size or (not per_rank and world_size == 1)
     try:
         set_rng_state(per_rank[rank] if len(per_rank) == world_size else ckpt["rng"])
     except _STATE_MISMATCH as e:
         raise ResumeError(f"--resume checkpoint {path!r} has a malformed RNG state ({type(e).__name__}: {e})") from e
-    return ResumePoint(epoch=int(ckpt["epoch"]), iteration=int(ckpt.get("iteration", 0)),
-                       elapsed=float(ckpt.get("elapsed", 0.0)), rng_exact=exact, resumed=True)
+    return ResumePoint(
+        epoch=int(ckpt["epoch"]),
+        iteration=int(ckpt.get("iteration", 0)),
+        elapsed=float(ckpt.get("elapsed", 0.0)),
+        rng_exact=exact,
+        resumed=True,
+    )
 
 
 def save_training_checkpoint(
@@ -164,12 +171,12 @@ def save_training_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     epoch: int,
-    args: Union[argparse.Namespace, Mapping[str, Any]],
+    args: argparse.Namespace | Mapping[str, Any],
     elapsed: float = 0.0,
-    iteration: Optional[int] = None,
-    scaler: Optional[Any] = None,
-    rng: Optional[Dict[str, Any]] = None,
-    rng_per_rank: Optional[Sequence[Dict[str, Any]]] = None,
+    iteration: int | None = None,
+    scaler: Any | None = None,
+    rng: dict[str, Any] | None = None,
+    rng_per_rank: Sequence[dict[str, Any]] | None = None,
     **extra: Any,
 ) -> None:
     """Writes a training checkpoint atomically (the previous file survives a crash during the write).
@@ -194,12 +201,17 @@ def save_training_checkpoint(
     """
     bad = first_nonfinite(model)
     if bad is not None:
-        raise DivergenceError(f"refusing to write {path!r}: weight {bad!r} is not finite (training diverged); "
-                              "the previous checkpoint is kept")
+        raise DivergenceError(
+            f"refusing to write {path!r}: weight {bad!r} is not finite (training diverged); "
+            "the previous checkpoint is kept"
+        )
     if rng is None:
         rng = rng_per_rank[0] if rng_per_rank else rng_state()
-    obj: Dict[str, Any] = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                           "scheduler": scheduler.state_dict()}
+    obj: dict[str, Any] = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+    }
     if scaler is not None:
         obj["scaler"] = scaler.state_dict()
     obj["epoch"] = int(epoch)
@@ -214,7 +226,7 @@ def save_training_checkpoint(
     atomic_save(obj, path)
 
 
-def check_stop_after(stop_after: Optional[int]) -> None:
+def check_stop_after(stop_after: int | None) -> None:
     """Validates ``--stop-after``.
 
     Raises:
@@ -224,7 +236,7 @@ def check_stop_after(stop_after: Optional[int]) -> None:
         raise ValueError(f"--stop-after must be >= 1, got {stop_after}")
 
 
-def stop_after_reached(stop_after: Optional[int], done_here: int, done: int, total: int) -> bool:
+def stop_after_reached(stop_after: int | None, done_here: int, done: int, total: int) -> bool:
     """True when ``--stop-after N`` ends this process now: it has run N epochs and the run is not finished.
 
     A run that reaches its last epoch finishes normally (writes its final results) whatever N is.

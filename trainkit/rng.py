@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from typing import Any, Dict
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def rng_state() -> Dict[str, Any]:
+def rng_state() -> dict[str, Any]:
     """The state of torch's CPU RNG (and CUDA RNGs, when CUDA is initialised), NumPy's global RNG and ``random``.
 
     Only tensors and plain Python containers, so the result survives ``torch.load(..., weights_only=True)``.
@@ -31,7 +31,7 @@ def rng_state() -> Dict[str, Any]:
         A dict for :func:`set_rng_state`: keys ``torch``, ``numpy``, ``python`` and, with CUDA, ``cuda``.
     """
     np_state = np.random.get_state()
-    state: Dict[str, Any] = {
+    state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "numpy": (np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])),
         "python": random.getstate(),
@@ -41,7 +41,7 @@ def rng_state() -> Dict[str, Any]:
     return state
 
 
-def set_rng_state(state: Dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
     """Restores a state returned by :func:`rng_state` (CUDA states are restored when present and CUDA is available).
 
     Raises:

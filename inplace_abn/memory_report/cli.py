@@ -17,7 +17,7 @@ import json
 import re
 import sys
 import textwrap
-from typing import Callable, List, Optional, Sequence, Tuple
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -26,14 +26,26 @@ from .report import DTYPES, OPTIMIZERS, PEAK_FORMULA, MemoryReport, memory_repor
 
 __all__ = ["main", "build_parser", "resolve_model", "parse_shape", "parse_bytes", "save_plot"]
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 _DENSENETS = ("densenet121", "densenet161", "densenet169", "densenet201", "densenet264")
-_FORMS = ("torchvision:NAME, timm:NAME, segmentation:ARCH, densenet:NAME or package.module:callable "
-          "(e.g. torchvision:resnet50)")
+_FORMS = (
+    "torchvision:NAME, timm:NAME, segmentation:ARCH, densenet:NAME or package.module:callable "
+    "(e.g. torchvision:resnet50)"
+)
 
 
-def parse_shape(text: str) -> Tuple[int, ...]:
+def parse_shape(text: str) -> tuple[int, ...]:
     """``"1x3x224x224"`` -> (1, 3, 224, 224): at least N and C, every size a positive int.
 
     Raises:
@@ -66,8 +78,9 @@ def _torchvision(name: str) -> Callable[[], nn.Module]:
     try:
         import torchvision.models as tvm
     except Exception as exc:  # an ImportError, or a torchvision built for another torch
-        raise ValueError(f"torchvision is not usable here ({type(exc).__name__}: {exc}); install the torchvision "
-                         "matching your torch") from None
+        raise ValueError(
+            f"torchvision is not usable here ({type(exc).__name__}: {exc}); install the torchvision matching your torch"
+        ) from None
     names = tvm.list_models()
     if name not in names:
         raise ValueError(f"unknown torchvision model {name!r}{_close(name, names)} (torchvision.models.list_models())")
@@ -94,8 +107,9 @@ def _repository(kind: str, name: str) -> Callable[[], nn.Module]:
     try:
         module = importlib.import_module(kind)
     except ImportError as exc:
-        raise ValueError(f"{kind}:{name} needs this repository's {kind!r} package on the path "
-                         f"(run from the repository root): {exc}") from None
+        raise ValueError(
+            f"{kind}:{name} needs this repository's {kind!r} package on the path (run from the repository root): {exc}"
+        ) from None
     if kind == "segmentation":
         if name not in module.ARCHS:
             raise ValueError(f"unknown segmentation arch {name!r}; one of {', '.join(module.ARCHS)}")
@@ -140,7 +154,7 @@ def resolve_model(spec: str) -> Callable[[], nn.Module]:
     return _user_factory(spec)
 
 
-def save_plot(report: MemoryReport, path: str, max_batch: Optional[int] = None) -> None:
+def save_plot(report: MemoryReport, path: str, max_batch: int | None = None) -> None:
     """Writes a PNG of the estimated peak against the batch size, one line per variant, and the budget.
 
     Args:
@@ -158,12 +172,16 @@ def save_plot(report: MemoryReport, path: str, max_batch: Optional[int] = None) 
     batches = list(range(1, end + 1))
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for v in report.variants:
-        line, = ax.plot(batches, [v.peak_bytes(b) / 2**30 for b in batches], label=v.name)
+        (line,) = ax.plot(batches, [v.peak_bytes(b) / 2**30 for b in batches], label=v.name)
         if v.max_batch:
             ax.plot([v.max_batch], [v.peak_bytes(v.max_batch) / 2**30], "o", color=line.get_color())
     if report.budget_bytes is not None:
-        ax.axhline(report.budget_bytes / 2**30, color="k", linestyle="--",
-                   label=f"budget {report.budget_bytes / 2**30:.3g} GiB")
+        ax.axhline(
+            report.budget_bytes / 2**30,
+            color="k",
+            linestyle="--",
+            label=f"budget {report.budget_bytes / 2**30:.3g} GiB",
+        )
     ax.set_xlabel("batch size")
     ax.set_ylabel("estimated peak of a training step (GiB)")
     shape = "x".join(str(s) for s in report.input_shape[1:])
@@ -183,28 +201,42 @@ def build_parser() -> argparse.ArgumentParser:
             "What In-Place ABN (convert_model) would save on a model, and the largest batch that fits a memory "
             "budget, counted exactly on the meta device (no memory, no weights downloaded). Compares the model as "
             "given, convert_model's In-Place ABN version and, for reference, torch.utils.checkpoint per top-level "
-            "stage.", 100) + "\n\n" + textwrap.fill("peak estimate: " + PEAK_FORMULA, 100),
+            "stage.",
+            100,
+        )
+        + "\n\n"
+        + textwrap.fill("peak estimate: " + PEAK_FORMULA, 100),
         epilog="examples: python -m inplace_abn.memory_report torchvision:resnet50 --input 32x3x224x224 --budget 16GiB\n"
-               "          python -m inplace_abn.memory_report segmentation:wrn38 --input 1x3x1024x2048 --plot wrn38.png",
+        "          python -m inplace_abn.memory_report segmentation:wrn38 --input 1x3x1024x2048 --plot wrn38.png",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("model", metavar="MODEL", help=f"the model: {_FORMS}")
-    parser.add_argument("--input", required=True, metavar="NxCxHxW",
-                        help="shape of one training batch, e.g. 1x3x224x224 (N is the batch the totals are for)")
+    parser.add_argument(
+        "--input",
+        required=True,
+        metavar="NxCxHxW",
+        help="shape of one training batch, e.g. 1x3x224x224 (N is the batch the totals are for)",
+    )
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="parameter and input dtype")
-    parser.add_argument("--budget", default="16GiB", metavar="SIZE",
-                        help="memory for one training step, for the largest batch that fits (default 16GiB; "
-                             "units B, KB..TB, KiB..TiB)")
-    parser.add_argument("--optimizer", default="sgd", choices=sorted(OPTIMIZERS),
-                        help="optimizer state in the peak estimate: sgd (with momentum, 1 buffer per parameter) "
-                             "or adamw (2)")
+    parser.add_argument(
+        "--budget",
+        default="16GiB",
+        metavar="SIZE",
+        help="memory for one training step, for the largest batch that fits (default 16GiB; units B, KB..TB, KiB..TiB)",
+    )
+    parser.add_argument(
+        "--optimizer",
+        default="sgd",
+        choices=sorted(OPTIMIZERS),
+        help="optimizer state in the peak estimate: sgd (with momentum, 1 buffer per parameter) or adamw (2)",
+    )
     parser.add_argument("--top", type=int, default=5, metavar="K", help="modules listed per variant (default 5)")
     parser.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     parser.add_argument("--plot", metavar="FILE.png", help="also plot estimated peak vs batch size per variant")
     return parser
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Runs the command; returns the exit status (argument errors exit with status 2 via ``parser.error``)."""
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -231,8 +263,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error(f"argument MODEL: {args.model!r} returned a {type(model).__name__}, not an nn.Module")
     print("counting saved tensors of 3 variants (as given, In-Place ABN, checkpoint) ...", file=sys.stderr)
     try:
-        report = memory_report(model, shape, dtype=DTYPES[args.dtype], optimizer=args.optimizer, budget=budget,
-                               top=args.top, name=args.model)
+        report = memory_report(
+            model,
+            shape,
+            dtype=DTYPES[args.dtype],
+            optimizer=args.optimizer,
+            budget=budget,
+            top=args.top,
+            name=args.model,
+        )
     except (RuntimeError, ValueError) as exc:  # typically a shape the model rejects: say which argument
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         parser.error(f"argument --input: {args.model} failed on a {args.input} {args.dtype} input: {first}")

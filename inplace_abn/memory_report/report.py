@@ -32,8 +32,9 @@ import math
 import textwrap
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any
 
 import torch
 from torch import nn
@@ -55,9 +56,9 @@ __all__ = [
 ]
 
 #: Values of ``dtype`` (names as the CLI's ``--dtype`` takes them).
-DTYPES: Dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: Optimizer -> state buffers per trainable parameter (SGD with momentum: 1; AdamW: exp_avg, exp_avg_sq).
-OPTIMIZERS: Dict[str, int] = {"sgd": 1, "adamw": 2}
+OPTIMIZERS: dict[str, int] = {"sgd": 1, "adamw": 2}
 #: The peak estimate, as printed.
 PEAK_FORMULA = (
     "peak(B) = params+buffers + grads + optimizer state + saved(B) + recompute(B) + 2 x largest activation(B); "
@@ -113,13 +114,13 @@ class VariantReport:
     activation_fixed: float
     recompute_per_sample: float = 0.0
     recompute_fixed: float = 0.0
-    top_modules: List[ModuleMemory] = field(default_factory=list)
-    unconverted: List[Tuple[str, str]] = field(default_factory=list)
+    top_modules: list[ModuleMemory] = field(default_factory=list)
+    unconverted: list[tuple[str, str]] = field(default_factory=list)
     converted: int = 0
     fused: int = 0
-    untraced: List[str] = field(default_factory=list)
-    stages: List[str] = field(default_factory=list)
-    max_batch: Optional[int] = None
+    untraced: list[str] = field(default_factory=list)
+    stages: list[str] = field(default_factory=list)
+    max_batch: int | None = None
 
     def peak_bytes(self, batch: int) -> float:
         """The peak estimate of one training step at ``batch`` (see :data:`PEAK_FORMULA`)."""
@@ -161,13 +162,13 @@ class MemoryReport:
     """
 
     model: str
-    input_shape: Tuple[int, ...]
+    input_shape: tuple[int, ...]
     dtype: str
     optimizer: str
-    budget_bytes: Optional[int]
-    variants: List[VariantReport]
+    budget_bytes: int | None
+    variants: list[VariantReport]
     formula: str = PEAK_FORMULA
-    counted_at: Tuple[int, int] = (0, 0)
+    counted_at: tuple[int, int] = (0, 0)
     seconds: float = 0.0
 
     def variant(self, name: str) -> VariantReport:
@@ -177,7 +178,7 @@ class MemoryReport:
                 return v
         raise KeyError(f"no variant {name!r}; have {[v.name for v in self.variants]}")
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict (the ``--json`` schema): every field, plus per variant ``peak_bytes`` at
         the input's batch and ``saved_ratio`` (saved bytes / the as-given variant's)."""
         out = asdict(self)
@@ -205,13 +206,15 @@ def format_report(report: MemoryReport, unconverted_listed: int = 8, stages_list
     """The text the CLI prints: a table of the variants, the top modules, the unconverted layers, the formula."""
     n = report.input_shape[0]
     shape = "x".join(str(s) for s in report.input_shape)
-    lines = [f"memory_report: {report.model}, input {shape} {report.dtype}, optimizer {report.optimizer}"
-             f"{'' if report.budget_bytes is None else ', budget ' + _fmt(report.budget_bytes)}"
-             f" ({report.seconds:.1f} s on the meta device)"]
+    lines = [
+        f"memory_report: {report.model}, input {shape} {report.dtype}, optimizer {report.optimizer}"
+        f"{'' if report.budget_bytes is None else ', budget ' + _fmt(report.budget_bytes)}"
+        f" ({report.seconds:.1f} s on the meta device)"
+    ]
     names = [v.name for v in report.variants]
     width = max(14, *(len(x) + 2 for x in names))
     base = report.variants[0]
-    rows: List[Tuple[str, Callable[[VariantReport], str]]] = [
+    rows: list[tuple[str, Callable[[VariantReport], str]]] = [
         (f"saved for backward (batch {n})", lambda v: _fmt(v.saved_bytes)),
         ("  vs as given", lambda v: f"{v.saved_bytes / base.saved_bytes:.2f}x" if base.saved_bytes else "-"),
         ("  per sample", lambda v: _fmt(v.saved_per_sample)),
@@ -220,8 +223,14 @@ def format_report(report: MemoryReport, unconverted_listed: int = 8, stages_list
         ("gradients", lambda v: _fmt(v.grad_bytes)),
         (f"optimizer state ({report.optimizer})", lambda v: _fmt(v.optimizer_bytes)),
         ("largest activation x2", lambda v: _fmt(2 * (v.activation_fixed + v.activation_per_sample * n))),
-        ("recompute (largest stage)", lambda v: _fmt(v.recompute_fixed + v.recompute_per_sample * n)
-         if v.recompute_per_sample or v.recompute_fixed else "-"),
+        (
+            "recompute (largest stage)",
+            lambda v: (
+                _fmt(v.recompute_fixed + v.recompute_per_sample * n)
+                if v.recompute_per_sample or v.recompute_fixed
+                else "-"
+            ),
+        ),
         (f"peak estimate (batch {n})", lambda v: _fmt(v.peak_bytes(n))),
     ]
     if report.budget_bytes is not None:
@@ -236,8 +245,10 @@ def format_report(report: MemoryReport, unconverted_listed: int = 8, stages_list
             lines += [f"  {_fmt(m.bytes):>12}  {m.name or '(model forward)'} ({m.type})" for m in v.top_modules]
     abn = report.variants[1] if len(report.variants) > 1 else None
     if abn is not None:
-        lines.append(f"convert_model: {abn.converted} BatchNorms converted ({abn.fused} fused with a residual add), "
-                     f"{len(abn.unconverted)} kept")
+        lines.append(
+            f"convert_model: {abn.converted} BatchNorms converted ({abn.fused} fused with a residual add), "
+            f"{len(abn.unconverted)} kept"
+        )
         for name, reason in abn.unconverted[:unconverted_listed]:
             lines.append(f"  kept {name}: {reason}")
         if len(abn.unconverted) > unconverted_listed:
@@ -253,8 +264,7 @@ def format_report(report: MemoryReport, unconverted_listed: int = 8, stages_list
     return "\n".join(lines)
 
 
-def device_copy(model: nn.Module, device: Union[str, torch.device] = "meta",
-                dtype: Optional[torch.dtype] = None) -> nn.Module:
+def device_copy(model: nn.Module, device: str | torch.device = "meta", dtype: torch.dtype | None = None) -> nn.Module:
     """A copy of ``model`` with its parameters and buffers on ``device`` (on meta no data is copied).
 
     Args:
@@ -265,7 +275,7 @@ def device_copy(model: nn.Module, device: Union[str, torch.device] = "meta",
     Returns:
         The copy, in ``model``'s training mode.
     """
-    memo: Dict[int, Any] = {}
+    memo: dict[int, Any] = {}
     for t in list(model.parameters()) + list(model.buffers()):
         if id(t) in memo:
             continue
@@ -278,7 +288,7 @@ def device_copy(model: nn.Module, device: Union[str, torch.device] = "meta",
     return copy.deepcopy(model, memo)
 
 
-def _floating_tensors(out: Any) -> List[torch.Tensor]:
+def _floating_tensors(out: Any) -> list[torch.Tensor]:
     if isinstance(out, torch.Tensor):
         return [out] if out.is_floating_point() else []
     if isinstance(out, dict):
@@ -292,16 +302,17 @@ class _Measurement:
     """Saved bytes of one training forward, per innermost running module, and the largest activation."""
 
     def __init__(self, model: nn.Module, x: torch.Tensor) -> None:
-        self.per_module: Dict[str, int] = {}
+        self.per_module: dict[str, int] = {}
         self.largest = x.untyped_storage().nbytes()
         types = {name: type(m).__name__ for name, m in model.named_modules()}
-        stack: List[str] = [""]
-        owner: Dict[Any, str] = {}
+        stack: list[str] = [""]
+        owner: dict[Any, str] = {}
         handles = []
 
         def pre(name: str) -> Callable[..., None]:
             def hook(module: nn.Module, args: Any) -> None:
                 stack.append(name)
+
             return hook
 
         def post(module: nn.Module, args: Any, output: Any) -> None:
@@ -313,11 +324,14 @@ class _Measurement:
             if name:
                 handles.append(m.register_forward_pre_hook(pre(name)))
                 handles.append(m.register_forward_hook(post))
+
         def forward() -> torch.Tensor:
             outs = _floating_tensors(model(x))
             if not outs:
-                raise ValueError(f"the model returned no floating-point tensor (got {type(outs).__name__}); "
-                                 "memory_report needs a differentiable output")
+                raise ValueError(
+                    f"the model returned no floating-point tensor (got {type(outs).__name__}); "
+                    "memory_report needs a differentiable output"
+                )
             return torch.stack([t.sum() for t in outs]).sum()
 
         # Each storage belongs to the module running when it was first saved.
@@ -338,18 +352,18 @@ class _Measurement:
         """Saved bytes of module ``prefix`` and all its submodules."""
         return sum(b for name, b in self.per_module.items() if name == prefix or name.startswith(prefix + "."))
 
-    def top(self, k: int) -> List[ModuleMemory]:
+    def top(self, k: int) -> list[ModuleMemory]:
         ranked = sorted(self.per_module.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
         return [ModuleMemory(name, self.types.get(name, "?"), b) for name, b in ranked]
 
 
-def _linear(at_n: float, at_2n: float, n: int) -> Tuple[float, float]:
+def _linear(at_n: float, at_2n: float, n: int) -> tuple[float, float]:
     """(per_sample, fixed) of a quantity measured at batch n and 2n."""
     per_sample = (at_2n - at_n) / n
     return per_sample, at_n - per_sample * n
 
 
-def stages_of(model: nn.Module, share: Callable[[str], float]) -> List[str]:
+def stages_of(model: nn.Module, share: Callable[[str], float]) -> list[str]:
     """The "top-level stages" the checkpoint variant wraps: the model's children, where a container without
     a forward of its own (ModuleList, ModuleDict) or a child keeping more than half of the saved bytes
     (a ``backbone`` wrapper) is replaced by its own children, recursively.
@@ -361,7 +375,7 @@ def stages_of(model: nn.Module, share: Callable[[str], float]) -> List[str]:
     Returns:
         Qualified names of the stages, in registration order.
     """
-    out: List[str] = []
+    out: list[str] = []
 
     def visit(prefix: str, module: nn.Module) -> None:
         for name, child in module.named_children():
@@ -392,11 +406,12 @@ def _checkpointed(model: nn.Module, stages: Sequence[str]) -> nn.Module:
     return model
 
 
-def _input_shape(input_shape: Sequence[int]) -> Tuple[int, ...]:
+def _input_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
     shape = tuple(input_shape) if isinstance(input_shape, (tuple, list, torch.Size)) else None
     if not shape or len(shape) < 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shape):
-        raise ValueError(f"input_shape must be (N, C, *) with at least 2 positive ints, got {input_shape!r}; "
-                         "e.g. (1, 3, 224, 224)")
+        raise ValueError(
+            f"input_shape must be (N, C, *) with at least 2 positive ints, got {input_shape!r}; e.g. (1, 3, 224, 224)"
+        )
     return shape
 
 
@@ -406,10 +421,10 @@ def memory_report(
     *,
     dtype: torch.dtype = torch.float32,
     optimizer: str = "sgd",
-    budget: Optional[int] = None,
+    budget: int | None = None,
     top: int = 5,
-    name: Optional[str] = None,
-    device: Union[str, torch.device] = "meta",
+    name: str | None = None,
+    device: str | torch.device = "meta",
 ) -> MemoryReport:
     """What In-Place ABN (``convert_model``) saves on ``model``, and the largest batch that fits ``budget``.
 
@@ -441,8 +456,9 @@ def memory_report(
         raise ValueError(f"dtype must be one of {list(DTYPES.values())}, got {dtype!r}")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}")
-    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
-                               or not math.isfinite(budget) or budget <= 0):
+    if budget is not None and (
+        isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget) or budget <= 0
+    ):
         raise ValueError(f"budget must be a number of bytes > 0 or None, got {budget!r}")
     if isinstance(top, bool) or not isinstance(top, int) or top < 0:
         raise ValueError(f"top must be an int >= 0, got {top!r}")
@@ -461,15 +477,20 @@ def memory_report(
     # batch 1 is the line's value there.
     counted = (max(n, 2), 2 * max(n, 2))
 
-    def measure(m: nn.Module) -> Tuple[_Measurement, _Measurement]:
-        return tuple(_Measurement(m, torch.randn((b, *shape[1:]), device=device, dtype=dtype))  # type: ignore
-                     for b in counted)
+    def measure(m: nn.Module) -> tuple[_Measurement, _Measurement]:
+        return tuple(
+            _Measurement(m, torch.randn((b, *shape[1:]), device=device, dtype=dtype))  # type: ignore
+            for b in counted
+        )
 
     base = measure(given)
     total = max(base[0].total, 1)
     stages = stages_of(given, lambda q: base[0].inclusive(q) / total)
-    measured = {"as given": base, "In-Place ABN": measure(converted),
-                "checkpoint": measure(_checkpointed(given, stages))}
+    measured = {
+        "as given": base,
+        "In-Place ABN": measure(converted),
+        "checkpoint": measure(_checkpointed(given, stages)),
+    }
 
     trainable = sum(p.numel() * p.element_size() for p in given.parameters() if p.requires_grad)
     resident = sum(t.numel() * t.element_size() for t in parameters_of(given))
@@ -479,13 +500,23 @@ def memory_report(
         act = _linear(m1.largest, m2.largest, counted[0])
         recompute = (0.0, 0.0)
         if label == "checkpoint" and stages:
-            recompute = max((_linear(base[0].inclusive(s), base[1].inclusive(s), counted[0]) for s in stages),
-                            key=lambda r: r[0] * n + r[1])
+            recompute = max(
+                (_linear(base[0].inclusive(s), base[1].inclusive(s), counted[0]) for s in stages),
+                key=lambda r: r[0] * n + r[1],
+            )
         v = VariantReport(
-            name=label, saved_bytes=round(saved[1] + saved[0] * n), saved_per_sample=saved[0], saved_fixed=saved[1],
-            param_bytes=resident, grad_bytes=trainable, optimizer_bytes=OPTIMIZERS[optimizer] * trainable,
-            activation_per_sample=act[0], activation_fixed=act[1],
-            recompute_per_sample=recompute[0], recompute_fixed=recompute[1], top_modules=m1.top(top),
+            name=label,
+            saved_bytes=round(saved[1] + saved[0] * n),
+            saved_per_sample=saved[0],
+            saved_fixed=saved[1],
+            param_bytes=resident,
+            grad_bytes=trainable,
+            optimizer_bytes=OPTIMIZERS[optimizer] * trainable,
+            activation_per_sample=act[0],
+            activation_fixed=act[1],
+            recompute_per_sample=recompute[0],
+            recompute_fixed=recompute[1],
+            top_modules=m1.top(top),
         )
         if label == "In-Place ABN":
             v.unconverted = [(layer.name, layer.reason) for layer in conversion.kept]
@@ -497,6 +528,13 @@ def memory_report(
             v.max_batch = v.largest_batch(budget)
         variants.append(v)
     dtype_name = next(k for k, d in DTYPES.items() if d == dtype)
-    return MemoryReport(model=name or type(model).__name__, input_shape=shape, dtype=dtype_name,
-                        optimizer=optimizer, budget_bytes=None if budget is None else int(budget),
-                        variants=variants, counted_at=counted, seconds=time.perf_counter() - start)
+    return MemoryReport(
+        model=name or type(model).__name__,
+        input_shape=shape,
+        dtype=dtype_name,
+        optimizer=optimizer,
+        budget_bytes=None if budget is None else int(budget),
+        variants=variants,
+        counted_at=counted,
+        seconds=time.perf_counter() - start,
+    )

@@ -172,8 +172,8 @@ IABN_HOT void block_moments(const scalar_t* __restrict__ x, int64_t len, T& mean
 
 // Per-channel mean and M2 of `rows` consecutive NSC rows of C channels (two passes, as above).
 template <typename scalar_t, typename T>
-IABN_HOT void rows_moments(const scalar_t* __restrict__ x, int64_t rows, int64_t C, T* __restrict__ mean,
-    T* __restrict__ m2) {
+IABN_HOT void rows_moments(
+    const scalar_t* __restrict__ x, int64_t rows, int64_t C, T* __restrict__ mean, T* __restrict__ m2) {
   for (int64_t row = 0; row < rows; ++row) {
     const scalar_t* __restrict__ q = x + row * C;
     IABN_SIMD
@@ -237,26 +237,26 @@ std::tuple<at::Tensor, at::Tensor> statistics_cpu(const at::Tensor& x_in) {
     opmath_t* vp = var.mutable_data_ptr<opmath_t>();
     // The merge is cheap: it only gets threads when there are many partial results per channel.
     const int64_t merges_per_channel = g.layout == Layout::NCS ? g.N * g.units_per_row : g.units;
-    at::parallel_for(0, C, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, merges_per_channel)),
-        [&](int64_t begin, int64_t end) {
-      for (int64_t c = begin; c < end; ++c) {
-        Moments mo;
-        if (g.layout == Layout::NCS) {
-          for (int64_t n = 0; n < g.N; ++n) {
-            const int64_t u0 = (n * C + c) * g.units_per_row;
-            for (int64_t k = 0; k < g.units_per_row; ++k) {
-              mo.merge(part_n[u0 + k], part_mean[u0 + k], part_m2[u0 + k]);
+    at::parallel_for(
+        0, C, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, merges_per_channel)), [&](int64_t begin, int64_t end) {
+          for (int64_t c = begin; c < end; ++c) {
+            Moments mo;
+            if (g.layout == Layout::NCS) {
+              for (int64_t n = 0; n < g.N; ++n) {
+                const int64_t u0 = (n * C + c) * g.units_per_row;
+                for (int64_t k = 0; k < g.units_per_row; ++k) {
+                  mo.merge(part_n[u0 + k], part_mean[u0 + k], part_m2[u0 + k]);
+                }
+              }
+            } else {
+              for (int64_t u = 0; u < g.units; ++u) {
+                mo.merge(part_n[u * C + c], part_mean[u * C + c], part_m2[u * C + c]);
+              }
             }
+            mp[c] = static_cast<opmath_t>(mo.mean);
+            vp[c] = static_cast<opmath_t>(mo.m2 / mo.count);
           }
-        } else {
-          for (int64_t u = 0; u < g.units; ++u) {
-            mo.merge(part_n[u * C + c], part_mean[u * C + c], part_m2[u * C + c]);
-          }
-        }
-        mp[c] = static_cast<opmath_t>(mo.mean);
-        vp[c] = static_cast<opmath_t>(mo.m2 / mo.count);
-      }
-    });
+        });
   });
   return {mean, var};
 }
@@ -391,8 +391,7 @@ struct ForwardOp {
     const ActivationParams<T> q = p;
     IABN_SIMD
     for (int64_t i = 0; i < len; ++i) {
-      xp[i] = static_cast<scalar_t>(
-          forward_element<A, T>(static_cast<T>(xp[i]), k, b, residual_at<R, T>(rp, i), q));
+      xp[i] = static_cast<scalar_t>(forward_element<A, T>(static_cast<T>(xp[i]), k, b, residual_at<R, T>(rp, i), q));
     }
   }
   // NB: one out-of-line (multi-versioned) call per block of rows, not per row: a row of C channels is
@@ -410,8 +409,8 @@ struct ForwardOp {
     const ActivationParams<T> q = p;
     IABN_SIMD
     for (int64_t c = 0; c < C; ++c) {
-      xp[c] = static_cast<scalar_t>(
-          forward_element<A, T>(static_cast<T>(xp[c]), k[c], b[c], residual_at<R, T>(rp, c), q));
+      xp[c] =
+          static_cast<scalar_t>(forward_element<A, T>(static_cast<T>(xp[c]), k[c], b[c], residual_at<R, T>(rp, c), q));
     }
   }
 };
@@ -446,8 +445,8 @@ void forward_cpu(
     const scalar_t* rp = has_r ? r.const_data_ptr<scalar_t>() : nullptr;
     dispatch_activation(act, [&](auto A) {
       dispatch_residual(has_r, [&](auto R) {
-        const ForwardOp<decltype(A)::value, decltype(R)::value, scalar_t, opmath_t> op{
-            xp, rp, scale.data(), shift.data(), C, p};
+        const ForwardOp<decltype(A)::value, decltype(R)::value, scalar_t, opmath_t> op{xp,           rp, scale.data(),
+                                                                                       shift.data(), C,  p};
         at::parallel_for(0, g.units, grain_units(g), [&](int64_t begin, int64_t end) {
           for_each_run(g, begin, end, op);
         });
@@ -463,28 +462,29 @@ void forward_cpu(
 // backward_reduce: one pass over (y, dy) recovering x_hat on the fly; nothing full-size is written.
 
 template <Activation A, bool R, typename scalar_t, typename T>
-IABN_HOT void reduce_ncs(const scalar_t* __restrict__ y, const scalar_t* __restrict__ dy,
-    const scalar_t* __restrict__ r, int64_t len, const AffineParams<T> a, const ActivationParams<T> p, T& out_dz,
-    T& out_dz_xhat) {
+IABN_HOT void reduce_ncs(
+    const scalar_t* __restrict__ y, const scalar_t* __restrict__ dy, const scalar_t* __restrict__ r, int64_t len,
+    const AffineParams<T> a, const ActivationParams<T> p, T& out_dz, T& out_dz_xhat) {
   T s1 = 0, s2 = 0;
   IABN_SIMD_REDUCE_SUM(s1, s2)
   for (int64_t i = 0; i < len; ++i) {
-    backward_reduce_element<A, T>(
-        static_cast<T>(y[i]), static_cast<T>(dy[i]), residual_at<R, T>(r, i), a, p, s1, s2);
+    backward_reduce_element<A, T>(static_cast<T>(y[i]), static_cast<T>(dy[i]), residual_at<R, T>(r, i), a, p, s1, s2);
   }
   out_dz = s1;
   out_dz_xhat = s2;
 }
 
 template <Activation A, bool R, typename scalar_t, typename T>
-inline void reduce_nsc_row(const scalar_t* __restrict__ y, const scalar_t* __restrict__ dy,
-    const scalar_t* __restrict__ r, int64_t C, const T* __restrict__ gamma, const T* __restrict__ inv_gamma,
-    const T* __restrict__ beta, const ActivationParams<T> p, T* __restrict__ acc_dz, T* __restrict__ acc_dz_xhat) {
+inline void reduce_nsc_row(
+    const scalar_t* __restrict__ y, const scalar_t* __restrict__ dy, const scalar_t* __restrict__ r, int64_t C,
+    const T* __restrict__ gamma, const T* __restrict__ inv_gamma, const T* __restrict__ beta,
+    const ActivationParams<T> p, T* __restrict__ acc_dz, T* __restrict__ acc_dz_xhat) {
   IABN_SIMD
   for (int64_t c = 0; c < C; ++c) {
     T s1 = 0, s2 = 0;
-    backward_reduce_element<A, T>(static_cast<T>(y[c]), static_cast<T>(dy[c]), residual_at<R, T>(r, c),
-        {gamma[c], inv_gamma[c], beta[c]}, p, s1, s2);
+    backward_reduce_element<A, T>(
+        static_cast<T>(y[c]), static_cast<T>(dy[c]), residual_at<R, T>(r, c), {gamma[c], inv_gamma[c], beta[c]}, p, s1,
+        s2);
     acc_dz[c] += s1;
     acc_dz_xhat[c] += s2;
   }
@@ -492,11 +492,13 @@ inline void reduce_nsc_row(const scalar_t* __restrict__ y, const scalar_t* __res
 
 // `rows` consecutive NSC rows in one out-of-line call (see ForwardOp::nsc_rows).
 template <Activation A, bool R, typename scalar_t, typename T>
-IABN_HOT void reduce_nsc_rows(const scalar_t* y, const scalar_t* dy, const scalar_t* res, int64_t rows, int64_t C,
-    const ChannelAffine<T>* aff, const ActivationParams<T> p, T* acc_dz, T* acc_dz_xhat) {
+IABN_HOT void reduce_nsc_rows(
+    const scalar_t* y, const scalar_t* dy, const scalar_t* res, int64_t rows, int64_t C, const ChannelAffine<T>* aff,
+    const ActivationParams<T> p, T* acc_dz, T* acc_dz_xhat) {
   for (int64_t r = 0; r < rows; ++r) {
-    reduce_nsc_row<A, R, scalar_t, T>(y + r * C, dy + r * C, residual_run<R>(res, r * C), C, aff->gamma.data(),
-        aff->inv_gamma.data(), aff->beta.data(), p, acc_dz, acc_dz_xhat);
+    reduce_nsc_row<A, R, scalar_t, T>(
+        y + r * C, dy + r * C, residual_run<R>(res, r * C), C, aff->gamma.data(), aff->inv_gamma.data(),
+        aff->beta.data(), p, acc_dz, acc_dz_xhat);
   }
 }
 
@@ -506,9 +508,9 @@ struct ChannelSums {
 };
 
 // `r`: the residual in y's layout, or undefined.
-ChannelSums reduce_sums(const at::Tensor& y, const at::Tensor& dy, const at::Tensor& res,
-    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps, Activation act,
-    double activation_param) {
+ChannelSums reduce_sums(
+    const at::Tensor& y, const at::Tensor& dy, const at::Tensor& res, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps, Activation act, double activation_param) {
   const int64_t C = y.size(1);
   ChannelSums sums{std::vector<double>(C, 0.0), std::vector<double>(C, 0.0)};
   if (y.numel() == 0) return sums;
@@ -523,33 +525,36 @@ ChannelSums reduce_sums(const at::Tensor& y, const at::Tensor& dy, const at::Ten
     // Partial sums per unit (one per channel for NSC units), merged in double below.
     const int64_t slots = g.layout == Layout::NCS ? 1 : C;
     std::vector<double> part_dz(g.units * slots), part_dz_xhat(g.units * slots);
-    dispatch_activation(act, [&](auto A) { dispatch_residual(res.defined(), [&](auto R) {
-      constexpr Activation kA = decltype(A)::value;
-      constexpr bool kR = decltype(R)::value;
-      at::parallel_for(0, g.units, grain_units(g), [&](int64_t begin, int64_t end) {
-        std::vector<opmath_t> acc1, acc2;
-        for (int64_t u = begin; u < end; ++u) {
-          if (g.layout == Layout::NCS) {
-            const NcsRun r = ncs_run(g, u);
-            opmath_t s1, s2;
-            reduce_ncs<kA, kR, scalar_t, opmath_t>(yp + r.offset, dyp + r.offset, residual_run<kR>(rp, r.offset),
-                r.len, aff.at(r.channel), p, s1, s2);
-            part_dz[u] = static_cast<double>(s1);
-            part_dz_xhat[u] = static_cast<double>(s2);
-          } else {
-            const NscRows r = nsc_rows(g, u);
-            acc1.assign(C, opmath_t(0));
-            acc2.assign(C, opmath_t(0));
-            reduce_nsc_rows<kA, kR, scalar_t, opmath_t>(yp + r.first_row * C, dyp + r.first_row * C,
-                residual_run<kR>(rp, r.first_row * C), r.rows, C, &aff, p, acc1.data(), acc2.data());
-            for (int64_t c = 0; c < C; ++c) {
-              part_dz[u * C + c] = static_cast<double>(acc1[c]);
-              part_dz_xhat[u * C + c] = static_cast<double>(acc2[c]);
+    dispatch_activation(act, [&](auto A) {
+      dispatch_residual(res.defined(), [&](auto R) {
+        constexpr Activation kA = decltype(A)::value;
+        constexpr bool kR = decltype(R)::value;
+        at::parallel_for(0, g.units, grain_units(g), [&](int64_t begin, int64_t end) {
+          std::vector<opmath_t> acc1, acc2;
+          for (int64_t u = begin; u < end; ++u) {
+            if (g.layout == Layout::NCS) {
+              const NcsRun r = ncs_run(g, u);
+              opmath_t s1, s2;
+              reduce_ncs<kA, kR, scalar_t, opmath_t>(
+                  yp + r.offset, dyp + r.offset, residual_run<kR>(rp, r.offset), r.len, aff.at(r.channel), p, s1, s2);
+              part_dz[u] = static_cast<double>(s1);
+              part_dz_xhat[u] = static_cast<double>(s2);
+            } else {
+              const NscRows r = nsc_rows(g, u);
+              acc1.assign(C, opmath_t(0));
+              acc2.assign(C, opmath_t(0));
+              reduce_nsc_rows<kA, kR, scalar_t, opmath_t>(
+                  yp + r.first_row * C, dyp + r.first_row * C, residual_run<kR>(rp, r.first_row * C), r.rows, C, &aff,
+                  p, acc1.data(), acc2.data());
+              for (int64_t c = 0; c < C; ++c) {
+                part_dz[u * C + c] = static_cast<double>(acc1[c]);
+                part_dz_xhat[u * C + c] = static_cast<double>(acc2[c]);
+              }
             }
           }
-        }
+        });
       });
-    }); });
+    });
     for (int64_t c = 0; c < C; ++c) {
       double s1 = 0, s2 = 0;
       if (g.layout == Layout::NCS) {
@@ -591,16 +596,22 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce_cpu(
     const at::Tensor& y_in, const at::Tensor& dy_in, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps, c10::string_view activation, double activation_param,
     const std::optional<at::Tensor>& residual) {
-  const Activation act =
-      check_backward_reduce_args(y_in, dy_in, weight, bias, eps, activation, activation_param);
+  const Activation act = check_backward_reduce_args(y_in, dy_in, weight, bias, eps, activation, activation_param);
   const bool has_r = check_residual(residual, y_in, "y");
   const auto y = to_native(y_in);
   const auto dy = to_native(dy_in, native_layout(y));
   const ChannelSums s = reduce_sums(y, dy, residual_like(residual, has_r, y), weight, bias, eps, act, activation_param);
   const auto op_type = at::toOpMathType(y.scalar_type());
   const int64_t C = y.size(1);
-  return {channel_tensor(C, op_type, y, [&](int64_t c) { return s.dz[c]; }),
-      channel_tensor(C, op_type, y, [&](int64_t c) { return s.dz_xhat[c]; })};
+  return {
+      channel_tensor(
+          C, op_type, y,
+          [&](int64_t c) {
+            return s.dz[c];
+          }),
+      channel_tensor(C, op_type, y, [&](int64_t c) {
+        return s.dz_xhat[c];
+      })};
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -613,7 +624,7 @@ struct BackwardOp {
   const scalar_t* dy;
   const scalar_t* r;  // residual (R only)
   scalar_t* dx;
-  scalar_t* dr;       // dL/dresidual = dz (R only)
+  scalar_t* dr;  // dL/dresidual = dz (R only)
   const ChannelAffine<T>* aff;
   const T* gamma_rstd;
   const T* mean_dz;
@@ -661,8 +672,9 @@ struct BackwardOp {
     IABN_SIMD
     for (int64_t c = 0; c < C; ++c) {
       T dz;
-      dxp[c] = static_cast<scalar_t>(backward_element<A, T>(static_cast<T>(yp[c]), static_cast<T>(dyp[c]),
-          residual_at<R, T>(rp, c), {g[c], ig[c], b[c]}, q, k[c], m1[c], m2[c], dz));
+      dxp[c] = static_cast<scalar_t>(backward_element<A, T>(
+          static_cast<T>(yp[c]), static_cast<T>(dyp[c]), residual_at<R, T>(rp, c), {g[c], ig[c], b[c]}, q, k[c], m1[c],
+          m2[c], dz));
       if constexpr (R) drp[c] = static_cast<scalar_t>(dz);
     }
   }
@@ -671,10 +683,10 @@ struct BackwardOp {
 // (dx, grad_residual) from native-layout (y, dy); `means` = (mean_dz, mean_dz_xhat) per channel, or null in
 // eval mode (the statistics are constants there, so both means are 0 and dx = gamma * rstd * dz).
 // With a residual `res` (y's layout), grad_residual = dz is written in the same pass (else it is empty).
-std::tuple<at::Tensor, at::Tensor> backward_dx(const at::Tensor& y_in, const at::Tensor& y, const at::Tensor& dy,
-    const at::Tensor& res, const at::Tensor& var, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, const ChannelSums* means, double eps, Activation act,
-    double activation_param) {
+std::tuple<at::Tensor, at::Tensor> backward_dx(
+    const at::Tensor& y_in, const at::Tensor& y, const at::Tensor& dy, const at::Tensor& res, const at::Tensor& var,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, const ChannelSums* means,
+    double eps, Activation act, double activation_param) {
   const bool has_r = res.defined();
   if (y.numel() == 0) return {at::empty_like(y_in), has_r ? at::empty_like(y_in) : no_grad_residual(y_in)};
   Output dx = make_output(y_in, y);
@@ -719,10 +731,10 @@ std::tuple<at::Tensor, at::Tensor> backward_dx(const at::Tensor& y_in, const at:
 std::tuple<at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& y_in, const at::Tensor& dy_in, const at::Tensor& var, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mean_dz,
-    const std::optional<at::Tensor>& mean_dz_xhat, double eps, c10::string_view activation,
-    double activation_param, const std::optional<at::Tensor>& residual) {
-  const auto [act, has_dz] = check_backward_args(
-      y_in, dy_in, var, weight, bias, mean_dz, mean_dz_xhat, eps, activation, activation_param);
+    const std::optional<at::Tensor>& mean_dz_xhat, double eps, c10::string_view activation, double activation_param,
+    const std::optional<at::Tensor>& residual) {
+  const auto [act, has_dz] =
+      check_backward_args(y_in, dy_in, var, weight, bias, mean_dz, mean_dz_xhat, eps, activation, activation_param);
   const bool has_r = check_residual(residual, y_in, "y");
   const auto y = to_native(y_in);
   const auto dy = to_native(dy_in, native_layout(y));
@@ -782,8 +794,8 @@ struct InvertOp {
 };
 
 at::Tensor invert_cpu(
-    const at::Tensor& y_in, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
-    double eps, c10::string_view activation, double activation_param, const std::optional<at::Tensor>& residual) {
+    const at::Tensor& y_in, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps,
+    c10::string_view activation, double activation_param, const std::optional<at::Tensor>& residual) {
   const Activation act = check_invert_args(y_in, weight, bias, eps, activation, activation_param);
   const bool has_r = check_residual(residual, y_in, "y");
   if (y_in.numel() == 0) return at::empty_like(y_in);
@@ -847,8 +859,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_train_cpu(
     const at::Tensor& y_in, const at::Tensor& dy_in, const at::Tensor& var, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps, c10::string_view activation, double activation_param,
     const std::optional<at::Tensor>& residual) {
-  const Activation act = check_backward_args(
-      y_in, dy_in, var, weight, bias, std::nullopt, std::nullopt, eps, activation, activation_param).first;
+  const Activation act =
+      check_backward_args(y_in, dy_in, var, weight, bias, std::nullopt, std::nullopt, eps, activation, activation_param)
+          .first;
   const bool has_r = check_residual(residual, y_in, "y");
   const auto y = to_native(y_in);
   const auto dy = to_native(dy_in, native_layout(y));
@@ -870,7 +883,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_train_cpu(
   auto grad_weight = channel_tensor(C, has_w ? weight->scalar_type() : op_type, y, [&](int64_t c) {
     return has_w ? weight_grad<double>(sums.dz_xhat[c], w[c]) : sums.dz_xhat[c];
   });
-  auto grad_bias = channel_tensor(C, has_b ? bias->scalar_type() : op_type, y, [&](int64_t c) { return sums.dz[c]; });
+  auto grad_bias = channel_tensor(C, has_b ? bias->scalar_type() : op_type, y, [&](int64_t c) {
+    return sums.dz[c];
+  });
   return std::make_tuple(dx, grad_weight, grad_bias, grad_residual);
 }
 

@@ -20,8 +20,6 @@
 // instantiated with and without a residual (R): a layer without one loads and stores nothing more than
 // before the fusion existed.
 // Indices and sizes are int64 throughout (tensors beyond 2^31 elements work).
-#include <type_traits>
-
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -31,12 +29,12 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
-
 #include <cuda_runtime.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <tuple>
+#include <type_traits>
 
 #include "../inplace_abn.h"
 
@@ -44,17 +42,13 @@ namespace inplace_abn {
 namespace {
 
 constexpr int kReduceThreads = 256;  // NCS reduction block: (1, 256)
-constexpr int kTileChannels = 32;     // NSC reduction block: (32, 8)
+constexpr int kTileChannels = 32;    // NSC reduction block: (32, 8)
 constexpr int kTileRows = 8;
-constexpr int kRowThreads = 256;     // elementwise block
+constexpr int kRowThreads = 256;                // elementwise block
 constexpr int64_t kChunk = 4 * kReduceThreads;  // NCS reduction: elements of a row per work unit
 
-__device__ inline float rsqrt_acc(float v) {
-  return ::rsqrtf(v);
-}
-__device__ inline double rsqrt_acc(double v) {
-  return ::rsqrt(v);
-}
+__device__ inline float rsqrt_acc(float v) { return ::rsqrtf(v); }
+__device__ inline double rsqrt_acc(double v) { return ::rsqrt(v); }
 
 int multiprocessors(const at::Tensor& t) {
   int sms = 0;
@@ -116,12 +110,8 @@ struct StatisticsOp {
     int64_t n;
   };
   struct Channel {};
-  __device__ Channel channel(int64_t) const {
-    return {};
-  }
-  __device__ static State identity() {
-    return {acc_t(0), acc_t(0), 0};
-  }
+  __device__ Channel channel(int64_t) const { return {}; }
+  __device__ static State identity() { return {acc_t(0), acc_t(0), 0}; }
   // Welford's update: numerically stable in one pass.
   __device__ void add(State& s, int64_t offset, const Channel&) const {
     const acc_t v = static_cast<acc_t>(x[offset]);
@@ -149,22 +139,14 @@ struct AbsmaxOp {
     acc_t m;
   };
   struct Channel {};
-  __device__ Channel channel(int64_t) const {
-    return {};
-  }
-  __device__ static State identity() {
-    return {acc_t(0)};
-  }
-  __device__ static acc_t max_nan(acc_t a, acc_t b) {
-    return (b > a || b != b) ? b : a;
-  }
+  __device__ Channel channel(int64_t) const { return {}; }
+  __device__ static State identity() { return {acc_t(0)}; }
+  __device__ static acc_t max_nan(acc_t a, acc_t b) { return (b > a || b != b) ? b : a; }
   __device__ void add(State& s, int64_t offset, const Channel&) const {
     using std::fabs;
     s.m = max_nan(s.m, fabs(static_cast<acc_t>(x[offset])));
   }
-  __device__ static State merge(const State& a, const State& b) {
-    return {max_nan(a.m, b.m)};
-  }
+  __device__ static State merge(const State& a, const State& b) { return {max_nan(a.m, b.m)}; }
 };
 
 // R: a residual is read (at y's offsets) and removed before the affine inversion.
@@ -181,19 +163,14 @@ struct BackwardReduceOp {
     acc_t s_dz, s_dz_xhat;
   };
   using Channel = AffineParams<acc_t>;
-  __device__ Channel channel(int64_t c) const {
-    return affine_params<acc_t>(weight, bias, c, eps);
-  }
-  __device__ static State identity() {
-    return {acc_t(0), acc_t(0)};
-  }
+  __device__ Channel channel(int64_t c) const { return affine_params<acc_t>(weight, bias, c, eps); }
+  __device__ static State identity() { return {acc_t(0), acc_t(0)}; }
   __device__ void add(State& s, int64_t offset, const Channel& a) const {
-    backward_reduce_element<A, acc_t>(static_cast<acc_t>(y[offset]), static_cast<acc_t>(dy[offset]),
-        residual_at<R, acc_t>(r, offset), a, p, s.s_dz, s.s_dz_xhat);
+    backward_reduce_element<A, acc_t>(
+        static_cast<acc_t>(y[offset]), static_cast<acc_t>(dy[offset]), residual_at<R, acc_t>(r, offset), a, p, s.s_dz,
+        s.s_dz_xhat);
   }
-  __device__ static State merge(const State& a, const State& b) {
-    return {a.s_dz + b.s_dz, a.s_dz_xhat + b.s_dz_xhat};
-  }
+  __device__ static State merge(const State& a, const State& b) { return {a.s_dz + b.s_dz, a.s_dz_xhat + b.s_dz_xhat}; }
 };
 
 // Each block reduces its threads over threadIdx.y (blockDim.y a power of two) and writes, for each
@@ -324,7 +301,8 @@ void launch_channel_reduce(const Op& op, const Shape& sh, const at::Tensor& like
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const int threads = 128;
   const int64_t blocks = std::min<int64_t>((sh.C + threads - 1) / threads, 65535);
-  merge_partials_kernel<Op, Finish><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(partial_ptr, sh.C, g, finish);
+  merge_partials_kernel<Op, Finish>
+      <<<static_cast<unsigned>(blocks), threads, 0, stream>>>(partial_ptr, sh.C, g, finish);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -380,7 +358,7 @@ struct BackwardFn {
   const scalar_t* dy;
   const scalar_t* r;  // residual (R only)
   scalar_t* dx;
-  scalar_t* dr;       // dL/dresidual = dz (R only)
+  scalar_t* dr;  // dL/dresidual = dz (R only)
   const acc_t* var;
   const acc_t* weight;
   const acc_t* bias;
@@ -395,8 +373,9 @@ struct BackwardFn {
     const acc_t md = m_dz != nullptr ? m_dz[c] * m_scale : acc_t(0);
     const acc_t mdx = m_dz_xhat != nullptr ? m_dz_xhat[c] * m_scale : acc_t(0);
     acc_t dz;
-    dx[i] = static_cast<scalar_t>(backward_element<A, acc_t>(static_cast<acc_t>(y[i]), static_cast<acc_t>(dy[i]),
-        residual_at<R, acc_t>(r, i), a, p, gamma_rstd, md, mdx, dz));
+    dx[i] = static_cast<scalar_t>(backward_element<A, acc_t>(
+        static_cast<acc_t>(y[i]), static_cast<acc_t>(dy[i]), residual_at<R, acc_t>(r, i), a, p, gamma_rstd, md, mdx,
+        dz));
     if constexpr (R) dr[i] = static_cast<scalar_t>(dz);
   }
 };
@@ -436,7 +415,8 @@ std::tuple<at::Tensor, at::Tensor> statistics_cuda(const at::Tensor& x_in) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "inplace_abn_statistics_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const StatisticsOp<scalar_t, acc_t> op{x.const_data_ptr<scalar_t>()};
-    launch_channel_reduce(op, sh, x, FinishStatistics<acc_t>{mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>()});
+    launch_channel_reduce(
+        op, sh, x, FinishStatistics<acc_t>{mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>()});
   });
   return {mean, var};
 }
@@ -477,9 +457,15 @@ void forward_cuda(
     const auto w = optional_acc<acc_t>(weight), b = optional_acc<acc_t>(bias);
     dispatch_activation(act, [&](auto A) {
       dispatch_residual(has_r, [&](auto R) {
-        const ForwardFn<decltype(A)::value, decltype(R)::value, scalar_t, acc_t> f{work.mutable_data_ptr<scalar_t>(),
-            residual_ptr<scalar_t>(r), m.const_data_ptr<acc_t>(), v.const_data_ptr<acc_t>(), optional_ptr<acc_t>(w),
-            optional_ptr<acc_t>(b), static_cast<acc_t>(eps), activation_params<acc_t>(act, activation_param)};
+        const ForwardFn<decltype(A)::value, decltype(R)::value, scalar_t, acc_t> f{
+            work.mutable_data_ptr<scalar_t>(),
+            residual_ptr<scalar_t>(r),
+            m.const_data_ptr<acc_t>(),
+            v.const_data_ptr<acc_t>(),
+            optional_ptr<acc_t>(w),
+            optional_ptr<acc_t>(b),
+            static_cast<acc_t>(eps),
+            activation_params<acc_t>(act, activation_param)};
         launch_rows(f, sh);
       });
     });
@@ -491,9 +477,9 @@ void forward_cuda(
 
 // Per-channel sums of dz and dz * x_hat over native-layout (y, dy); `r` is the residual in y's layout,
 // or undefined.
-std::tuple<at::Tensor, at::Tensor> reduce_sums(const at::Tensor& y, const at::Tensor& dy, const at::Tensor& r,
-    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps, Activation act,
-    double activation_param) {
+std::tuple<at::Tensor, at::Tensor> reduce_sums(
+    const at::Tensor& y, const at::Tensor& dy, const at::Tensor& r, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps, Activation act, double activation_param) {
   const int64_t C = y.size(1);
   const auto acc_type = at::toOpMathType(y.scalar_type());
   auto sum_dz = at::zeros({C}, y.options().dtype(acc_type));
@@ -506,8 +492,12 @@ std::tuple<at::Tensor, at::Tensor> reduce_sums(const at::Tensor& y, const at::Te
     dispatch_activation(act, [&](auto A) {
       dispatch_residual(r.defined(), [&](auto R) {
         const BackwardReduceOp<decltype(A)::value, decltype(R)::value, scalar_t, acc_t> op{
-            y.const_data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(), residual_ptr<scalar_t>(r),
-            optional_ptr<acc_t>(w), optional_ptr<acc_t>(b), static_cast<acc_t>(eps),
+            y.const_data_ptr<scalar_t>(),
+            dy.const_data_ptr<scalar_t>(),
+            residual_ptr<scalar_t>(r),
+            optional_ptr<acc_t>(w),
+            optional_ptr<acc_t>(b),
+            static_cast<acc_t>(eps),
             activation_params<acc_t>(act, activation_param)};
         launch_channel_reduce(
             op, sh, y, FinishSums<acc_t>{sum_dz.mutable_data_ptr<acc_t>(), sum_dz_xhat.mutable_data_ptr<acc_t>()});
@@ -532,10 +522,10 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce_cuda(
 // (dx, grad_residual) from native-layout (y, dy), the means given directly (scale 1) or as sums (scale
 // 1 / count); undefined = eval mode. With a residual `r` (y's layout), grad_residual = dz is written in the
 // dx pass, with y_in's strides like dx (else it is the empty (0,) tensor of the schema).
-std::tuple<at::Tensor, at::Tensor> backward_impl(const at::Tensor& y_in, const at::Tensor& y, const at::Tensor& dy,
-    const at::Tensor& r, const at::Tensor& var, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, const at::Tensor& m_dz, const at::Tensor& m_dz_xhat, double m_scale,
-    double eps, Activation act, double activation_param) {
+std::tuple<at::Tensor, at::Tensor> backward_impl(
+    const at::Tensor& y_in, const at::Tensor& y, const at::Tensor& dy, const at::Tensor& r, const at::Tensor& var,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, const at::Tensor& m_dz,
+    const at::Tensor& m_dz_xhat, double m_scale, double eps, Activation act, double activation_param) {
   const bool has_r = r.defined();
   if (y.numel() == 0) return {at::empty_like(y_in), has_r ? at::empty_like(y_in) : no_grad_residual(y_in)};
   Output dx = make_output(y_in, y);
@@ -554,10 +544,19 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const at::Tensor& y_in, const a
       dispatch_residual(has_r, [&](auto R) {
         // decay_t: inside this lambda the enclosing lambda's parameter is seen as a captured reference.
         const BackwardFn<std::decay_t<decltype(A)>::value, decltype(R)::value, scalar_t, acc_t> f{
-            y.const_data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(), residual_ptr<scalar_t>(r),
-            out.mutable_data_ptr<scalar_t>(), drp, v.const_data_ptr<acc_t>(), optional_ptr<acc_t>(w),
-            optional_ptr<acc_t>(b), optional_ptr<acc_t>(m1), optional_ptr<acc_t>(m2), static_cast<acc_t>(m_scale),
-            static_cast<acc_t>(eps), activation_params<acc_t>(act, activation_param)};
+            y.const_data_ptr<scalar_t>(),
+            dy.const_data_ptr<scalar_t>(),
+            residual_ptr<scalar_t>(r),
+            out.mutable_data_ptr<scalar_t>(),
+            drp,
+            v.const_data_ptr<acc_t>(),
+            optional_ptr<acc_t>(w),
+            optional_ptr<acc_t>(b),
+            optional_ptr<acc_t>(m1),
+            optional_ptr<acc_t>(m2),
+            static_cast<acc_t>(m_scale),
+            static_cast<acc_t>(eps),
+            activation_params<acc_t>(act, activation_param)};
         launch_rows(f, sh);
       });
     });
@@ -570,21 +569,22 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const at::Tensor& y_in, const a
 std::tuple<at::Tensor, at::Tensor> backward_cuda(
     const at::Tensor& y_in, const at::Tensor& dy_in, const at::Tensor& var, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mean_dz,
-    const std::optional<at::Tensor>& mean_dz_xhat, double eps, c10::string_view activation,
-    double activation_param, const std::optional<at::Tensor>& residual) {
+    const std::optional<at::Tensor>& mean_dz_xhat, double eps, c10::string_view activation, double activation_param,
+    const std::optional<at::Tensor>& residual) {
   const auto [act, has_dz] =
       check_backward_args(y_in, dy_in, var, weight, bias, mean_dz, mean_dz_xhat, eps, activation, activation_param);
   const bool has_r = check_residual(residual, y_in, "y");
   const c10::cuda::CUDAGuard guard(y_in.device());
   const auto y = to_native(y_in);
   const auto dy = to_native(dy_in, native_layout(y));
-  return backward_impl(y_in, y, dy, residual_like(residual, has_r, y), var, weight, bias,
-      has_dz ? *mean_dz : at::Tensor(), has_dz ? *mean_dz_xhat : at::Tensor(), 1.0, eps, act, activation_param);
+  return backward_impl(
+      y_in, y, dy, residual_like(residual, has_r, y), var, weight, bias, has_dz ? *mean_dz : at::Tensor(),
+      has_dz ? *mean_dz_xhat : at::Tensor(), 1.0, eps, act, activation_param);
 }
 
 at::Tensor invert_cuda(
-    const at::Tensor& y_in, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
-    double eps, c10::string_view activation, double activation_param, const std::optional<at::Tensor>& residual) {
+    const at::Tensor& y_in, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps,
+    c10::string_view activation, double activation_param, const std::optional<at::Tensor>& residual) {
   const Activation act = check_invert_args(y_in, weight, bias, eps, activation, activation_param);
   const bool has_r = check_residual(residual, y_in, "y");
   const c10::cuda::CUDAGuard guard(y_in.device());
@@ -599,9 +599,14 @@ at::Tensor invert_cuda(
     const auto w = optional_acc<acc_t>(weight), b = optional_acc<acc_t>(bias);
     dispatch_activation(act, [&](auto A) {
       dispatch_residual(has_r, [&](auto R) {
-        const InvertFn<decltype(A)::value, decltype(R)::value, scalar_t, acc_t> f{y.const_data_ptr<scalar_t>(),
-            residual_ptr<scalar_t>(r), out.mutable_data_ptr<scalar_t>(), optional_ptr<acc_t>(w),
-            optional_ptr<acc_t>(b), static_cast<acc_t>(eps), activation_params<acc_t>(act, activation_param)};
+        const InvertFn<decltype(A)::value, decltype(R)::value, scalar_t, acc_t> f{
+            y.const_data_ptr<scalar_t>(),
+            residual_ptr<scalar_t>(r),
+            out.mutable_data_ptr<scalar_t>(),
+            optional_ptr<acc_t>(w),
+            optional_ptr<acc_t>(b),
+            static_cast<acc_t>(eps),
+            activation_params<acc_t>(act, activation_param)};
         launch_rows(f, sh);
       });
     });
@@ -646,8 +651,10 @@ template <typename acc_t>
 void update_running(at::Tensor& running, const at::Tensor& batch, double factor, double momentum) {
   const int64_t C = running.size(0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running.scalar_type(), "inplace_abn_running_cuda", [&] {
-    running_update_kernel<scalar_t, acc_t><<<channel_blocks(C), kChannelThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        running.mutable_data_ptr<scalar_t>(), running.stride(0), batch.const_data_ptr<acc_t>(), factor, momentum, C);
+    running_update_kernel<scalar_t, acc_t>
+        <<<channel_blocks(C), kChannelThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+            running.mutable_data_ptr<scalar_t>(), running.stride(0), batch.const_data_ptr<acc_t>(), factor, momentum,
+            C);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -679,8 +686,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_train_cuda(
     const at::Tensor& y_in, const at::Tensor& dy_in, const at::Tensor& var, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps, c10::string_view activation, double activation_param,
     const std::optional<at::Tensor>& residual) {
-  const Activation act = check_backward_args(
-      y_in, dy_in, var, weight, bias, std::nullopt, std::nullopt, eps, activation, activation_param).first;
+  const Activation act =
+      check_backward_args(y_in, dy_in, var, weight, bias, std::nullopt, std::nullopt, eps, activation, activation_param)
+          .first;
   const bool has_r = check_residual(residual, y_in, "y");
   const c10::cuda::CUDAGuard guard(y_in.device());
   const auto y = to_native(y_in);
@@ -689,8 +697,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_train_cuda(
   auto [sum_dz, sum_dz_xhat] = reduce_sums(y, dy, r, weight, bias, eps, act, activation_param);
   const int64_t C = y.size(1);
   const double count = static_cast<double>(y.numel() / std::max<int64_t>(1, C));
-  auto [dx, grad_residual] = backward_impl(y_in, y, dy, r, var, weight, bias, sum_dz, sum_dz_xhat,
-      count > 0 ? 1.0 / count : 0.0, eps, act, activation_param);
+  auto [dx, grad_residual] = backward_impl(
+      y_in, y, dy, r, var, weight, bias, sum_dz, sum_dz_xhat, count > 0 ? 1.0 / count : 0.0, eps, act,
+      activation_param);
   // Only after the dx kernel (same stream), which reads sum_dz_xhat unsigned: the sign goes in place.
   const bool has_w = weight.has_value() && weight->defined();
   const bool has_b = bias.has_value() && bias->defined();
