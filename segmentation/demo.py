@@ -18,6 +18,8 @@ import sys
 import time
 from collections.abc import Sequence
 
+from trainkit import next_free_out_dir
+
 from . import synthetic
 from . import train as seg_train
 
@@ -66,8 +68,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=os.path.join("data", "synthetic"),
         help="data folder; generated with segmentation.synthetic when it holds no data set",
     )
-    p.add_argument("--out", default=os.path.join("runs", "segmentation-demo"))
+    p.add_argument(
+        "--out",
+        default=None,
+        help="run folder (default: runs/segmentation-demo, or runs/segmentation-demo-2, -3, ... when it holds an "
+        "earlier run: a repeated demo neither replaces nor refuses; an explicit --out that holds a run needs "
+        "--resume or --overwrite)",
+    )
     ours, rest = p.parse_known_args(argv)
+    if ours.out is None:
+        ours.out = next_free_out_dir(os.path.join("runs", "segmentation-demo"), seg_train.RUN_FILES)
 
     if not os.path.isdir(os.path.join(ours.data, "leftImg8bit")):
         print(f"generating the synthetic data set in {ours.data} ...", flush=True)

@@ -598,3 +598,18 @@ def test_checkpoint_without_checksum_loads_unverified(tmp_path):
     path = tmp_path / "old.pt"
     torch.save({"model": {"w": torch.ones(2)}}, path)  # as written before checksums existed
     assert torch.equal(load_checkpoint(str(path), required=("model",))["model"]["w"], torch.ones(2))
+
+
+def test_next_free_out_dir_never_picks_a_folder_holding_a_run(tmp_path):
+    """The demo's default run folder: the base while it holds no run, then base-2, base-3, ... (a folder with
+    other files but no run product is free)."""
+    base = str(tmp_path / "demo")
+    assert trainkit.next_free_out_dir(base, _RUN) == base
+    os.makedirs(base)
+    (tmp_path / "demo" / "notes.txt").write_text("mine")
+    assert trainkit.next_free_out_dir(base, _RUN) == base
+    (tmp_path / "demo" / "log.csv").write_text("x")
+    assert trainkit.next_free_out_dir(base, _RUN) == base + "-2"
+    os.makedirs(base + "-2")
+    (tmp_path / "demo-2" / "final.json").write_text("{}")
+    assert trainkit.next_free_out_dir(base, _RUN) == base + "-3"

@@ -46,7 +46,7 @@ from .distributed import (
 )
 from .divergence import DivergenceError, check_finite_step, first_nonfinite
 from .memory_meter import MIB, SavedMemory, compare_saved_memory, saved_bytes_on_meta
-from .outdir import OutDirError, prepare_out_dir, remove_stale_temp_files
+from .outdir import OutDirError, next_free_out_dir, prepare_out_dir, remove_stale_temp_files
 from .progress import Progress, format_seconds, progress
 from .resume import (
     RESUME_KEYS,
@@ -67,6 +67,7 @@ __all__ = [
     "check_finite_step",
     "first_nonfinite",
     "OutDirError",
+    "next_free_out_dir",
     "prepare_out_dir",
     "remove_stale_temp_files",
     "run_cli",

@@ -7,7 +7,7 @@ import os
 import tempfile
 from collections.abc import Sequence
 
-__all__ = ["OutDirError", "prepare_out_dir", "remove_stale_temp_files", "TEMP_PREFIX"]
+__all__ = ["OutDirError", "next_free_out_dir", "prepare_out_dir", "remove_stale_temp_files", "TEMP_PREFIX"]
 
 #: Prefix of the temp files that :func:`trainkit.atomic_save` and :func:`trainkit.write_csv` write next to
 #: their destination before renaming them (left behind only when a process is killed mid-write).
@@ -30,6 +30,17 @@ def remove_stale_temp_files(folder: str) -> list[str]:
             os.remove(path)
             removed.append(path)
     return removed
+
+
+def next_free_out_dir(base: str, products: Sequence[str]) -> str:
+    """``base`` if it holds none of ``products`` (no earlier run), else the first of ``base-2``, ``base-3``, ...
+    that holds none: a default run folder that never replaces, nor refuses to run next to, an earlier run.
+    """
+    candidate, n = base, 1
+    while any(os.path.exists(os.path.join(candidate, p)) for p in products):
+        n += 1
+        candidate = f"{base}-{n}"
+    return candidate
 
 
 def prepare_out_dir(
