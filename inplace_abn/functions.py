@@ -141,10 +141,10 @@ def residual_lossy_channels(
 
 
 # Not in src/ops.cpp with the other schemas: this op must exist without the compiled extension too. It is
-# torch.nonzero behind an op boundary, because the number of lossy channels depends on the data: torch.compile
-# graph-breaks on nonzero itself, and a graph break inside the fused layer hands the next graph the tensor the
-# layer overwrites as an input, where AOTAutograd loses the layer's backward (dx came out as dy). As an op with
-# a fake kernel of data-dependent size, the decision traces and the layer compiles into the model's graph.
+# torch.nonzero behind an op boundary, because the number of lossy channels depends on the data: dynamo always
+# graph-breaks on nonzero itself, while an op with a fake kernel of data-dependent size traces under
+# torch.compile(fullgraph=True) (without fullgraph dynamo still splits the graph there), so that the fused layer
+# compiles into the model's graph.
 @torch.library.custom_op("inplace_abn::lossy_channels", mutates_args=())
 def _lossy_channels(amplification: Tensor, limit: float) -> Tensor:
     """Indices (int64, ascending) of the channels whose ``amplification`` (C,) exceeds ``limit``; says once
