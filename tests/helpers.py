@@ -226,3 +226,23 @@ def damage_checkpoint(path, nbytes: int = 16) -> str:
     with open(path, "wb") as f:
         f.write(data)
     return key
+
+
+def aot_recording_backend(partition: str) -> tuple:
+    """(a torch.compile backend, the dict it fills with the AOT "fw" and "bw" graph modules): AOTAutograd with
+    ``default_partition`` (``partition="default"``) or inductor's ``min_cut_rematerialization_partition``, the
+    graphs run as traced. The backward graph's non-tangent placeholders are what the step keeps."""
+    from functorch.compile import default_partition, make_boxed_func, min_cut_rematerialization_partition
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = {}
+
+    def recorder(name):
+        def compiler(gm, example_inputs):
+            graphs[name] = gm
+            return make_boxed_func(gm.forward)
+
+        return compiler
+
+    partition_fn = default_partition if partition == "default" else min_cut_rematerialization_partition
+    return aot_autograd(fw_compiler=recorder("fw"), bw_compiler=recorder("bw"), partition_fn=partition_fn), graphs

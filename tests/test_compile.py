@@ -25,7 +25,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-from helpers import COMPILED_TOLERANCES, check_close, set_module_state
+from helpers import COMPILED_TOLERANCES, aot_recording_backend, check_close, set_module_state
 
 import inplace_abn
 from inplace_abn import InPlaceABN
@@ -265,20 +265,7 @@ def test_saved_activations_eager_vs_inductor(backend, kind):
 @pytest.mark.parametrize("partition", ["default", "min_cut"])
 @pytest.mark.parametrize("kind", ["iabn", "bn"])
 def test_saved_activations_on_aot_graph(backend, kind, partition):
-    from functorch.compile import default_partition, make_boxed_func, min_cut_rematerialization_partition
-    from torch._dynamo.backends.common import aot_autograd
-
-    graphs = {}
-
-    def recorder(name):
-        def compiler(gm, example_inputs):
-            graphs[name] = gm
-            return make_boxed_func(gm.forward)
-
-        return compiler
-
-    partition_fn = default_partition if partition == "default" else min_cut_rematerialization_partition
-    backend_fn = aot_autograd(fw_compiler=recorder("fw"), bw_compiler=recorder("bw"), partition_fn=partition_fn)
+    backend_fn, graphs = aot_recording_backend(partition)
     torch._dynamo.reset()
     model = torch.compile(make_model(kind), backend=backend_fn, fullgraph=True)
     x = torch.randn(SHAPE, requires_grad=True)

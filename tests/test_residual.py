@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from helpers import EPS, check_close, make_weight, random_input, tolerance
+from helpers import EPS, aot_recording_backend, check_close, make_weight, random_input, tolerance
 from torch.testing import assert_close
 
 from inplace_abn import ABN, InPlaceABN, InPlaceABNSync, activations, functions, pure_backend, to_batchnorm
@@ -516,28 +516,13 @@ def test_compiled_block_keeps_only_the_lossy_channels(backend, partition):
     input and the residual), y1, y2 and the 3 lossy channels' x_hat, not a copy of conv2's output. As a
     recomputable aten op the copy of those channels was moved into backward, and min_cut kept all of conv2's
     output for it (functions._keep_channels_)."""
-    from functorch.compile import default_partition, make_boxed_func, min_cut_rematerialization_partition
-    from torch._dynamo.backends.common import aot_autograd
-
-    graphs = {}
-
-    def recorder(name):
-        def compiler(gm, example_inputs):
-            graphs[name] = gm
-            return make_boxed_func(gm.forward)
-
-        return compiler
-
-    partition_fn = default_partition if partition == "default" else min_cut_rematerialization_partition
+    backend_fn, graphs = aot_recording_backend(partition)
     torch._dynamo.reset()
     torch.manual_seed(0)
     block = FusedBlock()
     with torch.no_grad():
         block.bn2.weight[:3] = 0.0  # lossy: amplification (max|r| + |b|) / eps far above 16384
-    compiled = torch.compile(
-        block, backend=aot_autograd(fw_compiler=recorder("fw"), bw_compiler=recorder("bw"), partition_fn=partition_fn),
-        fullgraph=True,
-    )  # fmt: skip
+    compiled = torch.compile(block, backend=backend_fn, fullgraph=True)
     x = torch.randn(2, 8, 6, 6, requires_grad=True)
     with quiet():
         compiled(x).sum().backward()
