@@ -388,7 +388,9 @@ def _standard_ops(
     y = torch.nn.functional.batch_norm(x, running_mean, running_var, scale, bias, training, momentum, eps)
     if residual is not None:
         y = y + residual
-    return activations.get(activation).apply(y, activation_param)
+    # In place on the fresh y: autograd then keeps the activation's output, not its input (which, under a budget,
+    # the partitioner would keep beside the output the next layer keeps anyway).
+    return activations.get(activation).apply_(y, activation_param)
 
 
 def _compiler_recomputes() -> bool:
