@@ -25,9 +25,13 @@ def _channel(v: Tensor, x: Tensor) -> Tensor:
 
 
 def in_place_scale(weight: Tensor, eps: float) -> Tensor:
-    """``|weight| + eps`` whose gradient is sign(weight) with sign(0) = +1 (autograd's abs gives 0 at 0)."""
-    sign = torch.where(weight.detach() >= 0, 1.0, -1.0).to(weight.dtype)
-    return weight * sign + eps
+    """``|weight| + eps`` whose gradient is sign(weight) with sign(0) = +1 (autograd's abs gives 0 at 0).
+
+    Written as ``where(weight >= 0, weight, -weight)``: its backward needs only the comparison, which a compiler
+    recomputes from the weight. (Multiplying by a precomputed sign kept that sign tensor for backward, one per
+    layer, which shifted what torch.compile's activation-memory budget kept on resnet50 by +4%.)
+    """
+    return torch.where(weight >= 0, weight, -weight) + eps
 
 
 def normalized_input(x: Tensor, mean: Tensor, var: Tensor, eps: float) -> Tensor:

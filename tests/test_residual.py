@@ -551,9 +551,11 @@ def _compiled_step(model, budget, x):
         compiled(model, x.clone().requires_grad_()).sum().backward()  # compiles outside the count
         model.zero_grad(set_to_none=True)
         xi = x.clone().requires_grad_()
-        total, loss, _ = saved_tensor_bytes(lambda: compiled(model, xi).sum(), exclude=parameters_of(model) + [xi])
+        total, loss, per_storage = saved_tensor_bytes(
+            lambda: compiled(model, xi).sum(), exclude=parameters_of(model) + [xi]
+        )
         loss.backward()
-    return total, xi.grad
+    return (total, len(per_storage)), xi.grad
 
 
 def test_compiled_under_a_memory_budget_keeps_what_the_compiler_keeps(backend):
@@ -574,8 +576,27 @@ def test_compiled_under_a_memory_budget_keeps_what_the_compiler_keeps(backend):
         fused_default, _ = _compiled_step(copy.deepcopy(fused), 1.0, x)
         standard_default, _ = _compiled_step(copy.deepcopy(standard), 1.0, x)
     assert fused_bytes == standard_bytes, (fused_bytes, standard_bytes)
-    assert fused_default < standard_default, (fused_default, standard_default)
+    assert fused_default[0] < standard_default[0], (fused_default, standard_default)
     check_close(fused_dx, eager_x.grad, tol=(1e-4, 1e-5), label="dx under the budget")
+    torch._dynamo.reset()
+
+
+def test_standard_ops_form_keeps_what_batchnorm_keeps(backend, monkeypatch):
+    """The form the layer traces as under a budget (functions._standard_ops), partitioned by the compiler's
+    default (runtime-optimised) min-cut, keeps exactly the tensors of its to_batchnorm twin, by count and
+    bytes. The budget is a fraction of that set, so anything extra there shifts what every budget keeps: the
+    scale |w| + eps written as w * sign(w) kept one sign vector per layer, and resnet50 kept 4% more than the
+    compiler alone at budget 0.5 (benchmarks/bench_residual.py models)."""
+    torch._dynamo.reset()
+    monkeypatch.setattr(functions, "_compiler_recomputes", torch.compiler.is_compiling)  # the form, at budget 1
+    torch.manual_seed(0)
+    fused = nn.Sequential(FusedBlock(8), FusedBlock(8)).float()
+    standard = to_batchnorm(copy.deepcopy(fused))
+    x = torch.randn(2, 8, 12, 12)
+    with quiet():
+        fused_kept, _ = _compiled_step(copy.deepcopy(fused), 1.0, x)
+        standard_kept, _ = _compiled_step(copy.deepcopy(standard), 1.0, x)
+    assert fused_kept == standard_kept, f"(bytes, tensors): standard-ops form {fused_kept}, twin {standard_kept}"
     torch._dynamo.reset()
 
 
