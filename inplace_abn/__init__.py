@@ -15,7 +15,7 @@ from . import (
 )
 from ._backend import extension_loaded, get_backend, set_backend, use_backend
 from ._version import __version__
-from .abn import ABN, InPlaceABN, InPlaceABNSync
+from .abn import ABN, InPlaceABN, InPlaceABNSync, RecomputeMaxPool2d
 from .convert import (
     BatchNormNd,
     ConversionReport,
@@ -33,6 +33,7 @@ __all__ = [
     "ABN",
     "InPlaceABN",
     "InPlaceABNSync",
+    "RecomputeMaxPool2d",
     "inplace_abn",
     "inplace_abn_sync",
     "recover_normalized_input",

@@ -1,4 +1,4 @@
-"""Modules: ``ABN`` (BatchNorm + activation), ``InPlaceABN`` and ``InPlaceABNSync``.
+"""Modules: ``ABN`` (BatchNorm + activation), ``InPlaceABN``, ``InPlaceABNSync`` and ``RecomputeMaxPool2d``.
 
 Parameters and buffers are exactly those of ``nn.BatchNorm2d`` (weight, bias, running_mean, running_var,
 num_batches_tracked), so state dicts of inplace-abn 1.1.0 load unchanged. Modules only call functions.
@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import activations
-from .functions import inplace_abn, inplace_abn_sync
+from .functions import inplace_abn, inplace_abn_sync, max_pool2d
 
-__all__ = ["ABN", "InPlaceABN", "InPlaceABNSync"]
+__all__ = ["ABN", "InPlaceABN", "InPlaceABNSync", "RecomputeMaxPool2d"]
 
 
 class ABN(nn.Module):
@@ -244,3 +244,24 @@ class InPlaceABNSync(ABN):
         )  # fmt: skip
         self._count_batch()
         return y
+
+
+class RecomputeMaxPool2d(nn.MaxPool2d):
+    """``nn.MaxPool2d`` that keeps only its input for backward (:func:`~inplace_abn.functions.max_pool2d`).
+
+    Same constructor, output and gradients as ``nn.MaxPool2d`` (a subclass without ``return_indices``); the
+    int64 argmax indices are recomputed in backward instead of kept. After an In-Place ABN layer, whose output
+    (the pool's input) is kept anyway, the pool then adds nothing to the memory kept for backward.
+    ``convert_model`` puts it in place of every ``nn.MaxPool2d``; ``to_batchnorm`` puts ``nn.MaxPool2d`` back.
+
+    Shape:
+        Input (N, C, H, W) or (C, H, W), output as ``nn.MaxPool2d``'s.
+    """
+
+    def __init__(
+        self, kernel_size: Any, stride: Any = None, padding: Any = 0, dilation: Any = 1, ceil_mode: bool = False
+    ):
+        super().__init__(kernel_size, stride, padding, dilation, return_indices=False, ceil_mode=ceil_mode)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return max_pool2d(x, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from . import activations
-from .abn import ABN, InPlaceABN, InPlaceABNSync
+from .abn import ABN, InPlaceABN, InPlaceABNSync, RecomputeMaxPool2d
 
 __all__ = [
     "convert_sync",
@@ -179,6 +179,8 @@ def to_batchnorm(module: nn.Module, dims: int | None = 2) -> nn.Module:
     bn_cls = _BN_BY_DIMS[dims]
 
     def make(m: nn.Module) -> nn.Module | None:
+        if isinstance(m, RecomputeMaxPool2d):
+            return nn.MaxPool2d(m.kernel_size, m.stride, m.padding, m.dilation, ceil_mode=m.ceil_mode).train(m.training)
         if not isinstance(m, ABN):
             return None
         bn = bn_cls(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)

@@ -39,6 +39,7 @@ __all__ = [
     "ACTIVATIONS",
     "check_activation",
     "is_invertible",
+    "max_pool2d",
 ]
 
 #: Activation names the layers accept (kept here for inplace-abn 1.1.0 era imports; see ``activations``).
@@ -628,3 +629,62 @@ def recover_normalized_input(
         raise ValueError("activation leaky_relu with slope 0 (relu) is not invertible")
     validation.check_residual(y, residual, "y")
     return _ops.invert(y, weight, bias, eps, activation, activation_param, residual)
+
+
+class _MaxPool2dFunction(torch.autograd.Function):
+    """2-D max pooling that keeps only its input for backward (by reference) and recomputes the argmax there."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, kernel_size: Any, stride: Any, padding: Any, dilation: Any, ceil_mode: bool):
+        ctx.pool = (kernel_size, stride, padding, dilation, ceil_mode)
+        ctx.save_for_backward(x)  # a later in-place change of x raises autograd's usual error
+        return torch.nn.functional.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor):
+        (x,) = ctx.saved_tensors
+        kernel_size, stride, padding, dilation, ceil_mode = ctx.pool
+        _, indices = torch.nn.functional.max_pool2d(
+            x, kernel_size, stride, padding, dilation, ceil_mode, return_indices=True
+        )
+        # The op nn.MaxPool2d's own backward runs, so that the gradient is the same, bit for bit.
+        dx = torch.ops.aten.max_pool2d_with_indices_backward(
+            dy, x, kernel_size, stride, padding, dilation, ceil_mode, indices
+        )
+        return dx, None, None, None, None, None
+
+
+def _pair(v: Any) -> list[int]:
+    return [int(v), int(v)] if isinstance(v, int) else [int(e) for e in v]
+
+
+def max_pool2d(
+    x: Tensor,
+    kernel_size: int | tuple[int, int],
+    stride: int | tuple[int, int] | None = None,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+    ceil_mode: bool = False,
+) -> Tensor:
+    """``F.max_pool2d`` that keeps only its input for backward, not the int64 argmax indices.
+
+    ``nn.MaxPool2d`` keeps its input and the indices of each window's maximum (8 bytes per output element:
+    1.6 MB per sample after resnet50's stem at 224x224). When the input is kept anyway (an In-Place ABN
+    layer's output, which that layer keeps), the indices are all the pool adds; this function recomputes
+    them in backward from the input (one window max) and then runs the same backward op, so gradients are
+    identical to ``F.max_pool2d``'s. Outside training (no gradient needed) and while exporting it is
+    ``F.max_pool2d`` itself.
+
+    Args:
+        x: Input of shape (N, C, H, W) or (C, H, W).
+        kernel_size, stride, padding, dilation, ceil_mode: As ``F.max_pool2d`` (``stride=None``: the kernel).
+
+    Returns:
+        The pooled tensor, as ``F.max_pool2d`` returns it.
+    """
+    if stride is None or (not isinstance(stride, int) and len(stride) == 0):
+        stride = kernel_size
+    if not (torch.is_grad_enabled() and x.requires_grad) or _exporting():
+        return torch.nn.functional.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
+    args = (_pair(kernel_size), _pair(stride), _pair(padding), _pair(dilation), bool(ceil_mode))
+    return _MaxPool2dFunction.apply(x, *args)

@@ -23,9 +23,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .abn import ABN, InPlaceABN, InPlaceABNSync
+from .abn import ABN, InPlaceABN, InPlaceABNSync, RecomputeMaxPool2d
 from .activations import ACTIVATIONS, invertible, resolve
-from .convert import _copy_state
+from .convert import _copy_state, _swap
 
 __all__ = ["convert_model", "ConversionReport", "LayerConversion"]
 
@@ -70,6 +70,8 @@ class ConversionReport:
 
     layers: list[LayerConversion] = field(default_factory=list)
     untraced: list[str] = field(default_factory=list)
+    #: The ``nn.MaxPool2d`` modules replaced by :class:`~inplace_abn.RecomputeMaxPool2d` (qualified names).
+    max_pools: list[str] = field(default_factory=list)
 
     @property
     def converted(self) -> list[LayerConversion]:
@@ -116,6 +118,10 @@ class ConversionReport:
                 f"  weights: {folded} negative channels folded into the previous layer, {clamped} "
                 f"channels below eps clamped (max scale change "
                 f"{max(x.max_scale_change for x in self.layers):.3g})"
+            )
+        if self.max_pools:
+            lines.append(
+                f"  max-pools keeping only their input for backward (RecomputeMaxPool2d): {len(self.max_pools)}"
             )
         if self.untraced:
             lines.append(f"  not traceable (only their traceable submodules were converted): {self.untraced}")
@@ -909,6 +915,14 @@ def _convert_tree(
     return gm.train(module.training)
 
 
+def _stock_max_pool(m: nn.Module) -> bool:
+    return type(m) is nn.MaxPool2d and not m.return_indices
+
+
+def _recompute_max_pool(m: nn.MaxPool2d) -> RecomputeMaxPool2d:
+    return RecomputeMaxPool2d(m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode).train(m.training)
+
+
 def convert_model(
     model: nn.Module,
     activation: str = "leaky_relu",
@@ -917,6 +931,7 @@ def convert_model(
     negative_weights: str = "fold",
     convert_identity: bool = True,
     fuse_residual: bool = True,
+    recompute_max_pool: bool = True,
     concrete_args: dict[str, Any] | None = None,
     return_report: bool = False,
 ) -> nn.Module | tuple[nn.Module, ConversionReport]:
@@ -997,6 +1012,12 @@ def convert_model(
     BatchNorm; a fused layer's statistics are those of its input alone, as the BatchNorm's were.
     :func:`~inplace_abn.convert.to_batchnorm` turns a fused layer back into BatchNorm + add + activation.
 
+    Max pooling (``recompute_max_pool=True``, default): every ``nn.MaxPool2d`` module (without
+    ``return_indices``) becomes :class:`~inplace_abn.RecomputeMaxPool2d`, which keeps only its input for
+    backward and recomputes the argmax there; outputs and gradients are unchanged. ``nn.MaxPool2d`` keeps
+    its input and int64 indices: after an In-Place ABN layer (resnet50's stem), whose output is kept anyway,
+    the indices are all it adds (1.6 MB per sample at 224x224). Functional ``F.max_pool2d`` calls stay.
+
     Args:
         model: The network (any ``nn.Module``).
         activation: ``"leaky_relu"``, ``"elu"`` or ``"relu"``: what a ReLU becomes.
@@ -1004,6 +1025,7 @@ def convert_model(
         negative_weights: ``"fold"``, ``"keep"`` or ``"clamp"`` (above).
         convert_identity: Also convert BNs not followed by an activation (identity layers).
         fuse_residual: Fuse BN -> residual add -> activation into one layer called with ``residual=``.
+        recompute_max_pool: Replace ``nn.MaxPool2d`` modules by :class:`~inplace_abn.RecomputeMaxPool2d`.
         concrete_args: Passed to ``torch.fx`` tracing of the top-level module.
         return_report: Also return a :class:`ConversionReport`.
 
@@ -1018,6 +1040,9 @@ def convert_model(
     report = ConversionReport()
     options = (activation, activation_param, negative_weights, convert_identity, bool(fuse_residual))
     result = _convert_tree(copy.deepcopy(model), "", concrete_args, options, report)
+    if recompute_max_pool:
+        report.max_pools = [name for name, m in result.named_modules() if _stock_max_pool(m)]
+        result = _swap(result, lambda m: _recompute_max_pool(m) if _stock_max_pool(m) else None)
     if report.untraced:
         warnings.warn(
             f"convert_model: could not trace {report.untraced}; converted their traceable submodules "
