@@ -52,7 +52,8 @@ PY
 INPLACE_ABN_BACKEND=cpp "$work/venv/bin/python" -m pytest -q -p no:cacheprovider -rs \
     tree/tests/test_ops.py tree/tests/test_cuda.py tree/tests/test_convert.py tree/tests/test_convert_residual.py \
     tree/tests/test_memory_report_torchvision.py \
-    tree/tests/test_equivalence.py tree/tests/test_residual.py tree/tests/test_compile.py tree/tests/test_modules.py
+    tree/tests/test_equivalence.py tree/tests/test_residual.py tree/tests/test_compile.py tree/tests/test_modules.py \
+    tree/tests/test_residual_torchvision.py tree/tests/test_max_pool.py
 # The residual-fusion comparison on torchvision's resnet50 at reduced size (64x64, eager variants and
 # checkpointing; the compiled variants take minutes per model on CI's CPUs): memory per sample, time,
 # gradients against float64.

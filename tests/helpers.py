@@ -230,8 +230,12 @@ def damage_checkpoint(path, nbytes: int = 16) -> str:
 
 def aot_recording_backend(partition: str) -> tuple:
     """(a torch.compile backend, the dict it fills with the AOT "fw" and "bw" graph modules): AOTAutograd with
-    ``default_partition`` (``partition="default"``) or inductor's ``min_cut_rematerialization_partition``, the
-    graphs run as traced. The backward graph's non-tangent placeholders are what the step keeps."""
+    ``default_partition`` (``partition="default"``), ``min_cut_rematerialization_partition`` (``"min_cut"``),
+    or as inductor partitions (``"inductor"``: its decompositions and its min-cut, which honours
+    ``activation_memory_budget``), the graphs run as traced. The backward graph's non-tangent placeholders
+    are what the step keeps."""
+    import functools
+
     from functorch.compile import default_partition, make_boxed_func, min_cut_rematerialization_partition
     from torch._dynamo.backends.common import aot_autograd
 
@@ -244,5 +248,16 @@ def aot_recording_backend(partition: str) -> tuple:
 
         return compiler
 
+    if partition == "inductor":
+        import torch._inductor.lowering  # noqa: F401 - inductor's decompositions consult it
+        from torch._inductor.decomposition import select_decomp_table
+
+        partition_fn = functools.partial(min_cut_rematerialization_partition, compiler="inductor")
+        return aot_autograd(
+            fw_compiler=recorder("fw"),
+            bw_compiler=recorder("bw"),
+            partition_fn=partition_fn,
+            decompositions=select_decomp_table(),
+        ), graphs
     partition_fn = default_partition if partition == "default" else min_cut_rematerialization_partition
     return aot_autograd(fw_compiler=recorder("fw"), bw_compiler=recorder("bw"), partition_fn=partition_fn), graphs
