@@ -162,7 +162,8 @@ def to_batchnorm(module: nn.Module, dims: int | None = 2) -> nn.Module:
     :class:`BatchNormAct` is an ``nn.Sequential`` (indexing, state dict and ``forward(x)`` as before) whose
     forward also takes the ``residual`` a fused layer is called with (``layer(x, residual=r)``, as
     :func:`convert_model` writes for BatchNorm -> add -> activation): it then computes BatchNorm, the add
-    and the activation, so fused models convert back with equal outputs too.
+    and the activation, so fused models convert back with equal outputs too. :class:`RecomputeMaxPool2d`
+    (which :func:`convert_model` puts in place of ``nn.MaxPool2d``) becomes ``nn.MaxPool2d`` again.
 
     State-dict keys move from ``<name>.weight`` to ``<name>.0.weight`` (the BatchNorm is item 0).
     Like :func:`convert_sync`, ``module`` is changed in place and returned (a new module is returned only
