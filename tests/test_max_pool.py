@@ -98,7 +98,7 @@ def test_no_grad_and_eval_are_plain_max_pool():
 
 
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
-def test_compiled_matches_eager_and_keeps_no_indices(compiler):
+def test_compiled_matches_eager(compiler):
     torch._dynamo.reset()
     model = _stem(RecomputeMaxPool2d(3, 2, 1), with_iabn=False).double()
     x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
