@@ -18,8 +18,9 @@ cross-entropy, backward) of torchvision's resnet50 and deeplabv3_resnet50 (rando
 * ``bn eager``; ``bn compile`` (inductor, default); ``bn compile budget=B`` (inductor with
   ``torch._functorch.config.activation_memory_budget = B``); ``bn checkpoint`` (``torch.utils.checkpoint``
   around each of the four stages);
-* ``iabn eager`` (``convert_model``: fused residual layers, ReLU -> leaky_relu 0.01) and the same under
-  ``torch.compile``, default and with each budget.
+* ``iabn eager`` (``convert_model``: fused residual layers, ReLU -> leaky_relu 0.01, ``RecomputeMaxPool2d``)
+  and the same under ``torch.compile``, default and with each budget; ``iabn eager nn.MaxPool2d``
+  (``recompute_max_pool=False``: the stock max-pool, which keeps its int64 indices).
 
 Memory per sample is the slope of the memory a forward keeps for backward between two batch sizes (so
 batch-independent tensors such as compiled weight-layout copies cancel): the exact saved-for-backward
@@ -269,6 +270,7 @@ def _variants(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         iabn = convert_model(copy.deepcopy(bn))
+        iabn_pool = convert_model(copy.deepcopy(bn), recompute_max_pool=False)
     # float64 references of both functions: BatchNorm + ReLU, and BatchNorm + add + leaky ReLU (to_batchnorm
     # of the float64 converted model, so that |w| + eps is formed in float64).
     references = {"bn": copy.deepcopy(bn).double(), "iabn": to_batchnorm(copy.deepcopy(iabn).double())}
@@ -277,6 +279,8 @@ def _variants(
         "bn eager": (lambda x, m=bn: _logits(m, x), bn, "bn"),
         "bn checkpoint": (lambda x, m=ckpt: _logits(m, x), ckpt, "bn"),
         "iabn eager": (lambda x, m=iabn: _logits(m, x), iabn, "iabn"),
+        # the same without RecomputeMaxPool2d: what recomputing the stem's max-pool costs and saves
+        "iabn eager nn.MaxPool2d": (lambda x, m=iabn_pool: _logits(m, x), iabn_pool, "iabn"),
     }
     for budget in [None] + budgets:
         label = "compile" if budget is None else f"compile budget={budget:g}"
