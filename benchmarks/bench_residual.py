@@ -256,17 +256,23 @@ def _logits_of(out) -> torch.Tensor:
     return out["out"] if isinstance(out, dict) else out
 
 
+def nontrivial_batchnorm(factory: Callable[[], nn.Module]) -> nn.Module:
+    """``factory()`` (seed 0) with non-trivial BatchNorm parameters: weight U(0.5, 1.5), bias U(-0.2, 0.2)."""
+    torch.manual_seed(0)
+    model = factory()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return model
+
+
 def _variants(
     factory: Callable[[], nn.Module], budgets: list[float]
 ) -> tuple[dict[str, tuple[Callable, nn.Module, str]], dict[str, nn.Module]]:
     """(name -> (forward function, module owning the parameters, kind), kind -> float64 eager reference)."""
-    torch.manual_seed(0)
-    bn = factory()
-    with torch.no_grad():  # non-trivial BatchNorm parameters, shared by every variant
-        for m in bn.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
+    bn = nontrivial_batchnorm(factory)  # shared by every variant
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         iabn = convert_model(copy.deepcopy(bn))

@@ -35,6 +35,7 @@ try:  # the installed package, else the source tree (see bench_residual.py)
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _provenance import float_range, int_range, provenance  # noqa: E402  (benchmarks/, the script's folder)
+from bench_residual import nontrivial_batchnorm  # noqa: E402
 
 from inplace_abn import convert_model  # noqa: E402
 from inplace_abn.memory import parameters_of, saved_tensor_bytes  # noqa: E402
@@ -124,13 +125,7 @@ def main(argv: list[str] | None = None) -> None:
         from torchvision.models import resnet50
     except Exception as exc:  # noqa: BLE001 - any import failure means: no torchvision here
         raise SystemExit(f"kept_tensors.py needs torchvision usable with this torch ({exc})") from exc
-    torch.manual_seed(0)
-    bn = resnet50(weights=None)
-    with torch.no_grad():  # non-trivial BatchNorm parameters, as bench_residual.py sets them
-        for m in bn.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
+    bn = nontrivial_batchnorm(lambda: resnet50(weights=None))  # the model bench_residual.py measures
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fused = convert_model(copy.deepcopy(bn))
